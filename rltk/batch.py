@@ -1,0 +1,157 @@
+"""The data that moves between stages: ``Rollout`` → ``Group`` → ``Batch``.
+
+These live in their own module (not in rollout.py or advantage.py) because every later stage reads them;
+keeping them here avoids import cycles between stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rltk.env import Task
+
+
+@dataclass
+class Rollout:
+    """One sampled attempt at a task.
+
+    Attributes:
+        task: The task attempted.
+        turns: Assistant text per turn (decoded from the generated ids).
+        token_ids: ``[L]`` everything after the prompt, exactly as generated (model tokens) plus the env's
+            rendered tokens (multi-turn); no re-tokenization.
+        loss_mask: ``[L]`` 1 where the model generated the token, 0 for env tokens.
+        sample_logp: ``[L]`` log-prob of each token under the sampling distribution (generation scores,
+            after temperature), 0 where ``loss_mask`` is 0. Used for the mismatch metric only.
+        outcome: The env's verdict (``Episode.outcome``).
+        scores: Per reward name: its score, or ``None`` where the task makes it not applicable.
+        reward: The rubric's weighted sum of ``scores``.
+        truncated: True if a length or turn limit ended the rollout.
+    """
+
+    task: Task
+    turns: list[str]
+    token_ids: torch.Tensor  # [L]
+    loss_mask: torch.Tensor  # [L]
+    sample_logp: torch.Tensor  # [L]
+    outcome: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, float | None] = field(default_factory=dict)
+    reward: float = 0.0
+    truncated: bool = False
+
+
+@dataclass
+class Group:
+    """G rollouts of one task; advantages are computed within a group.
+
+    Attributes:
+        task: The task.
+        prompt_ids: ``[Lp]`` the rendered prompt (chat template + generation prompt), no padding.
+        rollouts: The G rollouts.
+        advantages: ``[G]`` (or ``[G, L]`` for token-level estimators), set by the advantage stage.
+    """
+
+    task: Task
+    prompt_ids: torch.Tensor  # [Lp]
+    rollouts: list[Rollout]
+    advantages: torch.Tensor | None = None  # [G] or [G, L]
+
+    @property
+    def rewards(self) -> torch.Tensor:  # [G]
+        """The rollouts' rewards as a float32 tensor."""
+        return torch.tensor([r.reward for r in self.rollouts], dtype=torch.float32)
+
+
+@dataclass
+class Batch:
+    """A micro-batch for the update: P whole groups of G completions sharing P prompts.
+
+    Prompts are left-padded (so the last prompt token sits at column ``Lp - 1``), completions right-padded.
+    Row ``i`` of the completion tensors belongs to prompt ``i // group_size``.
+    """
+
+    prompt_ids: torch.Tensor  # [P, Lp] left-padded
+    prompt_mask: torch.Tensor  # [P, Lp] 1 = real token
+    completion_ids: torch.Tensor  # [P*G, Lc] right-padded
+    completion_mask: torch.Tensor  # [P*G, Lc] 1 = real token (model or env)
+    loss_mask: torch.Tensor  # [P*G, Lc] 1 = model-generated token (trained on)
+    advantages: torch.Tensor  # [P*G] or [P*G, Lc]
+    group_size: int
+    old_logp: torch.Tensor | None = None  # [P*G, Lc] policy log-probs before the update (PPO ratio)
+    ref_logp: torch.Tensor | None = None  # [P*G, Lc] reference log-probs (KL)
+    sample_logp: torch.Tensor | None = None  # [P*G, Lc] log-probs at sampling time (mismatch metric)
+
+    @property
+    def num_prompts(self) -> int:
+        """P."""
+        return self.prompt_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> Batch:
+        """Move every tensor to ``device``."""
+        moved = {
+            k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()
+        }
+        return Batch(**moved)
+
+
+def collate(groups: list[Group], pad_id: int) -> Batch:
+    """Pack whole groups into one :class:`Batch` (advantages must be set on every group).
+
+    Args:
+        groups: Groups of equal size G, each with ``advantages`` set.
+        pad_id: Token id used for padding (masked out everywhere).
+
+    Returns:
+        The batch; ``sample_logp`` is filled from the rollouts, ``old_logp``/``ref_logp`` are left ``None``.
+    """
+    if not groups:
+        raise ValueError("collate needs at least one group")
+    g = len(groups[0].rollouts)
+    if any(len(gr.rollouts) != g for gr in groups):
+        raise ValueError("all groups in a batch must have the same number of rollouts")
+    lp = max(len(gr.prompt_ids) for gr in groups)
+    rollouts = [r for gr in groups for r in gr.rollouts]
+    lc = max(1, max(len(r.token_ids) for r in rollouts))
+    p, n = len(groups), len(rollouts)
+    prompt_ids = torch.full((p, lp), pad_id, dtype=torch.long)  # [P, Lp]
+    prompt_mask = torch.zeros((p, lp), dtype=torch.long)  # [P, Lp]
+    for i, gr in enumerate(groups):
+        k = len(gr.prompt_ids)
+        prompt_ids[i, lp - k :] = gr.prompt_ids
+        prompt_mask[i, lp - k :] = 1
+    completion_ids = torch.full((n, lc), pad_id, dtype=torch.long)  # [P*G, Lc]
+    completion_mask = torch.zeros((n, lc), dtype=torch.long)  # [P*G, Lc]
+    loss_mask = torch.zeros((n, lc), dtype=torch.float32)  # [P*G, Lc]
+    sample_logp = torch.zeros((n, lc), dtype=torch.float32)  # [P*G, Lc]
+    for j, r in enumerate(rollouts):
+        k = len(r.token_ids)
+        completion_ids[j, :k] = r.token_ids
+        completion_mask[j, :k] = 1
+        loss_mask[j, :k] = r.loss_mask.float()
+        sample_logp[j, :k] = r.sample_logp.float()
+    advs = []
+    for gr in groups:
+        if gr.advantages is None:
+            raise ValueError(f"group of task {gr.task.id} has no advantages; run the advantage stage first")
+        advs.append(gr.advantages)
+    if advs[0].dim() == 1:
+        advantages = torch.cat(advs)  # [P*G]
+    else:  # token-level advantages [G, L_group] → pad to [P*G, Lc]
+        advantages = torch.zeros((n, lc), dtype=torch.float32)
+        row = 0
+        for a in advs:
+            advantages[row : row + a.shape[0], : a.shape[1]] = a
+            row += a.shape[0]
+    return Batch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        loss_mask=loss_mask,
+        advantages=advantages,
+        group_size=g,
+        sample_logp=sample_logp,
+    )

