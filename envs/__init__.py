@@ -1,0 +1,1 @@
+"""rltk's shipped environments, installed as ``rltk_envs`` (entry points ``rltk.envs``)."""

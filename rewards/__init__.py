@@ -1,0 +1,1 @@
+"""rltk's shipped reward functions, installed as ``rltk_rewards`` (entry points ``rltk.rewards``)."""

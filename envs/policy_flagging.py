@@ -1,0 +1,290 @@
+"""Policy-compliance transaction flagging: the first vertical env.
+
+Workflow: a compliance analyst screens one bank transaction against a short written policy of three rules,
+R1 (amount over a threshold), R2 (destination on a sanctioned-country list) and R3 (more than N transactions
+in a time window), and answers ``FLAG R<n>`` naming the broken rule, or ``CLEAR``. Rewarded
+(``rltk_rewards.flagging``): the decision, cost-weighted (a missed flag and a false alarm may cost
+differently), naming the right rule, and answering in the exact format.
+
+Eval/test are balanced: half the tasks break exactly one rule (equal numbers per rule), half break none, and
+half of those are near misses (amount just under or at the threshold, a look-alike country, velocity exactly
+at the limit). ``difficulty="basic"`` keeps the policy fixed; ``"varied"`` draws thresholds, country list,
+limit and window per task (always written in the prompt, so the task stays solvable from the text).
+:func:`parse_answer` is the one answer parser, shared by :meth:`PolicyFlaggingEnv.check` and the rewards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+from rltk.env import SPLITS, Env, Message, Policy, Task, prompt_hash, split_of
+
+RULES = ("R1", "R2", "R3")
+DIFFICULTIES = ("basic", "varied")
+SYSTEM = "You screen bank transactions against a policy. Reply with only FLAG R1, FLAG R2, FLAG R3 or CLEAR."
+_CANONICAL = re.compile(r"FLAG R[123]|CLEAR")
+_LOOSE = re.compile(r"(FLAG)(?:\s*[:\-,(]?\s*(R[123])\s*\)?)?|(CLEAR)", re.IGNORECASE)
+_LABEL = re.compile(r"^(?:final\s+)?(?:answer|decision)\s*[:\-]\s*", re.IGNORECASE)
+_TAG = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+
+
+class Answer(NamedTuple):
+    """A parsed reply: ``decision`` is ``"FLAG"``/``"CLEAR"`` (None = unparseable), ``exact`` = canonical."""
+
+    decision: str | None
+    rule: str | None
+    exact: bool
+
+
+def parse_answer(text: str) -> Answer:
+    """Parse a reply, tolerant of case, whitespace, ``<answer>`` tags, markdown emphasis, end punctuation.
+
+    The whole reply must be the answer: prose, a hedge (both decisions, several rules) or junk around it is a
+    parse failure. ``exact`` is True only for the requested format, ``FLAG R<n>`` or ``CLEAR`` (outer
+    whitespace aside).
+
+    >>> parse_answer(" flag: r2. ")
+    Answer(decision='FLAG', rule='R2', exact=False)
+    >>> parse_answer("CLEAR")
+    Answer(decision='CLEAR', rule=None, exact=True)
+    >>> parse_answer("FLAG R1 or CLEAR").decision is None
+    True
+    """
+    if not isinstance(text, str):
+        return Answer(None, None, False)
+    tags = _TAG.findall(text)
+    body = tags[0] if len(tags) == 1 else text if not tags else ""
+    body = _LABEL.sub("", body.strip().strip("*_`\"' ")).rstrip(".!;, *_`\"'").strip()
+    m = _LOOSE.fullmatch(body)
+    if not m:
+        return Answer(None, None, False)
+    exact = _CANONICAL.fullmatch(text.strip()) is not None
+    if m.group(3):
+        return Answer("CLEAR", None, exact)
+    return Answer("FLAG", m.group(2).upper() if m.group(2) else None, exact)
+
+
+@cache
+def _data() -> dict[str, Any]:
+    return json.loads((Path(__file__).parent / "data" / "policy_flagging.json").read_text())
+
+
+@dataclass(frozen=True)
+class _Rules:
+    threshold: int  # cents
+    countries: tuple[str, ...]
+    limit: int
+    window: str  # "1h" | "24h"
+
+
+def _money(cents: int, always_cents: bool = True) -> str:
+    dollars = f"${cents // 100:,}"
+    return dollars if (cents % 100 == 0 and not always_cents) else f"{dollars}.{cents % 100:02d}"
+
+
+def _render(rules: _Rules, amount: int, country: str, counts: dict[str, int], rng: random.Random) -> str:
+    countries = ", ".join(rules.countries[:-1]) + " or " + rules.countries[-1]
+    lines = [
+        "Policy (flag if any rule is broken):",
+        f"R1: amount over {_money(rules.threshold, always_cents=False)}",
+        f"R2: destination is {countries}",
+        f"R3: more than {rules.limit} transactions in the last {rules.window}",
+        "",
+        f"Transaction TX-{rng.randrange(10**6):06d}",
+        f"Amount: {_money(amount)}",
+        f"From: acct {rng.randrange(10**4):04d}-{rng.randrange(10**4):04d}",
+        f"To: {country}",
+        f"Merchant: {rng.choice(_data()['merchants'])}",
+    ]
+    lines += [f"Transactions in last {w}: {c}" for w, c in counts.items()]
+    return "\n".join(lines)
+
+
+def _read(messages: list[Message]) -> tuple[_Rules, int, str, dict[str, int]]:
+    """Parse policy and transaction from the prompt text alone: (rules, amount cents, country, counts)."""
+    text = "\n".join(m["content"] for m in messages)
+
+    def cents(s: str) -> int:
+        return round(float(s.replace(",", "")) * 100)
+
+    r1 = re.search(r"R1: amount over \$([\d,]+(?:\.\d\d)?)", text)
+    r2 = re.search(r"R2: destination is (.+)", text)
+    r3 = re.search(r"R3: more than (\d+) transactions in the last (\w+)", text)
+    amount = re.search(r"Amount: \$([\d,]+\.\d\d)", text)
+    to = re.search(r"To: (.+)", text)
+    if not (r1 and r2 and r3 and amount and to):
+        raise ValueError("prompt is not a policy_flagging task")
+    rules = _Rules(
+        cents(r1.group(1)), tuple(re.split(r", | or ", r2.group(1).strip())), int(r3.group(1)), r3.group(2)
+    )
+    counts = {w: int(c) for w, c in re.findall(r"Transactions in last (\w+): (\d+)", text)}
+    return rules, cents(amount.group(1)), to.group(1).strip(), counts
+
+
+def _violations(messages: list[Message]) -> list[str]:
+    rules, amount, country, counts = _read(messages)
+    broken = [amount > rules.threshold, country in rules.countries, counts.get(rules.window, 0) > rules.limit]
+    return [r for r, b in zip(RULES, broken, strict=True) if b]
+
+
+class PolicyFlaggingEnv(Env):
+    """Flag transactions that break a 3-rule compliance policy; answer ``FLAG R<n>`` or ``CLEAR``.
+
+    Args:
+        difficulty: ``"basic"`` (one fixed policy) or ``"varied"`` (policy drawn per task, written in prompt).
+        miss_cost: Cost of answering CLEAR on a flagged transaction (default param of ``flag_decision``).
+        false_alarm_cost: Cost of flagging a clear transaction (default param of ``flag_decision``).
+        balanced_train: Train split like eval (True) or with realistic rare flags (15% flagged, 20% of the
+            clear ones near misses, i.i.d.).
+
+    """
+
+    name = "policy_flagging"
+    description = "Flag bank transactions breaking a 3-rule compliance policy (amount, sanctions, velocity)."
+    default_rewards: ClassVar[dict[str, float]] = {
+        "flag_decision": 1.0,
+        "flag_rule": 0.5,
+        "answer_format": 0.2,
+    }
+
+    def __init__(
+        self,
+        difficulty: str = "basic",
+        miss_cost: float = 1.0,
+        false_alarm_cost: float = 1.0,
+        balanced_train: bool = True,
+        **options: Any,
+    ) -> None:
+        if options:
+            raise ValueError(
+                f"env 'policy_flagging' got unknown options {sorted(options)}; "
+                "valid: difficulty, miss_cost, false_alarm_cost, balanced_train"
+            )
+        if difficulty not in DIFFICULTIES:
+            raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
+        for key, cost in (("miss_cost", miss_cost), ("false_alarm_cost", false_alarm_cost)):
+            if not (isinstance(cost, (int, float)) and math.isfinite(cost) and cost >= 0):
+                raise ValueError(f"{key} must be a finite number >= 0, got {cost!r}")
+        self.difficulty = difficulty
+        self.balanced_train = bool(balanced_train)
+        self.default_reward_params: dict[str, dict[str, Any]] = {
+            "flag_decision": {"miss_cost": float(miss_cost), "false_alarm_cost": float(false_alarm_cost)}
+        }
+
+    def tasks(self, split: str, n: int, seed: int = 0) -> list[Task]:
+        """``n`` tasks of ``split``; prefix-stable, disjoint across splits by prompt hash."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        out: list[Task] = []
+        seen: set[str] = set()
+        for i in range(n):
+            kind, rule = self._kind(split, seed, i)
+            for attempt in range(10_000):
+                rng = random.Random(f"{seed}:{split}:{i}:{attempt}")
+                messages, label_rule = self._sample(rng, kind, rule)
+                digest = prompt_hash(messages)
+                if split_of(messages) == split and digest not in seen:
+                    break
+            else:  # pragma: no cover - astronomically unlikely
+                raise RuntimeError(f"could not draw task {i} of split {split!r}")
+            seen.add(digest)
+            info = {"rule": label_rule, "near_miss": kind == "near", "difficulty": self.difficulty}
+            info["near_miss_rule"] = rule if kind == "near" else None
+            reference = {"label": "FLAG" if label_rule else "CLEAR", "rule": label_rule}
+            out.append(Task(f"{self.name}/{split}/{seed}/{i}", split, messages, reference, info))
+        return out
+
+    def _kind(self, split: str, seed: int, i: int) -> tuple[str, str | None]:
+        """("flag" | "near" | "clear", rule): stratified so every prefix is balanced up to rounding."""
+        if split == "train" and not self.balanced_train:
+            rng = random.Random(f"{seed}:{split}:{i}:kind")
+            if rng.random() < 0.15:
+                return "flag", rng.choice(RULES)
+            return ("near", rng.choice(RULES)) if rng.random() < 0.2 else ("clear", None)
+        p, q = i // 2, i // 4
+        if (i % 2 == 0) == (random.Random(f"{seed}:{split}:pair:{p}").random() < 0.5):
+            return "flag", random.Random(f"{seed}:{split}:rule:{p // 3}").sample(RULES, 3)[p % 3]
+        if (p % 2 == 0) == (random.Random(f"{seed}:{split}:clear:{q}").random() < 0.5):
+            return "near", random.Random(f"{seed}:{split}:near:{q // 3}").sample(RULES, 3)[q % 3]
+        return "clear", None
+
+    def _sample(self, rng: random.Random, kind: str, rule: str | None) -> tuple[list[Message], str | None]:
+        data = _data()
+        if self.difficulty == "basic":
+            b = data["basic_policy"]
+            rules = _Rules(b["threshold_dollars"] * 100, tuple(b["countries"]), b["limit"], b["window"])
+        else:
+            v = data["varied_policy"]
+            countries = tuple(rng.sample(sorted(data["sanctionable"]), v["num_countries"]))
+            rules = _Rules(
+                rng.choice(v["threshold_dollars"]) * 100,
+                countries,
+                rng.randint(*v["limit"]),
+                rng.choice(v["windows"]),
+            )
+        t, lim = rules.threshold, rules.limit
+        amount = round(math.exp(rng.uniform(math.log(500), math.log(t * 0.95))))
+        country = rng.choice(data["allowed"])
+        count = rng.randint(0, lim - 1)
+        if kind == "flag" and rule == "R1":
+            amount = t + rng.randint(1, 10_000) if rng.random() < 0.3 else round(t * rng.uniform(1.05, 5))
+        elif kind == "near" and rule == "R1":
+            amount = t if rng.random() < 0.25 else t - rng.randint(1, 10_000)
+        elif rule == "R2":
+            listed = rng.choice(rules.countries)
+            unlisted = sorted(set(data["sanctionable"]) - set(rules.countries))
+            if kind == "flag":
+                country = listed
+            elif self.difficulty == "varied" and rng.random() < 0.5:
+                country = rng.choice(unlisted)
+            else:
+                country = data["sanctionable"][listed]
+        elif rule == "R3":
+            over = lim + 1 if rng.random() < 0.3 else rng.randint(lim + 2, 3 * lim)
+            count = over if kind == "flag" else lim
+        if self.difficulty == "basic":
+            counts = {"24h": count}
+        elif rules.window == "1h":
+            counts = {"1h": count, "24h": count + rng.randint(0, 3 * lim)}
+        else:
+            counts = {"1h": rng.randint(0, count), "24h": count}
+        user = _render(rules, amount, country, counts, rng)
+        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}], (
+            rule if kind == "flag" else None
+        )
+
+    def check(self, task: Task, completion: str) -> dict[str, Any]:
+        """Verdict: parsed decision and rule, ``correct`` (decision), ``rule_correct`` (decision and rule)."""
+        ans = parse_answer(completion)
+        correct = ans.decision is not None and ans.decision == task.reference["label"]
+        return {
+            "decision": ans.decision,
+            "rule": ans.rule,
+            "correct": correct,
+            "rule_correct": correct and ans.rule == task.reference["rule"],
+            "exact_format": ans.exact,
+        }
+
+    def oracle(self, messages: list[Message]) -> str:
+        """Read the policy and the transaction from the prompt text and apply the rules."""
+        broken = _violations(messages)
+        return f"FLAG {broken[0]}" if broken else "CLEAR"
+
+    def baselines(self) -> dict[str, Policy]:
+        """Constant answers and single-rule heuristics (each reads the prompt text, like the oracle)."""
+
+        def only(rule: str) -> Policy:
+            return lambda messages: f"FLAG {rule}" if rule in _violations(messages) else "CLEAR"
+
+        return {
+            "constant_clear": lambda messages: "CLEAR",
+            "constant_flag": lambda messages: "FLAG R1",
+            **{f"only_{r}": only(r) for r in RULES},
+        }

@@ -1,0 +1,283 @@
+"""The policy-flagging env and its rewards: oracle, splits, balance, baselines, parser, canaries."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from rltk_envs.policy_flagging import PolicyFlaggingEnv, parse_answer
+from rltk_rewards.flagging import answer_format, flag_decision, flag_rule
+
+from rltk.env import prompt_hash, run_policy, split_of
+from rltk.plugins import get_env, get_reward
+
+DATA = json.loads((Path(__file__).parents[1] / "envs" / "data" / "policy_flagging.json").read_text())
+BASIC = DATA["basic_policy"]
+
+
+def independent_violations(user: str) -> list[str]:
+    """The rules applied by a separate reading of the prompt (not the env's own parser)."""
+    threshold = float(re.search(r"over \$([\d,.]+)", user).group(1).replace(",", ""))
+    listed = re.search(r"destination is (.+)", user).group(1).replace(" or ", ", ").split(", ")
+    limit, window = re.search(r"more than (\d+) transactions in the last (\w+)", user).groups()
+    amount = float(re.search(r"Amount: \$([\d,.]+)", user).group(1).replace(",", ""))
+    country = re.search(r"To: (.+)", user).group(1)
+    count = int(re.search(rf"Transactions in last {window}: (\d+)", user).group(1))
+    broken = {"R1": amount > threshold, "R2": country in listed, "R3": count > int(limit)}
+    return [r for r, b in broken.items() if b]
+
+
+@pytest.fixture(scope="module", params=["basic", "varied"])
+def env(request: pytest.FixtureRequest) -> PolicyFlaggingEnv:
+    return PolicyFlaggingEnv(difficulty=request.param)
+
+
+def test_registered_under_its_name() -> None:
+    assert get_env("policy_flagging") is PolicyFlaggingEnv
+    for name in ("flag_decision", "flag_rule", "answer_format"):
+        assert callable(get_reward(name))
+
+
+@pytest.mark.parametrize("split", ["eval", "train"])
+def test_oracle_scores_one_on_every_task(env: PolicyFlaggingEnv, split: str) -> None:
+    tasks = env.tasks(split, 400)
+    for task in tasks:
+        outcome = run_policy(env, task, env.oracle).outcome
+        assert outcome["correct"] and outcome["rule_correct"] and outcome["exact_format"], task
+        answer = env.oracle(task.messages)
+        assert flag_decision(answer, task.reference, outcome) == 1.0
+        assert flag_rule(answer, task.reference, outcome) in (1.0, None)
+        assert answer_format(answer, task.reference, outcome) == 1.0
+
+
+def test_labels_match_an_independent_reading_of_the_prompt(env: PolicyFlaggingEnv) -> None:
+    for task in env.tasks("eval", 400) + env.tasks("train", 200):
+        broken = independent_violations(task.messages[-1]["content"])
+        assert len(broken) <= 1, (broken, task.messages[-1]["content"])  # at most ONE rule broken
+        assert task.reference == {
+            "label": "FLAG" if broken else "CLEAR",
+            "rule": broken[0] if broken else None,
+        }
+        assert task.info["rule"] == task.reference["rule"] and task.info["difficulty"] == env.difficulty
+
+
+def test_splits_never_overlap(env: PolicyFlaggingEnv) -> None:
+    tasks = {s: env.tasks(s, n) for s, n in [("train", 2000), ("eval", 400), ("test", 400)]}
+    for s, ts in tasks.items():  # each prompt lies in the split its hash assigns it to
+        assert all(split_of(t.messages) == s == t.split for t in ts)
+    hashes = {s: {prompt_hash(t.messages) for t in ts} for s, ts in tasks.items()}
+    assert [len(h) for h in hashes.values()] == [2000, 400, 400]  # no duplicates within a split either
+    assert not hashes["train"] & hashes["eval"]
+    assert not hashes["train"] & hashes["test"]
+    assert not hashes["eval"] & hashes["test"]
+
+
+@pytest.mark.parametrize("split", ["eval", "test", "train"])
+def test_balance(env: PolicyFlaggingEnv, split: str) -> None:
+    for n in (48, 400):
+        tasks = env.tasks(split, n)
+        flagged = Counter(t.reference["rule"] for t in tasks if t.reference["label"] == "FLAG")
+        clear = [t for t in tasks if t.reference["label"] == "CLEAR"]
+        near = Counter(t.info["near_miss_rule"] for t in clear if t.info["near_miss"])
+        assert sum(flagged.values()) == n // 2 and len(clear) == n // 2
+        assert sum(near.values()) == n // 4
+        assert all(not t.info["near_miss"] for t in tasks if t.reference["label"] == "FLAG")
+        if n == 48:  # whole blocks: exact
+            assert flagged == {"R1": 8, "R2": 8, "R3": 8} and near == {"R1": 4, "R2": 4, "R3": 4}
+        else:  # 200 flags / 100 near misses: equal up to the remainder of 3
+            assert max(flagged.values()) - min(flagged.values()) <= 1 and len(flagged) == 3
+            assert max(near.values()) - min(near.values()) <= 1 and len(near) == 3
+
+
+def test_near_misses_are_near() -> None:
+    env = PolicyFlaggingEnv()
+    lookalikes = {DATA["sanctionable"][c] for c in BASIC["countries"]}
+    seen = Counter()
+    for t in env.tasks("eval", 400):
+        if not t.info["near_miss"]:
+            continue
+        user = t.messages[-1]["content"]
+        rule = t.info["near_miss_rule"]
+        seen[rule] += 1
+        if rule == "R1":
+            amount = float(re.search(r"Amount: \$([\d,.]+)", user).group(1).replace(",", ""))
+            assert BASIC["threshold_dollars"] - 100 <= amount <= BASIC["threshold_dollars"]
+        elif rule == "R2":
+            assert re.search(r"To: (.+)", user).group(1) in lookalikes
+        else:
+            assert f"Transactions in last 24h: {BASIC['limit']}" in user
+    assert set(seen) == {"R1", "R2", "R3"}
+
+
+def test_basic_policy_is_identical_across_tasks() -> None:
+    tasks = PolicyFlaggingEnv().tasks("train", 50)
+    assert len({t.messages[0]["content"] for t in tasks}) == 1
+    assert len({t.messages[1]["content"].split("\n\n")[0] for t in tasks}) == 1
+    varied = PolicyFlaggingEnv(difficulty="varied").tasks("train", 50)
+    assert len({t.messages[1]["content"].split("\n\n")[0] for t in varied}) > 40
+
+
+def test_determinism(env: PolicyFlaggingEnv) -> None:
+    a, b = (
+        env.tasks("eval", 40, seed=3),
+        PolicyFlaggingEnv(difficulty=env.difficulty).tasks("eval", 40, seed=3),
+    )
+    assert a == b
+    c = env.tasks("eval", 40, seed=4)
+    assert {prompt_hash(t.messages) for t in a}.isdisjoint(prompt_hash(t.messages) for t in c)
+    assert env.tasks("eval", 10, seed=3) == a[:10]  # prefix-stable
+    assert len({t.id for t in a}) == 40
+
+
+def test_unbalanced_train_has_rare_flags() -> None:
+    env = PolicyFlaggingEnv(balanced_train=False)
+    share = sum(t.reference["label"] == "FLAG" for t in env.tasks("train", 2000)) / 2000
+    assert 0.12 < share < 0.18
+    assert sum(t.reference["label"] == "FLAG" for t in env.tasks("eval", 400)) == 200  # eval stays balanced
+
+
+def test_baselines_on_eval(env: PolicyFlaggingEnv) -> None:
+    tasks = env.tasks("eval", 400)
+    acc = {
+        name: sum(run_policy(env, t, policy).outcome["correct"] for t in tasks) / len(tasks)
+        for name, policy in env.baselines().items()
+    }
+    assert set(acc) == {"constant_clear", "constant_flag", "only_R1", "only_R2", "only_R3"}
+    assert acc["constant_clear"] == acc["constant_flag"] == 0.5
+    for r in ("R1", "R2", "R3"):
+        assert acc[f"only_{r}"] == pytest.approx(2 / 3, abs=0.005)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"dificulty": "varied"}, "unknown options.*dificulty"),
+        ({"difficulty": "hard"}, "difficulty"),
+        ({"miss_cost": -1.0}, "miss_cost"),
+        ({"false_alarm_cost": float("nan")}, "false_alarm_cost"),
+    ],
+)
+def test_bad_options(options: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        PolicyFlaggingEnv(**options)
+
+
+def test_env_costs_become_default_reward_params() -> None:
+    env = PolicyFlaggingEnv(miss_cost=4.0, false_alarm_cost=0.5)
+    assert env.default_reward_params == {"flag_decision": {"miss_cost": 4.0, "false_alarm_cost": 0.5}}
+
+
+@pytest.mark.parametrize(
+    ("text", "decision", "rule", "exact"),
+    [
+        ("FLAG R2", "FLAG", "R2", True),
+        ("CLEAR", "CLEAR", None, True),
+        ("  FLAG R3\n", "FLAG", "R3", True),
+        ("flag r1", "FLAG", "R1", False),
+        ("Flag: R1.", "FLAG", "R1", False),
+        ("FLAG (R2)", "FLAG", "R2", False),
+        ("**CLEAR**", "CLEAR", None, False),
+        ("clear!", "CLEAR", None, False),
+        ("<answer>FLAG R3</answer>", "FLAG", "R3", False),
+        ("Answer: CLEAR", "CLEAR", None, False),
+        ("FLAG", "FLAG", None, False),
+        ("", None, None, False),
+        ("FLAG R1 or CLEAR", None, None, False),
+        ("CLEAR or FLAG", None, None, False),
+        ("FLAG R1 R2", None, None, False),
+        ("FLAG R1, R3", None, None, False),
+        ("FLAG R4", None, None, False),
+        ("CLEAR R1", None, None, False),
+        ("I would FLAG R2", None, None, False),
+        ("FLAG R2 because the country is sanctioned", None, None, False),
+        ("FLAGGED", None, None, False),
+        ("<answer>FLAG R1</answer><answer>CLEAR</answer>", None, None, False),
+    ],
+)
+def test_parse_answer(text: str, decision: str | None, rule: str | None, exact: bool) -> None:
+    assert tuple(parse_answer(text)) == (decision, rule, exact)
+
+
+def test_check_verdict() -> None:
+    env = PolicyFlaggingEnv()
+    task = next(t for t in env.tasks("eval", 20) if t.reference["rule"] == "R2")
+    assert env.check(task, "FLAG R2") == {
+        "decision": "FLAG",
+        "rule": "R2",
+        "correct": True,
+        "rule_correct": True,
+        "exact_format": True,
+    }
+    wrong_rule = env.check(task, "flag r1")
+    assert wrong_rule["correct"] and not wrong_rule["rule_correct"] and not wrong_rule["exact_format"]
+    assert env.check(task, "maybe")["decision"] is None and not env.check(task, "maybe")["correct"]
+
+
+@pytest.mark.parametrize(
+    "costs", [{}, {"miss_cost": 5.0, "false_alarm_cost": 1.0}, {"false_alarm_cost": 3.0}]
+)
+def test_reward_canaries_score_no_more_than_a_well_formed_wrong_answer(costs: dict) -> None:
+    env = PolicyFlaggingEnv()
+    tasks = env.tasks("eval", 24)
+    rewards = {
+        "flag_decision": lambda c, ref: flag_decision(c, ref, {}, **costs),
+        "flag_rule": lambda c, ref: flag_rule(c, ref, {}),
+        "answer_format": lambda c, ref: answer_format(c, ref, {}),
+    }
+    weights = env.default_rewards
+    for task in tasks:
+        ref = task.reference
+        system, user = (m["content"] for m in task.messages)
+        right = env.oracle(task.messages)
+        wrongs = ["CLEAR"] if ref["label"] == "FLAG" else ["FLAG R1", "FLAG R2", "FLAG R3"]
+        canaries = [
+            "",
+            "   ",
+            "FLAG R1 or CLEAR",
+            "FLAG R1, FLAG R2, FLAG R3 or CLEAR",
+            user,
+            system,
+            system + "\n" + user,
+            "asdf qwer zxcv " * 40,
+            right + " " + "lorem ipsum " * 20,
+            "lorem ipsum " * 20 + right,
+            "\x00\x01 " + right,
+        ]
+
+        def total(c: str, ref: dict = ref) -> float:
+            scores = {n: f(c, ref) for n, f in rewards.items()}
+            return sum(weights[n] * s for n, s in scores.items() if s is not None)
+
+        for canary in canaries:
+            for name, f in rewards.items():
+                floor = min(f(w, ref) if f(w, ref) is not None else 0.0 for w in wrongs)
+                got = f(canary, ref)
+                assert got is None or got <= floor, (name, canary[:40], got, floor)
+                lo = get_reward(name).reward_range[0]
+                if name == "flag_decision":
+                    lo = -max(costs.get("miss_cost", 1.0), costs.get("false_alarm_cost", 1.0))
+                assert got is None or got == lo, (name, canary[:40])  # parse failure scores the minimum
+            assert total(canary) <= min(total(w) for w in wrongs) < total(right)
+
+
+def test_flag_decision_costs() -> None:
+    flagged, clear = {"label": "FLAG", "rule": "R1"}, {"label": "CLEAR", "rule": None}
+    assert flag_decision("CLEAR", flagged, {}, miss_cost=2.0, false_alarm_cost=0.5) == -2.0
+    assert flag_decision("FLAG R3", clear, {}, miss_cost=2.0, false_alarm_cost=0.5) == -0.5
+    assert flag_decision("FLAG R3", flagged, {}) == 1.0  # wrong rule: the decision is still right
+    assert flag_decision("???", clear, {}, miss_cost=2.0, false_alarm_cost=0.5) == -2.0
+    assert flag_decision.reward_range == (-1.0, 1.0)
+    with pytest.raises(ValueError, match="costs"):
+        flag_decision("CLEAR", clear, {}, miss_cost=-1.0)
+
+
+def test_prompt_length(tokenizer, env: PolicyFlaggingEnv) -> None:
+    lengths = [
+        len(tokenizer.apply_chat_template(t.messages, tokenize=True, add_generation_prompt=True)["input_ids"])
+        for t in env.tasks("eval", 100)
+    ]
+    assert max(lengths) <= 200, max(lengths)
+    assert min(lengths) >= 100
