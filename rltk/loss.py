@@ -1,0 +1,209 @@
+r"""Stage "loss": the clipped policy-gradient loss of GRPO / Dr. GRPO / DAPO, with an optional KL penalty.
+
+Per token ``t`` of completion ``i`` (only where ``loss_mask[i, t] = 1``)::
+
+    ρ_it   = exp(logp_it - old_it)                               # importance ratio (1 when on-policy)
+    L^clip = -min(ρ_it · A_i, clip(ρ_it, 1 - ε_low, 1 + ε_high) · A_i)
+    KL_it  = (exp(ref_it - logp_it) - (ref_it - logp_it) - 1) · ρ_it   # k3 estimator × ratio
+    ℓ_it   = L^clip + β · KL_it
+
+``A_i`` is the completion's advantage (or ``A_it`` for token-level advantages ``[P*G, Lc]``). The KL term
+is Schulman's k3 estimator of KL(π_θ ‖ π_ref), multiplied by ``ρ_it`` as TRL does with
+``use_bias_correction_kl=True`` (its default): the tokens were sampled from π_old, so ``ρ`` reweights the
+estimator to π_θ; the gradient flows through both factors. Set ``cfg.kl_bias_correction = False`` to drop
+the ``ρ`` factor (TRL's ``use_bias_correction_kl=False``).
+
+Aggregation, over the *whole* optimizer-step batch ``B`` (all micro-batches, all ranks)::
+
+    token_mean (DAPO, TRL "dapo"):     loss = Σ_i Σ_t m_it ℓ_it / Σ_i Σ_t m_it
+    seq_mean   (GRPO, TRL "grpo"):     loss = Σ_i [Σ_t m_it ℓ_it / max(1, Σ_t m_it)] / N_seq
+    dr_grpo    (Dr. GRPO, "dr_grpo"):  loss = Σ_i Σ_t m_it ℓ_it / (N_seq · max_completion_length)
+
+:func:`policy_loss` computes the numerator on one micro-batch and divides by the global ``normalizer``
+(the denominator above, from :func:`normalizer_for`), so the micro-batch losses *sum* to the full-batch
+loss and their gradients accumulate to the full-batch gradient (no extra division by the number of
+accumulation steps). In TRL terms: ``dapo``'s normalizer is ``num_items_in_batch`` (loss-mask tokens over
+the generation batch, all ranks); ``grpo`` and ``dr_grpo`` take a micro-batch mean and divide by the
+accumulation steps, which equals the global form above when micro-batches have the same number of
+sequences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+
+from rltk.batch import Batch
+
+Aggregation = Literal["token_mean", "seq_mean", "dr_grpo"]
+AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean", "dr_grpo")
+
+
+class LossConfig(Protocol):
+    """What :func:`policy_loss` reads from the config (``config.algorithm.resolved()`` satisfies it).
+
+    An optional ``kl_bias_correction: bool`` (default True) is read with ``getattr``.
+    """
+
+    epsilon_low: float
+    epsilon_high: float
+    beta: float
+    aggregation: str
+
+
+@dataclass
+class LossOutput:
+    """The loss of one micro-batch and its metrics.
+
+    Attributes:
+        loss: Scalar, this micro-batch's share of the full-batch loss (call ``backward`` on it).
+        metrics: Token means over this micro-batch's loss-mask tokens (as TRL's ``global_masked_mean``):
+            ``loss/clip_low_frac`` (ρ < 1 - ε_low and A < 0), ``loss/clip_high_frac`` (ρ > 1 + ε_high and
+            A > 0), ``loss/clip_region_frac`` (either), ``loss/ratio_mean``, ``loss/kl_mean`` (k3 × ρ,
+            only when β > 0); plus ``loss/tokens`` (the loss-mask token count, the weight to average the
+            means over micro-batches) and ``loss/value`` (``loss.item()``, sums to the full-batch loss).
+
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def normalizer_for(
+    batches: Sequence[Batch],
+    aggregation: str,
+    max_completion_length: int | None = None,
+    all_reduce: Callable[[float], float] | None = None,
+) -> float:
+    """Count the global denominator of the loss for one optimizer step (all micro-batches, all ranks).
+
+    ::
+
+        token_mean: Σ_{ranks} Σ_{micro-batches} Σ loss_mask
+        seq_mean:   Σ_{ranks} Σ_{micro-batches} N_seq
+        dr_grpo:    Σ_{ranks} Σ_{micro-batches} N_seq · max_completion_length
+
+    With this normalizer, the gradients of the micro-batch losses *summed over micro-batches and ranks*
+    are the full-batch gradient. A data-parallel wrapper that *averages* gradients over ``W`` ranks (torch
+    DDP, accelerate) divides that sum by ``W``: compensate once, either by passing ``normalizer / W`` to
+    :func:`policy_loss` or by calling ``backward`` on ``loss * W`` (not both). TRL's ``dapo`` does the
+    former (``num_items_in_batch / num_processes``).
+
+    Args:
+        batches: Every micro-batch this rank will backpropagate before the optimizer step (may be empty,
+            e.g. when dynamic sampling dropped every group; the rank must still call ``all_reduce``).
+        aggregation: ``token_mean`` | ``seq_mean`` | ``dr_grpo``.
+        max_completion_length: The *configured* completion budget (``rollout.max_new_tokens``), constant
+            across steps, not the batch's padded length; needed for ``dr_grpo`` only.
+        all_reduce: Multi-rank only: sums a float over ranks (every rank must call this function).
+
+    Returns:
+        The global count (a float holding an integer). 0 means there is nothing to train on this step
+        (every rank empty): skip the update rather than calling :func:`policy_loss`.
+
+    Raises:
+        ValueError: On an unknown aggregation, or ``dr_grpo`` without ``max_completion_length``.
+
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
+    if aggregation == "dr_grpo" and (max_completion_length is None or max_completion_length <= 0):
+        raise ValueError("aggregation 'dr_grpo' needs max_completion_length > 0")
+    local = 0.0
+    for b in batches:
+        if aggregation == "token_mean":
+            local += float(b.loss_mask.sum())
+        elif aggregation == "seq_mean":
+            local += float(b.completion_ids.shape[0])
+        else:  # dr_grpo
+            local += float(b.completion_ids.shape[0]) * float(max_completion_length)
+    return float(all_reduce(local)) if all_reduce is not None else local
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    batch: Batch,
+    cfg: LossConfig,
+    normalizer: float,
+    ref_logp: torch.Tensor | None = None,
+    *,
+    max_completion_length: int | None = None,
+) -> LossOutput:
+    """Clipped surrogate + β·KL for one micro-batch, normalised by the global ``normalizer``.
+
+    See the module docstring for the formulas.
+
+    Args:
+        logp: ``[P*G, Lc]`` log-probs of the completion tokens under the current policy (with grad), at the
+            sampling temperature; values where ``batch.loss_mask`` is 0 are ignored.
+        batch: The micro-batch: ``loss_mask`` ``[P*G, Lc]``, ``advantages`` ``[P*G]`` or ``[P*G, Lc]``,
+            ``old_logp`` ``[P*G, Lc]`` (``None`` = on-policy, ``logp.detach()``), ``ref_logp``.
+        cfg: ``epsilon_low``, ``epsilon_high``, ``beta``, ``aggregation`` (``token_mean`` | ``seq_mean`` |
+            ``dr_grpo``); optional ``kl_bias_correction`` (default True, as TRL).
+        normalizer: The global denominator from :func:`normalizer_for` (same value for every micro-batch
+            of the optimizer step).
+        ref_logp: ``[P*G, Lc]`` reference log-probs; defaults to ``batch.ref_logp``. Needed when β > 0.
+        max_completion_length: Accepted for call-site symmetry with :func:`normalizer_for` and not used:
+            Dr. GRPO's ``max_completion_length`` is already a factor of ``normalizer``.
+
+    Returns:
+        The loss (this micro-batch's share of the full-batch loss) and its metrics.
+
+    Raises:
+        ValueError: On an unknown aggregation, ``normalizer <= 0``, or β > 0 without reference log-probs.
+
+    """
+    del max_completion_length  # already inside `normalizer`
+    if cfg.aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {cfg.aggregation!r}; expected one of {AGGREGATIONS}")
+    if normalizer <= 0:
+        raise ValueError(f"normalizer must be > 0 (got {normalizer}); skip the update when it is 0")
+    mask = batch.loss_mask.to(logp.dtype)  # [P*G, Lc]
+    valid = mask > 0  # [P*G, Lc]
+    old = batch.old_logp if batch.old_logp is not None else logp.detach()  # [P*G, Lc]
+    adv = batch.advantages.to(logp.dtype)
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(1)  # [P*G, 1]
+
+    # Masked positions get log-ratio 0 so that garbage there can never overflow exp() into inf·0 = NaN.
+    log_ratio = torch.where(valid, logp - old, torch.zeros_like(logp))  # [P*G, Lc]
+    ratio = torch.exp(log_ratio)  # [P*G, Lc]
+    clipped = torch.clamp(ratio, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)  # [P*G, Lc]
+    per_token = -torch.min(ratio * adv, clipped * adv)  # [P*G, Lc]
+
+    kl = None
+    if cfg.beta != 0.0:
+        ref = ref_logp if ref_logp is not None else batch.ref_logp
+        if ref is None:
+            raise ValueError("beta > 0 needs reference log-probs (batch.ref_logp or ref_logp=)")
+        delta = torch.where(valid, ref - logp, torch.zeros_like(logp))  # [P*G, Lc]
+        kl = torch.exp(delta) - delta - 1  # [P*G, Lc] k3
+        if getattr(cfg, "kl_bias_correction", True):
+            kl = kl * ratio
+        per_token = per_token + cfg.beta * kl
+
+    if cfg.aggregation == "seq_mean":
+        per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # [P*G]
+        loss = per_seq.sum() / normalizer
+    else:  # token_mean, dr_grpo: a token sum over a global denominator
+        loss = (per_token * mask).sum() / normalizer
+
+    with torch.no_grad():
+        n_tok = mask.sum()
+        denom = n_tok.clamp(min=1.0)
+        low = (ratio < 1 - cfg.epsilon_low) & (adv < 0)  # [P*G, Lc]
+        high = (ratio > 1 + cfg.epsilon_high) & (adv > 0)  # [P*G, Lc]
+        metrics = {
+            "loss/clip_low_frac": float((low.to(mask.dtype) * mask).sum() / denom),
+            "loss/clip_high_frac": float((high.to(mask.dtype) * mask).sum() / denom),
+            "loss/clip_region_frac": float(((low | high).to(mask.dtype) * mask).sum() / denom),
+            "loss/ratio_mean": float((ratio * mask).sum() / denom),
+            "loss/tokens": float(n_tok),
+            "loss/value": float(loss.detach()),
+        }
+        if kl is not None:
+            metrics["loss/kl_mean"] = float((kl * mask).sum() / denom)
+    return LossOutput(loss=loss, metrics=metrics)
