@@ -30,6 +30,7 @@ class Rollout:
         scores: Per reward name: its score, or ``None`` where the task makes it not applicable.
         reward: The rubric's weighted sum of ``scores``.
         truncated: True if a length or turn limit ended the rollout.
+
     """
 
     task: Task
@@ -52,6 +53,7 @@ class Group:
         prompt_ids: ``[Lp]`` the rendered prompt (chat template + generation prompt), no padding.
         rollouts: The G rollouts.
         advantages: ``[G]`` (or ``[G, L]`` for token-level estimators), set by the advantage stage.
+
     """
 
     task: Task
@@ -91,9 +93,7 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         """Move every tensor to ``device``."""
-        moved = {
-            k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()
-        }
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return Batch(**moved)
 
 
@@ -106,6 +106,7 @@ def collate(groups: list[Group], pad_id: int) -> Batch:
 
     Returns:
         The batch; ``sample_logp`` is filled from the rollouts, ``old_logp``/``ref_logp`` are left ``None``.
+
     """
     if not groups:
         raise ValueError("collate needs at least one group")

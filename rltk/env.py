@@ -37,6 +37,7 @@ class Task:
         reference: What the outcome check and the rewards need (gold label, ...). Never shown to the model
             or to the oracle.
         info: Descriptive tags for breakdowns in reports (difficulty, rule id, near-miss flag, ...).
+
     """
 
     id: str
@@ -54,6 +55,7 @@ class Step:
         observation: Text the env replies with (a tool result, an error message); rendered as the next
             ``user`` turn. ``None`` when the episode is over.
         done: True once the episode has ended (final answer given, or a limit hit).
+
     """
 
     observation: str | None

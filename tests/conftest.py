@@ -41,3 +41,31 @@ def make_tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0, layers: i
 def tiny_model(tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
     """A fresh tiny model per test (seeded, so identical across tests)."""
     return make_tiny_model(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerBase) -> str:
+    """A tiny model + SmolLM2's tokenizer saved as a local HF directory (usable as ``model.name``)."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    make_tiny_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def tiny_overrides(model_dir: str, run_dir: str | object, steps: int = 2) -> list[str]:
+    """Recipe overrides for a seconds-long run of the quickstart recipe on the tiny model."""
+    return [
+        f"model.name={model_dir}",
+        f"run.output_dir={run_dir}",
+        f"run.steps={steps}",
+        "run.save_every=1",
+        "run.keep_last_n=10",
+        "run.threads=1",
+        "rollout.prompts_per_step=2",
+        "rollout.group_size=4",
+        "rollout.max_new_tokens=5",
+        "optim.groups_per_micro_batch=1",
+        "optim.lr=1e-3",
+        "warmstart.enabled=false",
+        "eval.n=8",
+    ]

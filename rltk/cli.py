@@ -1,0 +1,147 @@
+"""``rltk``: train | eval | export | envs | rewards.
+
+Every subcommand has ``--help``. Bad input (unknown env or reward, malformed recipe, missing model
+package, corrupt checkpoint) prints one ``error:`` message that names the problem and the fix, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rltk.errors import user_errors
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run ``rltk.train`` in this process."""
+    from rltk.train import main as train_main
+
+    return train_main([args.recipe, *args.overrides])
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a policy on an env split, beside the env's trivial policies."""
+    from rltk import evaluate, plugins
+    from rltk.reward import Rubric
+
+    env = plugins.get_env(args.env)(**json.loads(args.env_options))
+    rubric = Rubric.from_config([], env)
+    tasks = env.tasks(args.split, args.n, seed=args.seed)
+    results = []
+    if args.policy == "model":
+        if Path(args.model, "config.yaml").is_file():
+            from rltk.export import load_run
+
+            model, tokenizer, _ = load_run(args.model)
+        else:
+            from rltk.models import load_model, load_tokenizer
+
+            model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+        answers = evaluate.greedy_completions(model, tokenizer, tasks, args.max_new_tokens, args.batch_size)
+        results.append(evaluate.score(env, rubric, tasks, answers, name=f"model ({args.model})"))
+    elif args.policy == "oracle":
+        results.append(evaluate.evaluate_policy(env, rubric, tasks, env.oracle, "oracle"))
+    else:
+        baselines = env.baselines()
+        if args.policy not in baselines:
+            valid = ", ".join(["model", "oracle", *baselines])
+            print(f"error: unknown --policy '{args.policy}'; valid: {valid}", file=sys.stderr)
+            return 2
+        results.append(evaluate.evaluate_policy(env, rubric, tasks, baselines[args.policy], args.policy))
+    if not args.no_baselines:
+        results += evaluate.baseline_results(env, rubric, tasks)
+    print(f"env {args.env}  split {args.split}  n {len(tasks)}  (greedy, one sample)")
+    print(evaluate.format_table(results))
+    if args.out:
+        evaluate.write_report(
+            Path(args.out), results, {"env": args.env, "split": args.split, "n": len(tasks)}
+        )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Merge a run's checkpoint into a plain HF directory and verify it outside rltk."""
+    from rltk.export import export
+
+    out = export(args.run_dir, args.out, step=args.step, check=not args.no_verify)
+    print(f"exported to {out}" + ("" if args.no_verify else " (verified with plain transformers)"))
+    return 0
+
+
+def cmd_envs(args: argparse.Namespace) -> int:
+    """List registered environments."""
+    from rltk.plugins import list_envs
+
+    for name, desc in sorted(list_envs().items()):
+        print(f"{name:24s} {desc}")
+    return 0
+
+
+def cmd_rewards(args: argparse.Namespace) -> int:
+    """List registered reward functions."""
+    from rltk.plugins import list_rewards
+
+    for name, desc in sorted(list_rewards().items()):
+        print(f"{name:24s} {desc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``rltk`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="rltk", description="Vertical RL fine-tuning for small open models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a recipe: rltk train RECIPE [key=value ...]")
+    p.add_argument("recipe", help="recipe YAML (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="overrides such as run.steps=10")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="greedy accuracy of a model (or oracle/baseline) on an env split")
+    p.add_argument(
+        "--model", default="smollm2-135m-instruct", help="alias, HF dir, hub id, or an rltk run dir"
+    )
+    p.add_argument("--env", default="policy_flagging", help="env name (rltk envs list)")
+    p.add_argument("--env-options", default="{}", help="JSON dict of env options")
+    p.add_argument("--split", default="eval", choices=["train", "eval", "test"])
+    p.add_argument("--n", type=int, default=400, help="number of tasks")
+    p.add_argument("--seed", type=int, default=0, help="task seed")
+    p.add_argument("--policy", default="model", help="model | oracle | a baseline name of the env")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--no-baselines", action="store_true", help="do not print the trivial policies")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="merge a run's checkpoint into a plain HF directory")
+    p.add_argument("run_dir", help="the run's output_dir")
+    p.add_argument("--out", required=True, help="new directory to write")
+    p.add_argument("--step", type=int, help="checkpoint step (default: newest valid)")
+    p.add_argument("--no-verify", action="store_true", help="skip loading the export in a fresh process")
+    p.set_defaults(func=cmd_export)
+
+    for name, func, what in (
+        ("envs", cmd_envs, "environments"),
+        ("rewards", cmd_rewards, "reward functions"),
+    ):
+        p = sub.add_parser(name, help=f"list registered {what}")
+        p.add_argument("action", choices=["list"], help="list")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``rltk`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

