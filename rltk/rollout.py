@@ -2,11 +2,17 @@
 
     tasks ──render──▶ prompt ids ──sample_turn──▶ G samples per prompt ──env.episode──▶ Group(Rollouts)
 
-:func:`sample_turn` is the engine for one assistant turn: it left-pads the P prompts, runs one forward over
-all but each prompt's last token to build the KV cache (each prompt is prefilled once, not G times), expands
-the cache G times with ``batch_repeat_interleave`` and lets ``model.generate`` continue from the last prompt
-token. The model's forward consumes no randomness in eval mode, so under the same seed the sampled tokens
-are those of ``model.generate(prompts, num_return_sequences=G, do_sample=True)``, token for token.
+:func:`sample_turn` is the engine for one assistant turn. It left-pads the P prompts and prefills all but
+each prompt's last token into a KV cache, sharing work at two levels: the token prefix common to all P prompts
+(system prompt, written policy; :func:`rltk.forward.shared_prefix_length`) runs once and its cache is expanded
+P times, then each prompt's own suffix runs once (not G times); the cache is expanded G times with
+``batch_repeat_interleave`` and ``model.generate`` continues from the last prompt token. For this the prompts
+are laid out ``prefix | pad | suffix`` (:func:`rltk.forward.shared_prefix_layout`) and ``generate`` gets that
+layout's attention mask: it derives position ids as ``cumsum(attention_mask) - 1``, so the padding between
+prefix and suffix is skipped and every real token keeps the position it has in the left-padded batch. The
+model's forward consumes no randomness in eval mode, so under the same seed the sampled tokens are those of
+``model.generate(prompts, num_return_sequences=G, do_sample=True)``, token for token (the logits differ only
+by float rounding, as with any change of batch shape).
 
 Generated ids are kept exactly as sampled (no decode/re-encode), cut after the first EOS; the EOS stays in
 ``token_ids`` and ``loss_mask`` (it is a model action; TRL does the same). ``sample_logp`` is the log-prob
@@ -30,7 +36,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from rltk.batch import Group, Rollout
 from rltk.env import Env, Message, Task
-from rltk.forward import prompt_positions
+from rltk.forward import prefill, shared_prefix_layout, shared_prefix_length
 from rltk.models import context_length
 
 
@@ -129,7 +135,7 @@ def sample_turn(
     eos_ids: Sequence[int],
     pad_id: int,
 ) -> list[TurnSample]:
-    """Sample ``repeats`` continuations of each prompt, prefilling each prompt once.
+    """Sample ``repeats`` continuations of each prompt; prefill the shared prefix once and each prompt once.
 
     Args:
         model: A causal LM (transformers, optionally peft-wrapped), in eval mode.
@@ -150,17 +156,11 @@ def sample_turn(
     for i, x in enumerate(prompts):
         ids[i, lp - len(x) :] = x.to(device)
         mask[i, lp - len(x) :] = 1
-    cache = None
-    if lp > 1:  # prefill all but the last prompt token; generate feeds the last one
-        out = model(
-            input_ids=ids[:, :-1],
-            attention_mask=mask[:, :-1],
-            position_ids=prompt_positions(mask[:, :-1]),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(repeats)
+    c = shared_prefix_length(ids, mask)
+    ids, mask = shared_prefix_layout(ids, mask, c)  # [P, Lp]: prefix | pad | suffix
+    _, cache = prefill(model, ids[:, :-1], mask[:, :-1], c)  # all but the last token; generate feeds it
+    if cache is not None:
+        cache.batch_repeat_interleave(repeats)  # [P, ...] -> [P*G, ...]
     config = GenerationConfig(
         do_sample=True,
         max_new_tokens=params.max_new_tokens,
@@ -177,7 +177,7 @@ def sample_turn(
     )
     out = model.generate(
         input_ids=ids.repeat_interleave(repeats, 0),  # [P*G, Lp]
-        attention_mask=mask.repeat_interleave(repeats, 0),
+        attention_mask=mask.repeat_interleave(repeats, 0),  # [P*G, Lp]: covers prefix, pad, suffix
         past_key_values=cache,
         generation_config=config,
     )

@@ -11,4 +11,4 @@ if [ $# -gt 0 ]; then
   exec python -m pytest "$@"
 fi
 python -m pytest -q
-python -m pytest -q -m "slow and ci" -p no:doctest
+python -m pytest -q -m "slow and ci"

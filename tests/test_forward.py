@@ -1,4 +1,5 @@
-"""The shared-prompt forward (kv, packed) equals the plain forward: same log-probs, same gradients."""
+"""The shared-prompt forward (kv, packed) equals the plain forward: same log-probs, same gradients; kv also
+with a prefix shared by all prompts of the batch (run once), and its fallback when there is none."""
 
 from __future__ import annotations
 
@@ -6,31 +7,51 @@ import pytest
 import torch
 from conftest import make_tiny_model
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedTokenizerBase
 
 from rltk.batch import Batch
-from rltk.forward import completion_logprobs, packed_attention_mask
+from rltk.forward import (
+    MIN_SHARED_PREFIX,
+    completion_logprobs,
+    packed_attention_mask,
+    prompt_positions,
+    shared_prefix_layout,
+    shared_prefix_length,
+)
 
 PROMPT_LENS = [9, 14, 5]  # ragged: left padding
+PREFIX_LEN = 40  # the common prefix of make_batch(prefix_len=...): longer than MIN_SHARED_PREFIX
+SUFFIX_LENS = [9, 14, 1]  # ragged suffixes after it, incl. a prompt whose only own token is its last
 COMPLETION_LENS = [[6, 1, 3, 6], [2, 6, 4, 5], [6, 6, 1, 2]]  # ragged: right padding, incl. length 1
 G = 4
 LOGP_ATOL = 1e-5
 GRAD_RTOL = 1e-4
 
 
-def make_batch(pad_id: int, vocab: int = 2000, seed: int = 0) -> Batch:
-    """P=3 ragged prompts, G=4 ragged completions each, random ids; padding uses ``pad_id``."""
+def make_batch(
+    pad_id: int, vocab: int = 2000, seed: int = 0, prefix_len: int = 0, completion_lens: list | None = None
+) -> Batch:
+    """P=3 ragged prompts, G=4 ragged completions each, random ids; padding uses ``pad_id``.
+
+    With ``prefix_len`` > 0 the prompts are a common random prefix of that length plus ``SUFFIX_LENS`` own
+    tokens; otherwise ``PROMPT_LENS`` random tokens (no common prefix).
+    """
     gen = torch.Generator().manual_seed(seed)
-    p, lp = len(PROMPT_LENS), max(PROMPT_LENS)
-    lc = max(max(r) for r in COMPLETION_LENS)
+    prefix = torch.randint(3, vocab, (prefix_len,), generator=gen)
+    lens = [prefix_len + n for n in SUFFIX_LENS] if prefix_len else PROMPT_LENS
+    completion_lens = completion_lens or COMPLETION_LENS
+    p, lp = len(lens), max(lens)
+    lc = max(max(r) for r in completion_lens)
     prompt_ids = torch.full((p, lp), pad_id)
     prompt_mask = torch.zeros((p, lp), dtype=torch.long)
     completion_ids = torch.full((p * G, lc), pad_id)
     completion_mask = torch.zeros((p * G, lc), dtype=torch.long)
-    for i, n in enumerate(PROMPT_LENS):
-        prompt_ids[i, lp - n :] = torch.randint(3, vocab, (n,), generator=gen)
+    for i, n in enumerate(lens):
+        own = torch.randint(3, vocab, (n - prefix_len,), generator=gen)
+        prompt_ids[i, lp - n :] = torch.cat([prefix, own])
         prompt_mask[i, lp - n :] = 1
-        for j, k in enumerate(COMPLETION_LENS[i]):
+        for j, k in enumerate(completion_lens[i]):
             completion_ids[i * G + j, :k] = torch.randint(3, vocab, (k,), generator=gen)
             completion_mask[i * G + j, :k] = 1
     return Batch(
@@ -42,6 +63,20 @@ def make_batch(pad_id: int, vocab: int = 2000, seed: int = 0) -> Batch:
         advantages=torch.zeros(p * G),
         group_size=G,
     )
+
+
+def embedding_inputs(model: nn.Module) -> tuple[list[tuple[int, ...]], list[torch.Tensor], RemovableHandle]:
+    """Record the input shape and (grad-retaining) output of every embedding call; also the hook's handle."""
+    shapes: list[tuple[int, ...]] = []
+    outputs: list[torch.Tensor] = []
+
+    def record(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        shapes.append(tuple(inputs[0].shape))
+        if output.requires_grad:
+            output.retain_grad()
+        outputs.append(output)
+
+    return shapes, outputs, model.get_input_embeddings().register_forward_hook(record)
 
 
 def lora_model(tokenizer: PreTrainedTokenizerBase) -> nn.Module:
@@ -124,25 +159,87 @@ def test_packed_with_gradient_checkpointing(tokenizer: PreTrainedTokenizerBase, 
     completion_logprobs(model, batch, mode="kv")
 
 
-def test_kv_gradients_reach_the_prompt(tokenizer: PreTrainedTokenizerBase) -> None:
+@pytest.mark.parametrize("prefix_len", [0, PREFIX_LEN], ids=["no_prefix", "shared_prefix"])
+def test_kv_gradients_reach_the_prompt(tokenizer: PreTrainedTokenizerBase, prefix_len: int) -> None:
     """A loss on completion tokens 1.. (not token 0, whose logits come from the prompt pass) reaches the
-    prompt pass only through the expanded KV cache: its input embeddings must get a gradient."""
+    prompt passes only through the expanded KV caches: the input embeddings of every real prompt token (the
+    shared prefix's, run once, included) must get a gradient."""
     model = make_tiny_model(tokenizer)
-    batch = make_batch(tokenizer.pad_token_id)
-    captured: list[torch.Tensor] = []
-
-    def keep_first(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        if not captured:  # the first embedding call is the prompt pass
-            output.retain_grad()
-            captured.append(output)
-
-    handle = model.get_input_embeddings().register_forward_hook(keep_first)
+    batch = make_batch(tokenizer.pad_token_id, prefix_len=prefix_len)
+    _, outputs, handle = embedding_inputs(model)
     logp = completion_logprobs(model, batch, mode="kv")
     handle.remove()
     (logp[:, 1:] * batch.completion_mask[:, 1:]).sum().backward()
-    prompt_grad = captured[0].grad  # [P, Lp, H]
-    assert prompt_grad.shape[:2] == batch.prompt_ids.shape
-    assert (prompt_grad.abs().sum(-1)[batch.prompt_mask == 1] > 0).all()
+    ids, mask = shared_prefix_layout(batch.prompt_ids, batch.prompt_mask, prefix_len)
+    prompt_passes = outputs[:-1]  # [prefix [1, C]], prompts or suffixes [P, Lp - C]; then the completions
+    assert len(prompt_passes) == (2 if prefix_len else 1)
+    grads = torch.cat([x.grad.expand(ids.shape[0], -1, -1) for x in prompt_passes], dim=1)  # [P, Lp, H]
+    assert grads.shape[:2] == ids.shape
+    assert (grads.abs().sum(-1)[mask == 1] > 0).all()
+
+
+def test_shared_prefix_length_and_layout() -> None:
+    pad = 0
+    ids = torch.tensor([[pad, pad, 5, 6, 7, 8], [5, 6, 7, 9, 1, 2], [pad, 5, 6, 7, 8, 3]])  # [P=3, Lp=6]
+    mask = (ids != pad).long()
+    assert shared_prefix_length(ids, mask, min_length=2) == 3  # 5 6 7, then 8 / 9 / 8
+    assert shared_prefix_length(ids, mask, min_length=4) == 0  # below the threshold: not worth a pass
+    assert shared_prefix_length(ids[:1], mask[:1], min_length=1) == 0  # one prompt: nothing to share
+    same = torch.tensor([[pad, 5, 6, 7], [pad, 5, 6, 7], [5, 6, 7, 7]])
+    assert shared_prefix_length(same, (same != pad).long(), min_length=1) == 2  # each prompt keeps a token
+    new_ids, new_mask = shared_prefix_layout(ids, mask, 3)
+    assert new_ids.tolist() == [[5, 6, 7, pad, pad, 8], [5, 6, 7, 9, 1, 2], [5, 6, 7, pad, 8, 3]]
+    assert new_mask.tolist() == [[1, 1, 1, 0, 0, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 1, 1]]
+    positions = prompt_positions(new_mask)  # as generate derives them: padding skipped
+    assert positions[new_mask == 1].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4]
+    same_ids, same_mask = shared_prefix_layout(ids, mask, 0)  # C=0: the left-padded layout itself
+    assert same_ids is ids and same_mask is mask
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
+def test_kv_shared_prefix_equals_plain(tokenizer: PreTrainedTokenizerBase, lora: bool, attn: str) -> None:
+    """A prefix common to all prompts runs once ([1, C]), the suffixes once ([P, Lp-C]), then the
+    completions: log-probs and every parameter gradient equal the plain forward's."""
+    model = lora_model(tokenizer) if lora else make_tiny_model(tokenizer)
+    model.set_attn_implementation(attn)
+    batch = make_batch(tokenizer.pad_token_id, seed=5, prefix_len=PREFIX_LEN)
+    assert (
+        shared_prefix_length(batch.prompt_ids, batch.prompt_mask) == PREFIX_LEN
+    )  # capped by the 1-token one
+    ref = logp_and_grads(model, batch, "off")
+    shapes, _, handle = embedding_inputs(model)
+    got = logp_and_grads(model, batch, "kv")
+    handle.remove()
+    (p, lp), (n, lc) = batch.prompt_ids.shape, batch.completion_ids.shape
+    assert shapes == [(1, PREFIX_LEN), (p, lp - PREFIX_LEN), (n, lc - 1)]
+    diffs = assert_same(ref, got)
+    print(f"kv shared prefix ({'lora' if lora else 'plain'}/{attn}): {diffs[0]:.2e}, {diffs[1]:.2e}")
+
+
+@pytest.mark.parametrize("prefix_len", [0, MIN_SHARED_PREFIX - 1], ids=["none", "short"])
+def test_kv_without_shared_prefix_falls_back(tokenizer: PreTrainedTokenizerBase, prefix_len: int) -> None:
+    """No common prefix, or one below MIN_SHARED_PREFIX: the prompts run whole ([P, Lp]), one pass."""
+    model = lora_model(tokenizer)
+    batch = make_batch(tokenizer.pad_token_id, prefix_len=prefix_len)
+    assert shared_prefix_length(batch.prompt_ids, batch.prompt_mask) == 0
+    ref = logp_and_grads(model, batch, "off")
+    shapes, _, handle = embedding_inputs(model)
+    got = logp_and_grads(model, batch, "kv")
+    handle.remove()
+    assert shapes == [
+        tuple(batch.prompt_ids.shape),
+        (batch.completion_ids.shape[0], batch.completion_ids.shape[1] - 1),
+    ]
+    diffs = assert_same(ref, got)
+    print(f"kv fallback ({prefix_len=}): {diffs[0]:.2e}, {diffs[1]:.2e}")
+
+
+def test_kv_shared_prefix_single_token_completions(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Lc=1: the logits come from the suffix pass alone (no completion pass)."""
+    model = make_tiny_model(tokenizer)
+    batch = make_batch(tokenizer.pad_token_id, prefix_len=PREFIX_LEN, completion_lens=[[1] * G] * 3)
+    assert_same(logp_and_grads(model, batch, "off"), logp_and_grads(model, batch, "kv"))
 
 
 def test_packed_mask_blocks() -> None:

@@ -1,4 +1,5 @@
-"""Rollout: prefill-once sampling is token-identical to ``generate(num_return_sequences=G)``; EOS; limits."""
+"""Rollout: prefill-once sampling (with or without a prefix shared by all prompts) is token-identical to
+``generate(num_return_sequences=G)``; EOS; limits."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rltk.batch import Group, collate
 from rltk.env import Env, Message, Task
-from rltk.forward import completion_logprobs
+from rltk.forward import MIN_SHARED_PREFIX, completion_logprobs, shared_prefix_length
 from rltk.rollout import generate, observation_ids, render_prompt
 
 G = 4
@@ -47,6 +48,33 @@ class WordsEnv(Env):
 
 class TwoTurnEnv(WordsEnv):
     max_turns: ClassVar[int] = 2
+
+
+POLICY = (
+    "You review card transactions for a bank. Flag a transaction when the amount is over the customer's "
+    "usual range, the merchant category is on the watch list, or the country differs from the card's home "
+    "country. Answer with FLAG or PASS and one short reason."
+)  # ~60 tokens: a system prompt shared by all tasks
+
+
+class PolicyEnv(WordsEnv):
+    """Every task: the same long system message, then a ragged user message (a long shared prefix)."""
+
+    def tasks(self, split: str, n: int, seed: int = 0) -> list[Task]:
+        return [
+            Task(t.id, t.split, [{"role": "system", "content": POLICY}, *t.messages], t.reference)
+            for t in super().tasks(split, n, seed)
+        ]
+
+
+class DistinctSystemEnv(WordsEnv):
+    """Each task starts with its own system message: the prompts share only a few template tokens."""
+
+    def tasks(self, split: str, n: int, seed: int = 0) -> list[Task]:
+        return [
+            Task(t.id, t.split, [{"role": "system", "content": f"{i} {POLICY}"}, *t.messages], t.reference)
+            for i, t in enumerate(super().tasks(split, n, seed))
+        ]
 
 
 def eos_prone_model(tokenizer: PreTrainedTokenizerBase, lora: bool = False) -> nn.Module:
@@ -102,12 +130,30 @@ def reference_samples(
 
 
 @pytest.mark.parametrize(
-    ("top_p", "lora"), [(1.0, False), (0.9, False), (1.0, True)], ids=["plain", "top_p", "lora"]
+    ("top_p", "lora", "env", "shares_prefix"),
+    [
+        (1.0, False, WordsEnv(), True),  # the template's default system message (~25 tokens) is shared
+        (0.9, False, WordsEnv(), True),
+        (1.0, True, WordsEnv(), True),
+        (1.0, False, PolicyEnv(), True),  # a ~60-token system message, ragged user messages
+        (1.0, True, PolicyEnv(), True),
+        (1.0, False, DistinctSystemEnv(), False),  # no prefix worth sharing: per-prompt prefill only
+    ],
+    ids=["plain", "top_p", "lora", "long_prefix", "long_prefix_lora", "no_shared_prefix"],
 )
-def test_prefill_once_matches_generate(tokenizer: PreTrainedTokenizerBase, top_p: float, lora: bool) -> None:
+def test_prefill_once_matches_generate(
+    tokenizer: PreTrainedTokenizerBase, top_p: float, lora: bool, env: WordsEnv, shares_prefix: bool
+) -> None:
     model = eos_prone_model(tokenizer, lora=lora)
-    env = WordsEnv()
     tasks = env.tasks("train", 3)
+    prompts = [render_prompt(tokenizer, t.messages) for t in tasks]
+    lp = max(map(len, prompts))
+    ids = torch.tensor([[0] * (lp - len(x)) + x for x in prompts])
+    mask = torch.tensor([[0] * (lp - len(x)) + [1] * len(x) for x in prompts])
+    prefix = shared_prefix_length(ids, mask)
+    assert (prefix >= MIN_SHARED_PREFIX) == shares_prefix, prefix  # the case tests what it says
+    if isinstance(env, PolicyEnv):
+        assert prefix >= 60 and len({len(x) for x in prompts}) == 3, prefix
     sampling = {"temperature": 0.9, "top_k": 0, "top_p": top_p}
     ref, ref_logp = reference_samples(model, tokenizer, tasks, **sampling)
     model.train()
@@ -124,7 +170,7 @@ def test_prefill_once_matches_generate(tokenizer: PreTrainedTokenizerBase, top_p
     logp = torch.tensor([x for gr in groups for r in gr.rollouts for x in r.sample_logp.tolist()])
     diff = (logp - torch.tensor([x for row in ref_logp for x in row])).abs().max().item()
     assert diff < 1e-5, diff
-    print(f"top_p={top_p} lora={lora}: tokens identical, max |sample_logp - generate's| = {diff:.2e}")
+    print(f"{top_p=} {lora=} {prefix=}: tokens identical, max |sample_logp - generate's| = {diff:.2e}")
     for task, group in zip(tasks, groups, strict=True):
         assert group.task is task and group.prompt_ids.tolist() == render_prompt(tokenizer, task.messages)
         assert len(group.rollouts) == G
