@@ -97,6 +97,23 @@ class Batch:
         return Batch(**moved)
 
 
+def left_pad(seqs: list[torch.Tensor] | list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token sequences into ``(ids [N, L], mask [N, L])`` so every last token sits in column L-1.
+
+    >>> ids, mask = left_pad([[5, 6], [7]], pad_id=0)
+    >>> ids.tolist(), mask.tolist()
+    ([[5, 6], [0, 7]], [[1, 1], [0, 1]])
+    """
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [N, L]
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)  # [N, L]
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s) :] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
 def collate(groups: list[Group], pad_id: int) -> Batch:
     """Pack whole groups into one :class:`Batch` (advantages must be set on every group).
 
@@ -113,16 +130,10 @@ def collate(groups: list[Group], pad_id: int) -> Batch:
     g = len(groups[0].rollouts)
     if any(len(gr.rollouts) != g for gr in groups):
         raise ValueError("all groups in a batch must have the same number of rollouts")
-    lp = max(len(gr.prompt_ids) for gr in groups)
     rollouts = [r for gr in groups for r in gr.rollouts]
     lc = max(1, max(len(r.token_ids) for r in rollouts))
-    p, n = len(groups), len(rollouts)
-    prompt_ids = torch.full((p, lp), pad_id, dtype=torch.long)  # [P, Lp]
-    prompt_mask = torch.zeros((p, lp), dtype=torch.long)  # [P, Lp]
-    for i, gr in enumerate(groups):
-        k = len(gr.prompt_ids)
-        prompt_ids[i, lp - k :] = gr.prompt_ids
-        prompt_mask[i, lp - k :] = 1
+    n = len(rollouts)
+    prompt_ids, prompt_mask = left_pad([gr.prompt_ids for gr in groups], pad_id)  # [P, Lp]
     completion_ids = torch.full((n, lc), pad_id, dtype=torch.long)  # [P*G, Lc]
     completion_mask = torch.zeros((n, lc), dtype=torch.long)  # [P*G, Lc]
     loss_mask = torch.zeros((n, lc), dtype=torch.float32)  # [P*G, Lc]

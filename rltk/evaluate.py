@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rltk.batch import Group, Rollout
+from rltk.batch import Group, Rollout, left_pad
 from rltk.env import Env, Policy, Task, run_policy
 from rltk.reward import Rubric
 from rltk.rollout import render_prompt
@@ -59,12 +59,8 @@ def greedy_completions(
     with torch.no_grad():
         for i in range(0, len(tasks), batch_size):
             prompts = [render_prompt(tokenizer, t.messages) for t in tasks[i : i + batch_size]]
-            width = max(len(p) for p in prompts)
-            ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)  # [B, Lp]
-            mask = torch.zeros_like(ids)  # [B, Lp]
-            for j, p in enumerate(prompts):
-                ids[j, width - len(p) :] = torch.tensor(p)
-                mask[j, width - len(p) :] = 1
+            ids, mask = left_pad(prompts, tokenizer.pad_token_id)  # [B, Lp]
+            width = ids.shape[1]
             gen = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
