@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from rltk.batch import Group, Rollout
+from rltk.batch import Group, Rollout, left_pad
 from rltk.env import Env, Message, Task
 from rltk.forward import prefill, shared_prefix_layout, shared_prefix_length
 from rltk.models import context_length
@@ -150,12 +150,8 @@ def sample_turn(
 
     """
     device = model.get_input_embeddings().weight.device
-    p, lp = len(prompts), max(len(x) for x in prompts)
-    ids = torch.full((p, lp), pad_id, dtype=torch.long, device=device)  # [P, Lp] left-padded
-    mask = torch.zeros((p, lp), dtype=torch.long, device=device)  # [P, Lp]
-    for i, x in enumerate(prompts):
-        ids[i, lp - len(x) :] = x.to(device)
-        mask[i, lp - len(x) :] = 1
+    ids, mask = left_pad(list(prompts), pad_id)  # [P, Lp]
+    ids, mask, lp = ids.to(device), mask.to(device), ids.shape[1]
     c = shared_prefix_length(ids, mask)
     ids, mask = shared_prefix_layout(ids, mask, c)  # [P, Lp]: prefix | pad | suffix
     _, cache = prefill(model, ids[:, :-1], mask[:, :-1], c)  # all but the last token; generate feeds it

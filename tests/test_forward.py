@@ -242,6 +242,23 @@ def test_kv_shared_prefix_single_token_completions(tokenizer: PreTrainedTokenize
     assert_same(logp_and_grads(model, batch, "off"), logp_and_grads(model, batch, "kv"))
 
 
+def test_kv_shared_prefix_groups_of_one(tokenizer: PreTrainedTokenizerBase) -> None:
+    """G=1 (the warm start's demonstrations): the prefix is still shared across the P prompts."""
+    model = make_tiny_model(tokenizer)
+    full = make_batch(tokenizer.pad_token_id, prefix_len=PREFIX_LEN)
+    rows = torch.arange(0, full.completion_ids.shape[0], G)  # the first completion of each group
+    batch = Batch(
+        prompt_ids=full.prompt_ids,
+        prompt_mask=full.prompt_mask,
+        completion_ids=full.completion_ids[rows],
+        completion_mask=full.completion_mask[rows],
+        loss_mask=full.loss_mask[rows],
+        advantages=full.advantages[rows],
+        group_size=1,
+    )
+    assert_same(logp_and_grads(model, batch, "off"), logp_and_grads(model, batch, "kv"))
+
+
 def test_packed_mask_blocks() -> None:
     prompt_mask = torch.tensor([[0, 1, 1]])
     completion_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])  # G=2, Lc=3 -> blocks of Lc-1=2
