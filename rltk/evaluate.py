@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rltk.batch import Group, Rollout, left_pad
+from rltk.batch import Group, Rollout
 from rltk.env import Env, Policy, Task, run_policy
 from rltk.reward import Rubric
-from rltk.rollout import render_prompt
+from rltk.rollout import SamplingParams, eos_token_ids, render_prompt, sample_turn
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
 
@@ -51,24 +51,17 @@ def greedy_completions(
     max_new_tokens: int,
     batch_size: int = 32,
 ) -> list[str]:
-    """Greedy single-turn answers for ``tasks``, batched with left padding."""
+    """Greedy single-turn answers for ``tasks``, batched; the shared prompt prefix is prefilled once."""
     was_training = model.training
     model.eval()
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    eos = eos_token_ids(model, tokenizer)
     out: list[str] = []
-    device = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(tasks), batch_size):
-            prompts = [render_prompt(tokenizer, t.messages) for t in tasks[i : i + batch_size]]
-            ids, mask = left_pad(prompts, tokenizer.pad_token_id)  # [B, Lp]
-            width = ids.shape[1]
-            gen = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )[:, width:]  # [B, <=max_new_tokens]
-            out.extend(tokenizer.batch_decode(gen, skip_special_tokens=True))
+            prompts = [torch.tensor(render_prompt(tokenizer, t.messages)) for t in tasks[i : i + batch_size]]
+            samples = sample_turn(model, prompts, 1, params, eos, tokenizer.pad_token_id)
+            out.extend(tokenizer.decode(s.token_ids.tolist(), skip_special_tokens=True) for s in samples)
     model.train(was_training)
     return out
 

@@ -42,7 +42,7 @@ from rltk.models import context_length
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample one assistant turn (see :func:`generate` for the meaning of each field)."""
+    """How to sample one assistant turn (see :func:`generate`); ``temperature=0`` means greedy decoding."""
 
     max_new_tokens: int
     min_new_tokens: int = 0
@@ -157,13 +157,14 @@ def sample_turn(
     _, cache = prefill(model, ids[:, :-1], mask[:, :-1], c)  # all but the last token; generate feeds it
     if cache is not None:
         cache.batch_repeat_interleave(repeats)  # [P, ...] -> [P*G, ...]
+    greedy = params.temperature == 0
     config = GenerationConfig(
-        do_sample=True,
+        do_sample=not greedy,
         max_new_tokens=params.max_new_tokens,
         min_new_tokens=params.min_new_tokens,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=params.top_k,
+        temperature=None if greedy else params.temperature,
+        top_p=None if greedy else params.top_p,
+        top_k=None if greedy else params.top_k,
         repetition_penalty=1.0,
         eos_token_id=list(eos_ids),
         pad_token_id=pad_id,

@@ -1,0 +1,36 @@
+"""Eval: greedy answers equal plain HF greedy generation; reports put trivial policies beside the model."""
+
+from __future__ import annotations
+
+import torch
+
+from rltk import evaluate, plugins
+from rltk.reward import Rubric
+from rltk.rollout import render_prompt
+
+
+def test_greedy_completions_equal_plain_generate(tiny_model, tokenizer) -> None:
+    env = plugins.get_env("policy_flagging")()
+    tasks = env.tasks("eval", 5, seed=0)
+    got = evaluate.greedy_completions(tiny_model, tokenizer, tasks, max_new_tokens=6, batch_size=3)
+    want = []
+    for t in tasks:
+        ids = torch.tensor([render_prompt(tokenizer, t.messages)])
+        out = tiny_model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        want.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    assert got == want
+
+
+def test_report_table_has_baselines_and_per_rule_accuracy() -> None:
+    env = plugins.get_env("policy_flagging")()
+    rubric = Rubric.from_config([], env)
+    tasks = env.tasks("eval", 48, seed=0)
+    results = [evaluate.evaluate_policy(env, rubric, tasks, env.oracle, "oracle")]
+    results += evaluate.baseline_results(env, rubric, tasks)
+    assert results[0].accuracy == 1.0
+    best_constant = evaluate.best_of(results, "constant")
+    assert best_constant is not None and best_constant.accuracy == 0.5
+    table = evaluate.format_table(results)
+    assert "rule=R1" in table and "constant_clear" in table and "oracle" in table
+    flag = next(r for r in results if r.name == "constant_flag")
+    assert flag.by_tag["rule=R2"] == 1.0 and flag.by_tag["rule=None"] == 0.0
