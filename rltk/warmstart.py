@@ -55,8 +55,14 @@ def demonstration_group(tokenizer: PreTrainedTokenizerBase, task: Task, answer: 
     return Group(task, torch.tensor(prompt), [rollout], advantages=torch.zeros(1))
 
 
-def warm_start(trainer: Trainer) -> dict[str, float]:
-    """Run ``cfg.warmstart.steps`` SFT steps on oracle demonstrations; returns the last metrics."""
+def warm_start(trainer: Trainer, max_seconds: float | None = None) -> dict[str, float]:
+    """Run ``cfg.warmstart.steps`` SFT steps on oracle demonstrations; returns the last metrics.
+
+    Args:
+        trainer: The RL trainer whose model, env and accelerator are used.
+        max_seconds: Stop early once this much wall time has passed (for equal-time SFT baselines).
+
+    """
     cfg, acc = trainer.cfg, trainer.accelerator
     ws = cfg.warmstart
     n = ws.steps * ws.batch_size * trainer.world
@@ -79,6 +85,9 @@ def warm_start(trainer: Trainer) -> dict[str, float]:
         metrics = {"warmstart/loss": float(loss.detach()), "warmstart/step": step + 1}
         if (step + 1) % max(1, ws.steps // 10) == 0 or step + 1 == ws.steps:
             log.info("warm start step %d/%d  loss %.4f", step + 1, ws.steps, metrics["warmstart/loss"])
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+            log.info("warm start stopped at step %d: %.0f s time budget spent", step + 1, max_seconds)
+            break
     trainer.model.eval()
     metrics["warmstart/time_s"] = time.perf_counter() - t0
     trainer.metrics.log(0, metrics)
