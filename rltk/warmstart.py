@@ -67,7 +67,6 @@ def warm_start(trainer: Trainer, max_seconds: float | None = None) -> dict[str, 
     ws = cfg.warmstart
     n = ws.steps * ws.batch_size * trainer.world
     tasks = trainer.env.tasks("train", n, seed=cfg.run.seed + WARMSTART_SEED_OFFSET)
-    groups = [demonstration_group(trainer.tokenizer, t, trainer.env.oracle(t.messages)) for t in tasks]
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=ws.lr, weight_decay=0.0)
     trainer.model.train()
@@ -75,7 +74,9 @@ def warm_start(trainer: Trainer, max_seconds: float | None = None) -> dict[str, 
     t0 = time.perf_counter()
     for step in range(ws.steps):
         start = (step * trainer.world + trainer.rank) * ws.batch_size
-        batch = collate(groups[start : start + ws.batch_size], trainer.tokenizer.pad_token_id).to(acc.device)
+        chunk = tasks[start : start + ws.batch_size]
+        groups = [demonstration_group(trainer.tokenizer, t, trainer.env.oracle(t.messages)) for t in chunk]
+        batch = collate(groups, trainer.tokenizer.pad_token_id).to(acc.device)
         logp = forward.completion_logprobs(trainer.model, batch, mode=trainer.algo.shared_prompt)  # [B, Lc]
         loss = -(logp * batch.loss_mask).sum() / batch.loss_mask.sum()
         acc.backward(loss)
