@@ -44,6 +44,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_model
 
+from rltk.durable import fsync_dir
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -68,14 +70,6 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _hash_file(path: Path, fsync: bool = False) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -94,7 +88,7 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _rltk_version() -> str:
@@ -287,16 +281,16 @@ def save(
                 "size": path.stat().st_size,
             }
         for d in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
-            _fsync_dir(d)
+            fsync_dir(d)
         if final.exists():  # an invalid leftover, or a checkpoint being redone after resuming from earlier
             _remove(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _write_json_atomic(final / MANIFEST, {"format_version": FORMAT_VERSION, "step": step, "files": files})
-    _fsync_dir(root)
+    fsync_dir(root)
     if keep_last_n is not None:
         _prune(root, step, keep_last_n)
     return final

@@ -22,6 +22,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from rltk.durable import fsync_dir
+
 REPORTERS = ("jsonl", "wandb")
 # Progress bar stats: (keyword, key in the trainer's metrics, format)
 _PROGRESS_FIELDS = (
@@ -46,14 +48,6 @@ def _number(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _drop_torn_tail(path: Path) -> None:
@@ -153,7 +147,7 @@ class MetricsLogger:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self._file = open(self.path, "a")  # noqa: SIM115 (kept open across log calls)
 
     def close(self) -> None:
