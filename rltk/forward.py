@@ -16,12 +16,14 @@ identical gradients, since the prompt's activations feed every completion throug
   ``MIN_SHARED_PREFIX`` tokens or for P=1) and move each prompt's left padding between that prefix and the
   prompt's own suffix (:func:`shared_prefix_layout`). :func:`prefill` runs the prefix ``[1, C]`` once (with
   grad, ``use_cache=True``), expands its KV cache P times, and runs the P suffixes on top of it; the last
-  prompt position's logits predict completion token 0. Expand the cache G times, then run the P·G completions
-  on top of it with position ids continuing from each prompt's length. The cache expansions use
-  ``batch_repeat_interleave`` (a differentiable ``repeat_interleave``), so the gradients of all G completions
-  flow back into their prompt's keys and values, and those of all P prompts into the prefix's. With C=0 this
-  is the per-group forward: the P left-padded prompts, then the completions. Transformers ignores
-  ``past_key_values`` under gradient checkpointing, so this mode refuses it.
+  prompt position's logits predict completion token 0. Then the G completions of each prompt run as ONE row
+  ``c_1[:-1] | ... | c_G[:-1]`` on top of the prompt's cache, with the completion rows of the packed block
+  mask (:func:`packed_attention_mask`: a completion token sees its prompt and its own earlier tokens) and
+  position ids continuing from each prompt's length; the cache is never copied G times (a G-fold copy and
+  its gradient were ~25% of a CPU step). The prefix cache expansion uses ``batch_repeat_interleave`` (a
+  differentiable ``repeat_interleave``), so the gradients of all P prompts flow back into the prefix's keys
+  and values. With C=0 this is the per-group forward: the P left-padded prompts, then the completions.
+  Transformers ignores ``past_key_values`` under gradient checkpointing, so this mode refuses it.
 * ``"packed"``: one row per group, ``prompt | c_1 | ... | c_G``, with a 4D block attention mask: a completion
   token attends to its own (unpadded) prompt and to the earlier tokens of its own completion only, and its
   position ids restart at the prompt length. One ordinary forward, so gradient checkpointing works. The mask
@@ -201,6 +203,16 @@ def shared_prefix_layout(
     return prompt_ids.gather(1, src), prompt_mask.gather(1, src)  # [P, Lp] each
 
 
+def last_position(length: int, device: torch.device) -> torch.Tensor:
+    """``logits_to_keep`` for the last of ``length`` positions, as an index tensor.
+
+    An int ``logits_to_keep=1`` makes transformers slice ``hidden[:, -1:, :]``, a non-contiguous view for
+    which ``matmul`` with the LM head falls back to a batched matmul over P copies of the ``[V, H]`` head
+    (measured: ~1 s of a 10 s CPU step at P=8). An index tensor gathers a contiguous ``[P, 1, H]`` instead.
+    """
+    return torch.tensor([length - 1], device=device)
+
+
 def prefill(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, prefix_len: int
 ) -> tuple[torch.Tensor | None, Cache | None]:
@@ -232,7 +244,7 @@ def prefill(
             attention_mask=mask[:1, :prefix_len],
             position_ids=positions[:1, :prefix_len],
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=last_position(prefix_len, ids.device),
         )
         logits, cache = out.logits.expand(p, -1, -1), out.past_key_values  # [P, 1, V], batch 1
         cache.batch_repeat_interleave(p)  # [1, ...] -> [P, ...], differentiable
@@ -243,7 +255,7 @@ def prefill(
             position_ids=positions[:, prefix_len:],  # [P, S]
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=last_position(length - prefix_len, ids.device),
         )
         logits, cache = out.logits, out.past_key_values  # [P, 1, V], batch P
     return logits, cache
@@ -258,23 +270,26 @@ def _logits_kv(model: nn.Module, batch: Batch) -> torch.Tensor:
             "prompts. Use shared_prompt: packed (works with checkpointing), or disable gradient "
             "checkpointing."
         )
-    g, lc = batch.group_size, batch.completion_ids.shape[1]
+    p, g, lc = batch.num_prompts, batch.group_size, batch.completion_ids.shape[1]
     c = shared_prefix_length(batch.prompt_ids, batch.prompt_mask, MIN_SHARED_PREFIX)
     ids, mask = shared_prefix_layout(batch.prompt_ids, batch.prompt_mask, c)  # [P, Lp]: prefix | pad | suffix
     logits, cache = prefill(model, ids, mask, c)  # [P, 1, V], cache of batch P
     first = logits.repeat_interleave(g, 0)  # [N, 1, V]: predicts completion token 0
     if lc == 1:
         return first
-    cache.batch_repeat_interleave(g)  # [P, ...] -> [N, ...], differentiable
-    mask = torch.cat([mask.repeat_interleave(g, 0), batch.completion_mask[:, :-1]], dim=1)  # [N, Lp+Lc-1]
-    positions = completion_positions(batch.prompt_mask, lc)[:, :-1].repeat_interleave(g, 0)  # [N, Lc-1]
+    # The G completions of a prompt run as one row on top of its cache (no G-fold copy of the cache): query
+    # rows of the packed block mask, keys = the prompt's cache, then the row's own completion tokens.
+    rows = g * (lc - 1)
+    allowed = packed_attention_mask(mask, batch.completion_mask, g)[:, :, -rows:, :]  # [P, 1, rows, Lp+rows]
+    positions = completion_positions(batch.prompt_mask, lc)[:, :-1].repeat(1, g)  # [P, G*(Lc-1)]
     rest = model(
-        input_ids=batch.completion_ids[:, :-1],
-        attention_mask=mask,
+        input_ids=batch.completion_ids[:, :-1].reshape(p, rows),
+        attention_mask=model_mask(model, allowed, "kv"),
         position_ids=positions,
         past_key_values=cache,
         use_cache=True,
-    ).logits  # [N, Lc-1, V]
+    ).logits  # [P, G*(Lc-1), V]
+    rest = rest.reshape(p * g, lc - 1, rest.shape[-1])  # [N, Lc-1, V]
     return torch.cat([first, rest], dim=1)  # [N, Lc, V]
 
 
@@ -317,6 +332,26 @@ def packed_attention_mask(
     return allowed[:, None]  # [P, 1, L, L]
 
 
+def model_mask(model: nn.Module, allowed: torch.Tensor, mode: str) -> torch.Tensor:
+    """A boolean 4D mask (True = may attend) in the form the model's attention implementation takes as-is.
+
+    SDPA takes it boolean; eager adds it to the scores, so it becomes 0 / dtype-min. Others (flash
+    attention) take no custom 4D mask: a clear error.
+    """
+    impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if impl == "sdpa":
+        return allowed
+    if impl == "eager":
+        dtype = model.get_input_embeddings().weight.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+    raise ValueError(
+        f"shared-prompt mode {mode!r} needs a custom 4D attention mask, which attention implementation "
+        f"{impl!r} does not take; load the model with attn_implementation='sdpa' or 'eager', or use "
+        "shared_prompt: off"
+    )
+
+
 def _logits_packed(model: nn.Module, batch: Batch) -> torch.Tensor:
     """``mode="packed"``: one row per group with a block mask. Returns ``[P*G, Lc, V]`` logits."""
     p, g = batch.num_prompts, batch.group_size
@@ -332,19 +367,7 @@ def _logits_packed(model: nn.Module, batch: Batch) -> torch.Tensor:
         dim=1,
     )  # [P, L]
     allowed = packed_attention_mask(batch.prompt_mask, batch.completion_mask, g)  # [P, 1, L, L]
-    impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    if impl == "sdpa":
-        mask = allowed
-    elif impl == "eager":  # eager adds the mask to the scores
-        dtype = model.get_input_embeddings().weight.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
-    else:
-        raise ValueError(
-            f"shared-prompt mode 'packed' needs a custom 4D attention mask, which attention implementation "
-            f"{impl!r} does not take; load the model with attn_implementation='sdpa' or 'eager', or use "
-            "shared_prompt: kv"
-        )
+    mask = model_mask(model, allowed, "packed")
     out = model(
         input_ids=ids,
         attention_mask=mask,

@@ -212,7 +212,7 @@ def test_kv_shared_prefix_equals_plain(tokenizer: PreTrainedTokenizerBase, lora:
     got = logp_and_grads(model, batch, "kv")
     handle.remove()
     (p, lp), (n, lc) = batch.prompt_ids.shape, batch.completion_ids.shape
-    assert shapes == [(1, PREFIX_LEN), (p, lp - PREFIX_LEN), (n, lc - 1)]
+    assert shapes == [(1, PREFIX_LEN), (p, lp - PREFIX_LEN), (p, n // p * (lc - 1))]  # G completions per row
     diffs = assert_same(ref, got)
     print(f"kv shared prefix ({'lora' if lora else 'plain'}/{attn}): {diffs[0]:.2e}, {diffs[1]:.2e}")
 
@@ -227,10 +227,8 @@ def test_kv_without_shared_prefix_falls_back(tokenizer: PreTrainedTokenizerBase,
     shapes, _, handle = embedding_inputs(model)
     got = logp_and_grads(model, batch, "kv")
     handle.remove()
-    assert shapes == [
-        tuple(batch.prompt_ids.shape),
-        (batch.completion_ids.shape[0], batch.completion_ids.shape[1] - 1),
-    ]
+    (p, _), (n, lc) = batch.prompt_ids.shape, batch.completion_ids.shape
+    assert shapes == [tuple(batch.prompt_ids.shape), (p, n // p * (lc - 1))]
     diffs = assert_same(ref, got)
     print(f"kv fallback ({prefix_len=}): {diffs[0]:.2e}, {diffs[1]:.2e}")
 
