@@ -90,6 +90,11 @@ class Trainer:
             num_training_steps=cfg.run.steps,
         )
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        # KL reference = the policy at the start of RL. A LoRA run without warm start gets it for free
+        # (adapters disabled); otherwise it is a snapshot of the trainable weights (see snapshot_reference).
+        self.reference: dict[str, torch.Tensor] | None = None
+        if self.algo.beta > 0 and not cfg.model.lora.enabled:
+            self.snapshot_reference()
         self.train_tasks = self.env.tasks("train", self.train_pool_size(), seed=cfg.run.seed)
         self.start_step = 0
         self.metrics = MetricsLogger(
@@ -120,6 +125,8 @@ class Trainer:
         if path is None:
             return
         state = checkpoint.load(path, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler)
+        if "reference" in state["extra"]:
+            self.reference = state["extra"]["reference"]
         self.start_step = int(state["step"])
         self.metrics.truncate_after(self.start_step)
         log.info("resumed from %s at step %d", path, self.start_step)
@@ -170,7 +177,10 @@ class Trainer:
                 model=self.policy,
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
-                extra={"data_position": (step * self.world) * self.cfg.rollout.prompts_per_step},
+                extra={
+                    "data_position": (step * self.world) * self.cfg.rollout.prompts_per_step,
+                    **({"reference": self.reference} if self.reference is not None else {}),
+                },
                 keep_last_n=self.cfg.run.keep_last_n,
             )
         self.accelerator.wait_for_everyone()
@@ -284,20 +294,44 @@ class Trainer:
         self.model.eval()
         return sums
 
+    def snapshot_reference(self) -> None:
+        """Freeze the current trainable weights as the KL reference (the policy at the start of RL).
+
+        Only the trainable tensors are copied (LoRA: the adapters, a few MB), and only when ``beta > 0``.
+        The snapshot travels in every checkpoint, so a resumed run keeps the same reference.
+        """
+        if self.algo.beta > 0:
+            self.reference = {
+                name: p.detach().clone() for name, p in self.policy.named_parameters() if p.requires_grad
+            }
+
     def reference_logprobs(self, batch: Batch) -> torch.Tensor:  # [P*G, Lc]
-        """Log-probs under the reference: the base with LoRA adapters disabled (no second model)."""
+        """Log-probs under the reference policy, without a second model.
+
+        With a snapshot (warm start, or a full fine-tune), its weights are swapped into the trainable
+        parameters for one no-grad forward and swapped back; otherwise (LoRA from scratch) the reference is
+        the base with adapters disabled.
+        """
         policy = self.policy
-        with torch.no_grad():
-            if hasattr(policy, "disable_adapter"):
-                with policy.disable_adapter():
-                    return forward.completion_logprobs(
-                        policy, batch, temperature=self.cfg.rollout.temperature, mode=self.algo.shared_prompt
-                    )
-            raise NotImplementedError(
-                "algorithm.beta > 0 with a full fine-tune needs a frozen reference model; use "
-                "model.lora.enabled="
-                "true (the reference is the base with adapters disabled) or algorithm.beta=0"
+
+        def run() -> torch.Tensor:
+            return forward.completion_logprobs(
+                policy, batch, temperature=self.cfg.rollout.temperature, mode=self.algo.shared_prompt
             )
+
+        with torch.no_grad():
+            if self.reference is not None:
+                params = {n: p for n, p in policy.named_parameters() if n in self.reference}
+                current = {n: p.data for n, p in params.items()}
+                try:
+                    for n, p in params.items():
+                        p.data = self.reference[n].to(p.device)
+                    return run()
+                finally:
+                    for n, p in params.items():
+                        p.data = current[n]
+            with policy.disable_adapter():
+                return run()
 
     def _all_reduce_sum(self, value: float) -> float:
         if self.world == 1:
@@ -341,6 +375,7 @@ def run_warm_start(trainer: Trainer) -> None:
     from rltk.warmstart import warm_start
 
     warm_start(trainer)
+    trainer.snapshot_reference()
     trainer.save(0)
 
 

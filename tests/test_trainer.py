@@ -14,8 +14,10 @@ import torch
 from conftest import tiny_overrides
 from safetensors.torch import load_file
 
+from rltk import forward, rollout
+from rltk.batch import Batch, collate
 from rltk.config import load_config
-from rltk.trainer import Trainer, run
+from rltk.trainer import Trainer, run, run_warm_start
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "recipes" / "quickstart.yaml")
@@ -96,3 +98,59 @@ def test_warm_start_learns_oracle_format(tiny_model_dir: str, tmp_path: Path) ->
     assert warm and warm[-1]["step"] == 0
     assert (tmp_path / "checkpoints" / "step-000000" / "manifest.json").is_file()
     assert trainer.start_step == 0
+
+
+def _fixed_batch(trainer: Trainer) -> Batch:
+    """One rollout batch of the trainer's env, sampled once (kept fixed while the policy moves)."""
+    torch.manual_seed(0)
+    tasks = trainer.tasks_for_step(0)
+    groups = rollout.generate(
+        trainer.policy, trainer.tokenizer, trainer.env, tasks, group_size=2, max_new_tokens=4
+    )
+    for g in groups:
+        g.advantages = torch.zeros(len(g.rollouts))
+    return collate(groups, trainer.tokenizer.pad_token_id)
+
+
+def test_kl_reference_is_the_warm_started_policy(tiny_model_dir: str, tmp_path: Path) -> None:
+    overrides = [
+        *tiny_overrides(tiny_model_dir, tmp_path, steps=2),
+        "warmstart.enabled=true",
+        "warmstart.steps=3",
+        "warmstart.lr=3e-3",
+        "algorithm.beta=0.1",
+        *VOWELS,
+    ]
+    trainer = Trainer(load_config(RECIPE, overrides))
+
+    run_warm_start(trainer)
+    assert trainer.reference is not None
+    warm = {k: v.clone() for k, v in trainer.policy.named_parameters() if v.requires_grad}
+    assert all(torch.equal(trainer.reference[k], warm[k]) for k in warm)
+    batch = _fixed_batch(trainer)
+    ref_before = trainer.reference_logprobs(batch)
+    trainer.reference = None  # without a snapshot the reference is the base (adapters disabled) ...
+    base = trainer.reference_logprobs(batch)
+    trainer.reference = {k: v.clone() for k, v in warm.items()}
+    assert not torch.allclose(ref_before, base)  # ... which the warm start moved away from
+    trainer.train()
+    moved = dict(trainer.policy.named_parameters())
+    assert any(not torch.equal(warm[k], moved[k]) for k in warm), "RL did not move the policy"
+    assert torch.equal(trainer.reference_logprobs(batch), ref_before), "the reference moved with the policy"
+    now = dict(trainer.policy.named_parameters())
+    assert all(torch.equal(moved[k], now[k]) for k in warm)  # the policy's weights were swapped back
+    resumed = Trainer(load_config(RECIPE, overrides))
+    assert resumed.start_step == 2 and resumed.reference is not None
+    assert all(torch.equal(resumed.reference[k], warm[k]) for k in warm)
+
+
+def test_full_finetune_kl_reference_is_the_initial_weights(tiny_model_dir: str, tmp_path: Path) -> None:
+    overrides = [*tiny_overrides(tiny_model_dir, tmp_path, steps=1), "model.lora.enabled=false"]
+    overrides.append("algorithm.beta=0.1")
+    trainer = Trainer(load_config(RECIPE, [*overrides, *VOWELS]))
+    batch = _fixed_batch(trainer)
+    ref_before = trainer.reference_logprobs(batch)
+    trainer.train()
+    assert _metrics(tmp_path)[-1]["loss/kl_mean"] >= 0.0
+    assert torch.equal(trainer.reference_logprobs(batch), ref_before)
+    assert not torch.equal(forward.completion_logprobs(trainer.policy, batch).detach(), ref_before)
