@@ -2,7 +2,8 @@
 
 Workflow: a compliance analyst screens one bank transaction against a short written policy of three rules,
 R1 (amount over a threshold), R2 (destination on a sanctioned-country list) and R3 (more than N transactions
-in a time window), and answers ``FLAG R<n>`` naming the broken rule, or ``CLEAR``. Rewarded
+in a time window), and answers ``FLAG R<n>`` naming the broken rule, or ``CLEAR`` (with ``ask_rule=False``:
+``FLAG`` or ``CLEAR``, the decision alone). Rewarded
 (``rltk_rewards.flagging``): the decision, cost-weighted (a missed flag and a false alarm may cost
 differently), naming the right rule, and answering in the exact format.
 
@@ -29,7 +30,9 @@ from rltk.env import SPLITS, Env, Message, Policy, Task, prompt_hash, split_of
 RULES = ("R1", "R2", "R3")
 DIFFICULTIES = ("basic", "varied")
 SYSTEM = "You screen bank transactions against a policy. Reply with only FLAG R1, FLAG R2, FLAG R3 or CLEAR."
+SYSTEM_DECISION = "You screen bank transactions against a policy. Reply with only FLAG or CLEAR."
 _CANONICAL = re.compile(r"FLAG R[123]|CLEAR")
+_CANONICAL_DECISION = re.compile(r"FLAG|CLEAR")
 _LOOSE = re.compile(r"(FLAG)(?:\s*[:\-,(]?\s*(R[123])\s*\)?)?|(CLEAR)", re.IGNORECASE)
 _LABEL = re.compile(r"^(?:final\s+)?(?:answer|decision)\s*[:\-]\s*", re.IGNORECASE)
 _TAG = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
@@ -43,12 +46,12 @@ class Answer(NamedTuple):
     exact: bool
 
 
-def parse_answer(text: str) -> Answer:
+def parse_answer(text: str, ask_rule: bool = True) -> Answer:
     """Parse a reply, tolerant of case, whitespace, ``<answer>`` tags, markdown emphasis, end punctuation.
 
     The whole reply must be the answer: prose, a hedge (both decisions, several rules) or junk around it is a
     parse failure. ``exact`` is True only for the requested format, ``FLAG R<n>`` or ``CLEAR`` (outer
-    whitespace aside).
+    whitespace aside); with ``ask_rule=False``, ``FLAG`` or ``CLEAR``.
 
     >>> parse_answer(" flag: r2. ")
     Answer(decision='FLAG', rule='R2', exact=False)
@@ -56,6 +59,8 @@ def parse_answer(text: str) -> Answer:
     Answer(decision='CLEAR', rule=None, exact=True)
     >>> parse_answer("FLAG R1 or CLEAR").decision is None
     True
+    >>> parse_answer("FLAG", ask_rule=False)
+    Answer(decision='FLAG', rule=None, exact=True)
     """
     if not isinstance(text, str):
         return Answer(None, None, False)
@@ -65,7 +70,7 @@ def parse_answer(text: str) -> Answer:
     m = _LOOSE.fullmatch(body)
     if not m:
         return Answer(None, None, False)
-    exact = _CANONICAL.fullmatch(text.strip()) is not None
+    exact = (_CANONICAL if ask_rule else _CANONICAL_DECISION).fullmatch(text.strip()) is not None
     if m.group(3):
         return Answer("CLEAR", None, exact)
     return Answer("FLAG", m.group(2).upper() if m.group(2) else None, exact)
@@ -128,6 +133,15 @@ def _read(messages: list[Message]) -> tuple[_Rules, int, str, dict[str, int]]:
     return rules, cents(amount.group(1)), to.group(1).strip(), counts
 
 
+def asks_rule(messages: list[Message]) -> bool:
+    """Whether the prompt asks for the broken rule (``FLAG R<n>``) or the decision alone."""
+    return messages[0]["content"] != SYSTEM_DECISION
+
+
+def _flag(rule: str, messages: list[Message]) -> str:
+    return f"FLAG {rule}" if asks_rule(messages) else "FLAG"
+
+
 def _violations(messages: list[Message]) -> list[str]:
     rules, amount, country, counts = _read(messages)
     broken = [amount > rules.threshold, country in rules.countries, counts.get(rules.window, 0) > rules.limit]
@@ -143,6 +157,8 @@ class PolicyFlaggingEnv(Env):
         false_alarm_cost: Cost of flagging a clear transaction (default param of ``flag_decision``).
         balanced_train: Train split like eval (True) or with realistic rare flags (15% flagged, 20% of the
             clear ones near misses, i.i.d.).
+        ask_rule: Ask for ``FLAG R<n>`` (True) or the decision alone, ``FLAG``/``CLEAR`` (False: shorter
+            answers, no rule tokens for RL to explore; recall per rule is still measured from the decision).
 
     """
 
@@ -160,12 +176,13 @@ class PolicyFlaggingEnv(Env):
         miss_cost: float = 1.0,
         false_alarm_cost: float = 1.0,
         balanced_train: bool = True,
+        ask_rule: bool = True,
         **options: Any,
     ) -> None:
         if options:
             raise ValueError(
                 f"env 'policy_flagging' got unknown options {sorted(options)}; "
-                "valid: difficulty, miss_cost, false_alarm_cost, balanced_train"
+                "valid: difficulty, miss_cost, false_alarm_cost, balanced_train, ask_rule"
             )
         if difficulty not in DIFFICULTIES:
             raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
@@ -174,6 +191,7 @@ class PolicyFlaggingEnv(Env):
                 raise ValueError(f"{key} must be a finite number >= 0, got {cost!r}")
         self.difficulty = difficulty
         self.balanced_train = bool(balanced_train)
+        self.ask_rule = bool(ask_rule)
         self.default_reward_params: dict[str, dict[str, Any]] = {
             "flag_decision": {"miss_cost": float(miss_cost), "false_alarm_cost": float(false_alarm_cost)}
         }
@@ -197,7 +215,11 @@ class PolicyFlaggingEnv(Env):
             seen.add(digest)
             info = {"rule": label_rule, "near_miss": kind == "near", "difficulty": self.difficulty}
             info["near_miss_rule"] = rule if kind == "near" else None
-            reference = {"label": "FLAG" if label_rule else "CLEAR", "rule": label_rule}
+            reference = {
+                "label": "FLAG" if label_rule else "CLEAR",
+                "rule": label_rule,
+                "ask_rule": self.ask_rule,
+            }
             out.append(Task(f"{self.name}/{split}/{seed}/{i}", split, messages, reference, info))
         return out
 
@@ -256,13 +278,14 @@ class PolicyFlaggingEnv(Env):
         else:
             counts = {"1h": rng.randint(0, count), "24h": count}
         user = _render(rules, amount, country, counts, rng)
-        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}], (
+        system = SYSTEM if self.ask_rule else SYSTEM_DECISION
+        return [{"role": "system", "content": system}, {"role": "user", "content": user}], (
             rule if kind == "flag" else None
         )
 
     def check(self, task: Task, completion: str) -> dict[str, Any]:
         """Verdict: parsed decision and rule, ``correct`` (decision), ``rule_correct`` (decision and rule)."""
-        ans = parse_answer(completion)
+        ans = parse_answer(completion, ask_rule=task.reference.get("ask_rule", True))
         correct = ans.decision is not None and ans.decision == task.reference["label"]
         return {
             "decision": ans.decision,
@@ -275,16 +298,16 @@ class PolicyFlaggingEnv(Env):
     def oracle(self, messages: list[Message]) -> str:
         """Read the policy and the transaction from the prompt text and apply the rules."""
         broken = _violations(messages)
-        return f"FLAG {broken[0]}" if broken else "CLEAR"
+        return _flag(broken[0], messages) if broken else "CLEAR"
 
     def baselines(self) -> dict[str, Policy]:
         """Constant answers and single-rule heuristics (each reads the prompt text, like the oracle)."""
 
         def only(rule: str) -> Policy:
-            return lambda messages: f"FLAG {rule}" if rule in _violations(messages) else "CLEAR"
+            return lambda messages: _flag(rule, messages) if rule in _violations(messages) else "CLEAR"
 
         return {
             "constant_clear": lambda messages: "CLEAR",
-            "constant_flag": lambda messages: "FLAG R1",
+            "constant_flag": lambda messages: _flag("R1", messages),
             **{f"only_{r}": only(r) for r in RULES},
         }

@@ -68,8 +68,10 @@ def flag_rule(completion: str, reference: Mapping[str, Any], outcome: Mapping[st
     0.0
     >>> flag_rule("CLEAR", {"label": "CLEAR", "rule": None}, {}) is None
     True
+    >>> flag_rule("FLAG", {"label": "FLAG", "rule": "R3", "ask_rule": False}, {}) is None  # rule not asked
+    True
     """
-    if reference["label"] != "FLAG":
+    if reference["label"] != "FLAG" or not reference.get("ask_rule", True):
         return None
     ans = parse_answer(completion)
     return 1.0 if ans.decision == "FLAG" and ans.rule == reference["rule"] else 0.0
@@ -77,11 +79,16 @@ def flag_rule(completion: str, reference: Mapping[str, Any], outcome: Mapping[st
 
 @reward_fn(range=(0.0, 1.0))
 def answer_format(completion: str, reference: Mapping[str, Any], outcome: Mapping[str, Any]) -> float:
-    r"""1 if the reply is exactly ``FLAG R<n>`` or ``CLEAR`` (outer whitespace aside), right or wrong; else 0.
+    r"""1 if the reply is exactly the requested format, right or wrong; else 0.
+
+    The format is ``FLAG R<n>`` or ``CLEAR`` (outer whitespace aside), or ``FLAG``/``CLEAR`` where the task
+    asks for the decision alone (``reference["ask_rule"]`` False).
 
     >>> answer_format("CLEAR\n", {"label": "FLAG", "rule": "R1"}, {})
     1.0
     >>> answer_format("flag r1.", {"label": "FLAG", "rule": "R1"}, {})
     0.0
+    >>> answer_format("FLAG", {"label": "FLAG", "rule": "R1", "ask_rule": False}, {})
+    1.0
     """
-    return 1.0 if parse_answer(completion).exact else 0.0
+    return 1.0 if parse_answer(completion, ask_rule=reference.get("ask_rule", True)).exact else 0.0

@@ -60,6 +60,7 @@ def test_labels_match_an_independent_reading_of_the_prompt(env: PolicyFlaggingEn
         assert task.reference == {
             "label": "FLAG" if broken else "CLEAR",
             "rule": broken[0] if broken else None,
+            "ask_rule": True,
         }
         assert task.info["rule"] == task.reference["rule"] and task.info["difficulty"] == env.difficulty
 
@@ -281,3 +282,21 @@ def test_prompt_length(tokenizer, env: PolicyFlaggingEnv) -> None:
     ]
     assert max(lengths) <= 200, max(lengths)
     assert min(lengths) >= 100
+
+
+def test_decision_only_prompts_oracle_and_rewards() -> None:
+    env = PolicyFlaggingEnv(ask_rule=False)
+    tasks = env.tasks("eval", 60)
+    assert all("Reply with only FLAG or CLEAR." in t.messages[0]["content"] for t in tasks)
+    for task in tasks:
+        answer = env.oracle(task.messages)
+        assert answer in ("FLAG", "CLEAR")
+        outcome = env.check(task, answer)
+        assert outcome["correct"] and outcome["exact_format"]
+        assert flag_decision(answer, task.reference, outcome) == 1.0
+        assert flag_rule(answer, task.reference, outcome) is None  # the task did not ask for the rule
+        assert answer_format(answer, task.reference, outcome) == 1.0
+        assert answer_format("FLAG R1", task.reference, {}) == 0.0  # not the requested format
+    assert {p(t.messages) for t in tasks for p in env.baselines().values()} <= {"FLAG", "CLEAR"}
+    with_rule = {prompt_hash(t.messages) for t in PolicyFlaggingEnv().tasks("eval", 60)}
+    assert not with_rule & {prompt_hash(t.messages) for t in tasks}  # a different prompt, a different task
