@@ -7,6 +7,7 @@ package, corrupt checkpoint) prints one ``error:`` message that names the proble
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -26,20 +27,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rltk import evaluate, plugins
     from rltk.reward import Rubric
 
-    env = plugins.get_env(args.env)(**json.loads(args.env_options))
-    rubric = Rubric.from_config([], env)
-    tasks = env.tasks(args.split, args.n, seed=args.seed)
-    results = []
+    options = json.loads(args.env_options)
+    model = tokenizer = None
+    precision = contextlib.nullcontext()
     if args.policy == "model":
-        if Path(args.model, "config.yaml").is_file():
+        if Path(args.model, "config.yaml").is_file():  # a run dir: its env options and precision by default
             from rltk.export import load_run
+            from rltk.models import autocast
 
-            model, tokenizer, _ = load_run(args.model)
+            model, tokenizer, cfg = load_run(args.model)
+            if args.env_options == "{}" and cfg.env.name == args.env:
+                options = cfg.env.options
+            precision = autocast(cfg.model.mixed_precision, model.device)
         else:
             from rltk.models import load_model, load_tokenizer
 
             model, tokenizer = load_model(args.model), load_tokenizer(args.model)
-        answers = evaluate.greedy_completions(model, tokenizer, tasks, args.max_new_tokens, args.batch_size)
+    env = plugins.get_env(args.env)(**options)
+    rubric = Rubric.from_config([], env)
+    tasks = env.tasks(args.split, args.n, seed=args.seed)
+    results = []
+    if model is not None and tokenizer is not None:
+        with precision:
+            answers = evaluate.greedy_completions(
+                model, tokenizer, tasks, args.max_new_tokens, args.batch_size
+            )
         results.append(evaluate.score(env, rubric, tasks, answers, name=f"model ({args.model})"))
     elif args.policy == "oracle":
         results.append(evaluate.evaluate_policy(env, rubric, tasks, env.oracle, "oracle"))
@@ -105,7 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default="smollm2-135m-instruct", help="alias, HF dir, hub id, or an rltk run dir"
     )
     p.add_argument("--env", default="policy_flagging", help="env name (rltk envs list)")
-    p.add_argument("--env-options", default="{}", help="JSON dict of env options")
+    p.add_argument(
+        "--env-options",
+        default="{}",
+        help="JSON dict of env options (default: a run dir's own options for its env, else none)",
+    )
     p.add_argument("--split", default="eval", choices=["train", "eval", "test"])
     p.add_argument("--n", type=int, default=400, help="number of tasks")
     p.add_argument("--seed", type=int, default=0, help="task seed")

@@ -63,6 +63,9 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None, check:
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty; choose a new --out or remove it")
     model, tokenizer, cfg = load_run(run_dir, step)
+    # Merge in fp32: a LoRA delta added to bf16 weights in bf16 is mostly rounded away. Upcasting a bf16
+    # base is exact, so the export computes what was trained (base as trained + adapters), in fp32.
+    model = model.to(torch.float32)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -184,6 +185,14 @@ def check_chat_template(tokenizer: PreTrainedTokenizerBase, name: str = "the mod
             "Use an instruct/chat model, or set one: tokenizer.chat_template = '...' and save the tokenizer "
             "into a local directory you pass as model:."
         )
+
+
+def autocast(mixed_precision: str, device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """The autocast context of a run's ``model.mixed_precision`` (``no``: a null context), for inference."""
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32") -> PreTrainedModel:

@@ -65,7 +65,9 @@ class Trainer:
         self.algo = cfg.algorithm.resolved()
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(), mixed_precision=cfg.model.mixed_precision
+        )
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.run_dir = Path(cfg.run.output_dir)

@@ -154,3 +154,20 @@ def test_full_finetune_kl_reference_is_the_initial_weights(tiny_model_dir: str, 
     assert _metrics(tmp_path)[-1]["loss/kl_mean"] >= 0.0
     assert torch.equal(trainer.reference_logprobs(batch), ref_before)
     assert not torch.equal(forward.completion_logprobs(trainer.policy, batch).detach(), ref_before)
+
+
+def test_bf16_mixed_precision_runs_and_keeps_fp32_weights(tiny_model_dir: str, tmp_path: Path) -> None:
+    from accelerate.state import AcceleratorState
+
+    overrides = [*tiny_overrides(tiny_model_dir, tmp_path, steps=1), "model.mixed_precision=bf16", *VOWELS]
+    cfg = load_config(RECIPE, overrides)
+    AcceleratorState._reset_state()  # the process-wide accelerate state was built by earlier tests in fp32
+    try:
+        trainer = Trainer(cfg)
+        trainer.train()
+    finally:
+        AcceleratorState._reset_state()
+    row = _metrics(tmp_path)[-1]
+    assert torch.isfinite(torch.tensor(row["loss"])) and row["grad_norm"] > 0
+    assert 0 < row["mismatch/logp_abs_mean"] < 0.5  # bf16 rounding shows up, but small
+    assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
