@@ -96,6 +96,12 @@ def _convert(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
         return tuple(items) if origin is tuple else items
     if hint is float and (type(value) is int or (isinstance(value, str) and _FLOAT_STR.match(value))):
         return float(value)
+    if origin is Literal and isinstance(value, bool) and not any(isinstance(a, bool) for a in args):
+        # YAML 1.1 reads a bare no/off/yes/on as a bool: give back the word where it is a valid choice
+        word = next(
+            (w for w in (("yes", "on", "true") if value else ("no", "off", "false")) if w in args), None
+        )
+        return value if word is None else word
     return str(value) if hint is str and type(value) in (int, float) else value
 
 

@@ -66,6 +66,7 @@ def test_yaml_then_overrides_in_order(tmp_path: Path) -> None:
             "env.options.rules=[amount]",
             "optim.betas=[0.9,0.95]",
             "algorithm.epsilon_high=0.3",
+            "model.mixed_precision=no",  # YAML 1.1 reads a bare `no` as false
         ],
     )
     assert cfg.run.steps == 3 and cfg.run.output_dir == "runs/x"
@@ -76,6 +77,7 @@ def test_yaml_then_overrides_in_order(tmp_path: Path) -> None:
     assert cfg.optim.betas == (0.9, 0.95)
     assert cfg.optim.lr == 1e-5 and isinstance(cfg.optim.lr, float)  # YAML 1.1 reads `1e-5` as a string
     assert cfg.algorithm.epsilon_high == 0.3
+    assert cfg.model.mixed_precision == "no"
 
 
 def test_unknown_keys_suggest_the_closest_name(tmp_path: Path) -> None:
