@@ -121,6 +121,7 @@ class AlgorithmView:
     epsilon_high: float
     aggregation: str
     beta: float
+    entropy_coef: float
     updates_per_batch: int
     shared_prompt: str
 
@@ -149,6 +150,7 @@ class AlgorithmConfig:
     epsilon_high: float | None = _f(None, ">= 0", "null takes the preset")
     aggregation: Literal["token_mean", "seq_mean", "dr_grpo"] | None = None
     beta: float = _f(0.0, ">= 0", "KL coefficient, 0 = no KL")
+    entropy_coef: float = _f(0.0, ">= 0", "entropy bonus coefficient, 0 = off")
     updates_per_batch: int = _f(1, ">= 1")
     shared_prompt: Literal["kv", "packed", "off"] = "kv"
 
@@ -168,7 +170,7 @@ class AlgorithmConfig:
         values = {k: PRESETS[self.name][k] if v is None else v for k, v in mine.items()}
         if values["epsilon_high"] is None:
             values["epsilon_high"] = self.epsilon_low
-        rest = ("name", "epsilon_low", "beta", "updates_per_batch", "shared_prompt")
+        rest = ("name", "epsilon_low", "beta", "entropy_coef", "updates_per_batch", "shared_prompt")
         return AlgorithmView(**values, **{k: getattr(self, k) for k in rest})
 
 

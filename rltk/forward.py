@@ -38,6 +38,7 @@ suffix is skipped), then ``len(prompt) + t``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -88,16 +89,47 @@ def checkpointing_active(model: nn.Module) -> bool:
 def completion_logprobs(
     model: nn.Module, batch: Batch, temperature: float = 1.0, mode: Mode = "kv"
 ) -> torch.Tensor:
-    """Log-prob of each completion token under ``softmax(logits / temperature)``.
+    """``[P*G, Lc]`` log-probs of the completion tokens at temperature T (see :func:`completion_scores`)."""
+    return completion_scores(model, batch, temperature, mode).logp
+
+
+@dataclass
+class TokenScores:
+    """Per completion token: log-prob of the sampled token and entropy of the whole next-token distribution.
+
+    Attributes:
+        logp: ``[P*G, Lc]`` fp32 log-probs (0 where ``completion_mask`` is 0), differentiable.
+        entropy: ``[P*G, Lc]`` fp32 ``H(softmax(logits / T))`` (0 where masked); differentiable only when
+            asked for with ``entropy_grad=True``, else detached (a metric). ``None`` unless asked for.
+
+    """
+
+    logp: torch.Tensor
+    entropy: torch.Tensor | None = None
+
+
+def completion_scores(
+    model: nn.Module,
+    batch: Batch,
+    temperature: float = 1.0,
+    mode: Mode = "kv",
+    *,
+    entropy: bool = False,
+    entropy_grad: bool = False,
+) -> TokenScores:
+    """Log-prob of each completion token under ``softmax(logits / temperature)``, and optionally entropies.
 
     Args:
         model: A causal LM (transformers, optionally peft-wrapped) on the batch's device.
         batch: P prompts (left-padded) with G completions each (right-padded).
         temperature: The sampling temperature (> 0).
         mode: ``"kv"`` or ``"packed"`` (prompt once per group) or ``"off"`` (plain forward, the reference).
+        entropy: Also return the entropy of each next-token distribution (over the whole vocabulary).
+        entropy_grad: Keep the entropy differentiable (for an entropy bonus in the loss).
 
     Returns:
-        ``[P*G, Lc]`` fp32 log-probs, 0 where ``completion_mask`` is 0. Differentiable w.r.t. the model.
+        :class:`TokenScores`: ``[P*G, Lc]`` fp32 log-probs, 0 where ``completion_mask`` is 0,
+        differentiable w.r.t. the model; entropies if asked for.
 
     Raises:
         ValueError: For an unknown mode, a bad temperature, inconsistent batch shapes, ``"kv"`` under
@@ -120,16 +152,15 @@ def completion_logprobs(
         logits = _logits_kv(model, batch)
     else:
         logits = _logits_packed(model, batch)
-    return _token_logprobs(logits, batch.completion_ids, batch.completion_mask, temperature)
-
-
-def _token_logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """``log_softmax(logits / T)`` at ``tokens`` in fp32, 0 where ``mask`` is 0."""
-    scaled = logits.float() / temperature  # [N, Lc, V]
-    logp = scaled.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [N, Lc]
-    return logp * mask.to(logp.dtype)
+    mask = batch.completion_mask
+    logp_all = (logits.float() / temperature).log_softmax(-1)  # [N, Lc, V]
+    logp = logp_all.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)  # [N, Lc]
+    scores = TokenScores(logp * mask.to(logp.dtype))
+    if entropy:
+        lp = logp_all if entropy_grad else logp_all.detach()
+        h = -(lp.exp() * lp).sum(-1)  # [N, Lc]
+        scores.entropy = h * mask.to(h.dtype)
+    return scores
 
 
 def _logits_plain(model: nn.Module, batch: Batch) -> torch.Tensor:

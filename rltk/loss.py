@@ -5,13 +5,16 @@ Per token ``t`` of completion ``i`` (only where ``loss_mask[i, t] = 1``)::
     ρ_it   = exp(logp_it - old_it)                               # importance ratio (1 when on-policy)
     L^clip = -min(ρ_it · A_i, clip(ρ_it, 1 - ε_low, 1 + ε_high) · A_i)
     KL_it  = (exp(ref_it - logp_it) - (ref_it - logp_it) - 1) · ρ_it   # k3 estimator × ratio
-    ℓ_it   = L^clip + β · KL_it
+    H_it   = -Σ_v π_θ(v | ·) log π_θ(v | ·)                      # entropy of the next-token distribution
+    ℓ_it   = L^clip + β · KL_it - c_H · H_it                       # c_H = entropy_coef (0 = off)
 
 ``A_i`` is the completion's advantage (or ``A_it`` for token-level advantages ``[P*G, Lc]``). The KL term
 is Schulman's k3 estimator of KL(π_θ ‖ π_ref), multiplied by ``ρ_it`` as TRL does with
 ``use_bias_correction_kl=True`` (its default): the tokens were sampled from π_old, so ``ρ`` reweights the
 estimator to π_θ; the gradient flows through both factors. Set ``cfg.kl_bias_correction = False`` to drop
-the ``ρ`` factor (TRL's ``use_bias_correction_kl=False``).
+the ``ρ`` factor (TRL's ``use_bias_correction_kl=False``). The entropy bonus (verl's ``entropy_coeff``)
+keeps sampling from collapsing onto one answer: a group whose G samples agree has zero advantage, so
+nothing pulls a policy back from a confident wrong answer except a term like this one or the KL.
 
 Aggregation, over the *whole* optimizer-step batch ``B`` (all micro-batches, all ranks)::
 
@@ -45,7 +48,8 @@ AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean", "dr_grpo")
 class LossConfig(Protocol):
     """What :func:`policy_loss` reads from the config (``config.algorithm.resolved()`` satisfies it).
 
-    An optional ``kl_bias_correction: bool`` (default True) is read with ``getattr``.
+    Optional, read with ``getattr``: ``kl_bias_correction: bool`` (default True), ``entropy_coef: float``
+    (default 0).
     """
 
     epsilon_low: float
@@ -130,6 +134,7 @@ def policy_loss(
     normalizer: float,
     ref_logp: torch.Tensor | None = None,
     *,
+    entropy: torch.Tensor | None = None,
     max_completion_length: int | None = None,
 ) -> LossOutput:
     """Clipped surrogate + β·KL for one micro-batch, normalised by the global ``normalizer``.
@@ -146,6 +151,8 @@ def policy_loss(
         normalizer: The global denominator from :func:`normalizer_for` (same value for every micro-batch
             of the optimizer step).
         ref_logp: ``[P*G, Lc]`` reference log-probs; defaults to ``batch.ref_logp``. Needed when β > 0.
+        entropy: ``[P*G, Lc]`` next-token entropies (:func:`rltk.forward.completion_scores`); needed
+            (differentiable) when ``entropy_coef > 0``, logged as ``loss/entropy_mean`` whenever given.
         max_completion_length: Accepted for call-site symmetry with :func:`normalizer_for` and not used:
             Dr. GRPO's ``max_completion_length`` is already a factor of ``normalizer``.
 
@@ -153,7 +160,8 @@ def policy_loss(
         The loss (this micro-batch's share of the full-batch loss) and its metrics.
 
     Raises:
-        ValueError: On an unknown aggregation, ``normalizer <= 0``, or β > 0 without reference log-probs.
+        ValueError: On an unknown aggregation, ``normalizer <= 0``, β > 0 without reference log-probs, or
+            ``entropy_coef > 0`` without entropies.
 
     """
     del max_completion_length  # already inside `normalizer`
@@ -185,6 +193,12 @@ def policy_loss(
             kl = kl * ratio
         per_token = per_token + cfg.beta * kl
 
+    entropy_coef = float(getattr(cfg, "entropy_coef", 0.0))
+    if entropy_coef != 0.0:
+        if entropy is None:
+            raise ValueError("entropy_coef > 0 needs the entropies (completion_scores(..., entropy=True))")
+        per_token = per_token - entropy_coef * torch.where(valid, entropy, torch.zeros_like(entropy))
+
     if cfg.aggregation == "seq_mean":
         per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # [P*G]
         loss = per_seq.sum() / normalizer
@@ -206,4 +220,6 @@ def policy_loss(
         }
         if kl is not None:
             metrics["loss/kl_mean"] = float((kl * mask).sum() / denom)
+        if entropy is not None:
+            metrics["loss/entropy_mean"] = float((entropy.detach() * mask).sum() / denom)
     return LossOutput(loss=loss, metrics=metrics)

@@ -267,12 +267,18 @@ class Trainer:
                 with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
                     if batch.ref_logp is None and algo.beta > 0:
                         batch.ref_logp = self.reference_logprobs(batch)
-                    logp = forward.completion_logprobs(
-                        self.model, batch, temperature=cfg.rollout.temperature, mode=algo.shared_prompt
-                    )  # [P*G, Lc]
+                    scores = forward.completion_scores(
+                        self.model,
+                        batch,
+                        temperature=cfg.rollout.temperature,
+                        mode=algo.shared_prompt,
+                        entropy=True,  # logged always; differentiable only for an entropy bonus
+                        entropy_grad=algo.entropy_coef > 0,
+                    )
+                    logp = scores.logp  # [P*G, Lc]
                     if batch.old_logp is None and algo.updates_per_batch > 1:
                         batch.old_logp = logp.detach()  # later passes are off-policy by one update
-                    result = loss.policy_loss(logp, batch, algo, normalizer)
+                    result = loss.policy_loss(logp, batch, algo, normalizer, entropy=scores.entropy)
                     self.accelerator.backward(result.loss * self.world)
                 tokens = result.metrics.pop("loss/tokens")
                 sums["loss/tokens"] += tokens

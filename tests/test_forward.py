@@ -14,6 +14,7 @@ from rltk.batch import Batch
 from rltk.forward import (
     MIN_SHARED_PREFIX,
     completion_logprobs,
+    completion_scores,
     packed_attention_mask,
     prompt_positions,
     shared_prefix_layout,
@@ -285,3 +286,42 @@ def test_bad_arguments(tokenizer: PreTrainedTokenizerBase) -> None:
     batch.group_size = 3
     with pytest.raises(ValueError, match="P\\*G"):
         completion_logprobs(model, batch)
+
+
+def test_entropy_is_the_next_token_distributions_and_its_bonus_enters_the_loss(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    """completion_scores' entropy equals -Σ p log p of the plain forward's next-token distributions; with
+    entropy_coef c the loss is the plain loss minus c times the aggregated entropy (and so are gradients)."""
+    from rltk.config import AlgorithmConfig
+    from rltk.loss import normalizer_for, policy_loss
+
+    model = lora_model(tokenizer)
+    batch = make_batch(tokenizer.pad_token_id, seed=2)
+    batch.advantages = torch.randn(batch.completion_ids.shape[0], generator=torch.Generator().manual_seed(0))
+    scores = completion_scores(model, batch, temperature=0.7, mode="kv", entropy=True, entropy_grad=True)
+    p, g = batch.num_prompts, batch.group_size
+    rows = []
+    for i in range(p * g):  # the plain forward, one row at a time
+        prompt = batch.prompt_ids[i // g][batch.prompt_mask[i // g].bool()]
+        ids = torch.cat([prompt, batch.completion_ids[i]])[None]
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float() / 0.7
+        lp = logits.log_softmax(-1)
+        rows.append(-(lp.exp() * lp).sum(-1) * batch.completion_mask[i])
+    want = torch.stack(rows)  # [N, Lc]
+    assert (scores.entropy - want).abs().max() < 1e-4
+    for aggregation in ("token_mean", "seq_mean"):
+        norm = normalizer_for([batch], aggregation, batch.completion_ids.shape[1])
+        off = policy_loss(scores.logp, batch, AlgorithmConfig(aggregation=aggregation).resolved(), norm)
+        cfg = AlgorithmConfig(aggregation=aggregation, entropy_coef=0.05).resolved()
+        on = policy_loss(scores.logp, batch, cfg, norm, entropy=scores.entropy)
+        m = batch.loss_mask
+        h = (
+            (scores.entropy * m).sum()
+            if aggregation == "token_mean"
+            else ((scores.entropy * m).sum(-1) / m.sum(-1)).sum()
+        )
+        assert torch.allclose(on.loss, off.loss - 0.05 * h / norm, atol=1e-6)
+        assert on.metrics["loss/entropy_mean"] > 0
+    with pytest.raises(ValueError, match="entropy_coef > 0 needs the entropies"):
+        policy_loss(scores.logp, batch, cfg, norm)
