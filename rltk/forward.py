@@ -157,8 +157,11 @@ def completion_scores(
     logp = logp_all.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)  # [N, Lc]
     scores = TokenScores(logp * mask.to(logp.dtype))
     if entropy:
-        lp = logp_all if entropy_grad else logp_all.detach()
-        h = -(lp.exp() * lp).sum(-1)  # [N, Lc]
+        if entropy_grad:
+            h = -(logp_all.exp() * logp_all).sum(-1)  # [N, Lc]
+        else:  # a metric: no graph, and a few rows at a time (each row's temporary is [Lc, V])
+            with torch.no_grad():
+                h = torch.cat([-(c.exp() * c).sum(-1) for c in logp_all.detach().split(8)])  # [N, Lc]
         scores.entropy = h * mask.to(h.dtype)
     return scores
 

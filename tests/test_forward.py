@@ -310,6 +310,8 @@ def test_entropy_is_the_next_token_distributions_and_its_bonus_enters_the_loss(
         rows.append(-(lp.exp() * lp).sum(-1) * batch.completion_mask[i])
     want = torch.stack(rows)  # [N, Lc]
     assert (scores.entropy - want).abs().max() < 1e-4
+    metric = completion_scores(model, batch, temperature=0.7, mode="kv", entropy=True).entropy  # no graph
+    assert not metric.requires_grad and torch.allclose(metric, scores.entropy.detach(), atol=1e-6)
     for aggregation in ("token_mean", "seq_mean"):
         norm = normalizer_for([batch], aggregation, batch.completion_ids.shape[1])
         off = policy_loss(scores.logp, batch, AlgorithmConfig(aggregation=aggregation).resolved(), norm)
