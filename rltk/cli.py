@@ -27,7 +27,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rltk import evaluate, plugins
     from rltk.reward import Rubric
 
-    options = json.loads(args.env_options)
+    options = json.loads(args.env_options) if args.env_options is not None else {}
     model = tokenizer = None
     precision = contextlib.nullcontext()
     if args.policy == "model":
@@ -36,7 +36,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             from rltk.models import autocast
 
             model, tokenizer, cfg = load_run(args.model)
-            if args.env_options == "{}" and cfg.env.name == args.env:
+            if args.env_options is None and cfg.env.name == args.env:
                 options = cfg.env.options
             precision = autocast(cfg.model.mixed_precision, model.device)
         else:
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", default="policy_flagging", help="env name (rltk envs list)")
     p.add_argument(
         "--env-options",
-        default="{}",
+        default=None,
         help="JSON dict of env options (default: a run dir's own options for its env, else none)",
     )
     p.add_argument("--split", default="eval", choices=["train", "eval", "test"])

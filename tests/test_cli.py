@@ -91,3 +91,32 @@ def test_eval_oracle_scores_everything(capsys: pytest.CaptureFixture[str]) -> No
     assert main(["eval", "--policy", "oracle", "--env", "policy_flagging", "--n", "40"]) == 0
     out = capsys.readouterr().out
     assert "oracle" in out and "100.0%" in out and "constant" in out
+
+
+def test_eval_of_a_run_dir_uses_the_runs_env_options(
+    tiny_model_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import tiny_overrides
+    from rltk_envs.policy_flagging import PolicyFlaggingEnv
+
+    from rltk.config import load_config
+    from rltk.trainer import Trainer
+
+    recipe = str(Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml")
+    overrides = [*tiny_overrides(tiny_model_dir, tmp_path, steps=1), "env.options.ask_rule=false"]
+    Trainer(load_config(recipe, overrides)).train()
+    seen: list[dict] = []
+    init = PolicyFlaggingEnv.__init__
+
+    def spy(self: PolicyFlaggingEnv, **options: object) -> None:
+        seen.append(options)
+        init(self, **options)
+
+    monkeypatch.setattr(PolicyFlaggingEnv, "__init__", spy)
+    assert main(["eval", "--model", str(tmp_path), "--n", "4", "--max-new-tokens", "3"]) == 0
+    assert seen == [{"ask_rule": False}]
+    assert (
+        main(["eval", "--model", str(tmp_path), "--n", "4", "--max-new-tokens", "3", "--env-options", "{}"])
+        == 0
+    )
+    assert seen[-1] == {}  # given explicitly, the options win

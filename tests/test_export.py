@@ -36,3 +36,24 @@ def test_export_refuses_non_empty_out_and_non_run_dir(tiny_model_dir: str, tmp_p
     with pytest.raises(ExportError, match="not empty"):
         export(tmp_path, tmp_path / "full")
     assert (tmp_path / "full" / "x").read_text() == "keep me"
+
+
+def test_bf16_base_run_exports_fp32_weights_that_compute_what_was_trained(
+    tiny_model_dir: str, tmp_path: Path
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rltk.export import load_run
+
+    overrides = [*tiny_overrides(tiny_model_dir, tmp_path / "run", steps=2), VOWELS, "model.dtype=bfloat16"]
+    Trainer(load_config(RECIPE, overrides)).train()
+    out = export(tmp_path / "run", tmp_path / "out")
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert {p.dtype for p in exported.parameters()} == {torch.float32}
+    trained, _, _ = load_run(tmp_path / "run")  # bf16 base + fp32 adapters, as trained
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = trained.to(torch.float32)(input_ids=ids).logits
+        got = exported(input_ids=ids).logits
+    assert (want - got).abs().max() < 1e-4
