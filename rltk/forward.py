@@ -372,11 +372,12 @@ def model_mask(model: nn.Module, allowed: torch.Tensor, mode: str) -> torch.Tens
     SDPA takes it boolean; eager adds it to the scores, so it becomes 0 / dtype-min. Others (flash
     attention) take no custom 4D mask: a clear error.
     """
-    impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    inner = getattr(model, "module", model)  # DistributedDataParallel wraps the model (no .config)
+    impl = getattr(inner.config, "_attn_implementation", None) or "sdpa"
     if impl == "sdpa":
         return allowed
     if impl == "eager":
-        dtype = model.get_input_embeddings().weight.dtype
+        dtype = inner.get_input_embeddings().weight.dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return mask.masked_fill(~allowed, torch.finfo(dtype).min)
     raise ValueError(
