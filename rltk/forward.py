@@ -19,11 +19,12 @@ identical gradients, since the prompt's activations feed every completion throug
   prompt position's logits predict completion token 0. Then the G completions of each prompt run as ONE row
   ``c_1[:-1] | ... | c_G[:-1]`` on top of the prompt's cache, with the completion rows of the packed block
   mask (:func:`packed_attention_mask`: a completion token sees its prompt and its own earlier tokens) and
-  position ids continuing from each prompt's length; the cache is never copied G times (a G-fold copy and
-  its gradient were ~25% of a CPU step). The prefix cache expansion uses ``batch_repeat_interleave`` (a
-  differentiable ``repeat_interleave``), so the gradients of all P prompts flow back into the prefix's keys
-  and values. With C=0 this is the per-group forward: the P left-padded prompts, then the completions.
-  Transformers ignores ``past_key_values`` under gradient checkpointing, so this mode refuses it.
+  position ids continuing from each prompt's length; the cache is never copied G times (the G-fold copy
+  and its gradient were the largest items of a profiled CPU step). The prefix cache expansion uses
+  ``batch_repeat_interleave`` (a differentiable ``repeat_interleave``), so the gradients of all P prompts
+  flow back into the prefix's keys and values. With C=0 this is the per-group forward: the P left-padded
+  prompts, then the completions. Transformers ignores ``past_key_values`` under gradient checkpointing, so
+  this mode refuses it.
 * ``"packed"``: one row per group, ``prompt | c_1 | ... | c_G``, with a 4D block attention mask: a completion
   token attends to its own (unpadded) prompt and to the earlier tokens of its own completion only, and its
   position ids restart at the prompt length. One ordinary forward, so gradient checkpointing works. The mask
