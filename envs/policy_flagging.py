@@ -284,10 +284,15 @@ class PolicyFlaggingEnv(Env):
         )
 
     def check(self, task: Task, completion: str) -> dict[str, Any]:
-        """Verdict: parsed decision and rule, ``correct`` (decision), ``rule_correct`` (decision and rule)."""
+        """Verdict: parsed decision and rule, ``correct`` (decision), ``rule_correct`` (decision and rule).
+
+        ``answer`` (the decision, None if unparseable) is the answer class that
+        ``algorithm.balance_answers`` balances.
+        """
         ans = parse_answer(completion, ask_rule=task.reference.get("ask_rule", True))
         correct = ans.decision is not None and ans.decision == task.reference["label"]
         return {
+            "answer": ans.decision,
             "decision": ans.decision,
             "rule": ans.rule,
             "correct": correct,

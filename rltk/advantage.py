@@ -18,9 +18,44 @@ This is exactly TRL 1.16's ``GRPOTrainer`` with ``scale_rewards="group"`` / ``"n
 same value as ``torch.std(unbiased=True)`` (the torch default), and adds ``1e-4`` to the std, not to the
 variance. Like TRL, a NaN reward is left out of the mean and std and its advantage is set to 0.
 
+Max-likelihood estimator (MaxRL, Tajwar et al. 2026, arXiv 2602.02710), for success rewards in ``[0, 1]``::
+
+    A_i = r_i / mean - 1               # mean > 1e-6
+    A_i = -1                           # mean <= 1e-6: no success in the group
+
+GRPO follows ``∇ p(x)``, the gradient of the success rate ``p(x)`` of prompt ``x``; this follows
+``∇ log p(x) = ∇ p(x) / p(x)``, the gradient of the log-likelihood of success. With binary rewards and K
+successes out of G, ``(1/G) Σ_i A_i ∇log π(y_i) = (1/K) Σ_{success} ∇log π(y_i) - (1/G) Σ_i ∇log π(y_i)``,
+an unbiased estimate of the gradient of ``-Σ_{k=1..G} (1-p)^k / k``, the log-likelihood truncated at G
+(``tests/test_advantage.py`` checks the expectation exactly). A group with no success keeps the second
+term (every sample pushed down with ``A = -1``); dropping it would bias the estimate and leave a prompt the
+model gets confidently wrong with no gradient at all. For a task with one
+right answer it is the cross-entropy gradient of SFT, estimated on-policy: a prompt the model mostly gets
+wrong weighs ``1/p`` more, where GRPO weighs it ``p(1-p)`` (or ``sqrt(p(1-p))`` with std scaling), symmetric
+in right and wrong. That symmetry leaves GRPO no restoring force against a drift of the answer prior; this
+estimator pulls a prior that drifts back, as cross-entropy does. Rewards outside ``[0, 1]`` are refused.
+
 Dynamic sampling (DAPO): a group whose rewards all agree (``std ≈ 0``, ``torch.isclose(std, 0)`` as TRL's
 ``frac_reward_zero_std``) carries no learning signal, so it is dropped when ``cfg.dynamic_sampling``.
 Without dynamic sampling it is kept with advantages ``≈ 0``.
+
+Answer balancing (``cfg.balance_answers``), for tasks whose answers fall in a few classes (a decision, a
+label). With advantages summing to 0 in every group, the push of a batch on the *prior* of answer class ``c``
+(a shift of its logit on every prompt) is ``S_c = Σ_{i: answer_i = c} A_i``. Balancing replaces the advantage
+vector ``A`` (all kept completions, ``[N]``) by the nearest one (L2) with equal ``S_c`` for the valid classes
+``c_1..c_m`` seen in the batch, keeping every group's sum at 0::
+
+    w_j = 1[answer = c_j] - 1[answer = c_1], centred within each group       # [N], j = 2..m
+    A  <- A - W (WᵀW)⁺ Wᵀ A                                                # W = [w_2 .. w_m]  [N, m-1]
+
+What is left is contrastive: a class is raised on the prompts where it was right *against* the prompts
+where it was wrong, which moves the features that tell them apart and not the class prior. Why: for a model
+that barely separates the classes, expected reward is flat or misleading in the prior, and a prior pushed to
+one answer is absorbing (groups that all agree have zero advantage), so plain GRPO drifts to a constant answer
+on balanced classification tasks (``docs/rl_findings.md``). The class is the env verdict's ``"answer"`` key
+(``Env.check``). A completion without one (unparseable) is in no column: malformed answers are still pushed
+down against the valid ones. Not for tasks whose right answer is mostly one class: there the prior should
+move.
 """
 
 from __future__ import annotations
@@ -42,6 +77,7 @@ class AdvantageConfig(Protocol):
 
     scale_std: bool
     dynamic_sampling: bool
+    balance_answers: bool
 
 
 Estimator = Callable[[Group, AdvantageConfig], torch.Tensor]
@@ -108,7 +144,79 @@ def group_relative(group: Group, cfg: AdvantageConfig) -> torch.Tensor:
     return torch.nan_to_num(adv, nan=0.0).to(torch.float32)  # [G]
 
 
-ESTIMATORS: dict[str, Estimator] = {"group_relative": group_relative}
+def balance_answers(groups: list[Group]) -> float:
+    """Project sequence-level advantages in place so every answer class gets the same net push (module doc).
+
+    Args:
+        groups: Groups with ``[G]`` advantages set; a rollout's class is ``rollout.outcome.get("answer")``.
+
+    Returns:
+        The fraction of ``|A|²`` the projection removed (0 = the batch was already balanced).
+
+    >>> from rltk.batch import Rollout
+    >>> def group(answers, advantages):
+    ...     rollouts = [Rollout(None, [], *[torch.zeros(0)] * 3, outcome={"answer": a}) for a in answers]
+    ...     return Group(None, torch.zeros(0), rollouts, torch.tensor(advantages))
+    >>> gs = [group(["FLAG", "CLEAR"], [1.0, -1.0]), group(["FLAG", "CLEAR"], [-0.5, 0.5])]
+    >>> round(balance_answers(gs), 4)
+    0.1
+    >>> [g.advantages.tolist() for g in gs]
+    [[0.75, -0.75], [-0.75, 0.75]]
+
+    """
+    if not groups:
+        return 0.0
+    if any(g.advantages is None or g.advantages.dim() != 1 for g in groups):
+        raise ValueError("balance_answers needs sequence-level [G] advantages on every group")
+    answers = [r.outcome.get("answer") for g in groups for r in g.rollouts]
+    classes = sorted({a for a in answers if a is not None}, key=str)
+    adv = torch.cat([g.advantages.double() for g in groups])  # [N]
+    if len(classes) < 2 or not float(adv.norm()):
+        return 0.0
+    onehot = torch.tensor([[a == c for c in classes] for a in answers], dtype=torch.float64)  # [N, m]
+    w = onehot[:, 1:] - onehot[:, :1]  # [N, m-1]
+    sizes = [len(g.rollouts) for g in groups]
+    w = torch.cat([block - block.mean(0, keepdim=True) for block in w.split(sizes)])  # centred per group
+    fix = w @ (torch.linalg.pinv(w.T @ w) @ (w.T @ adv))  # [N] the component along the class priors
+    for g, part in zip(groups, (adv - fix).split(sizes), strict=True):
+        g.advantages = part.to(torch.float32)  # [G]
+    return float(fix.norm() ** 2 / adv.norm() ** 2)
+
+
+def max_likelihood(group: Group, cfg: AdvantageConfig) -> torch.Tensor:
+    """MaxRL advantages ``(r_i - mean) / mean`` of one group (module docstring).
+
+    Args:
+        group: A group whose rollouts have ``reward`` set, each in ``[0, 1]`` (NaN = unscored).
+        cfg: Unused (the estimator has no options).
+
+    Returns:
+        ``[G]`` float32 advantages; all -1 when no completion succeeded (``mean <= 1e-6``); 0 for NaN rewards.
+
+    Raises:
+        ValueError: If a reward lies outside ``[0, 1]``.
+
+    >>> from rltk.batch import Rollout
+    >>> rollouts = [Rollout(None, [], *[torch.zeros(0)] * 3, reward=r) for r in (1, 0, 0, 0)]
+    >>> g = Group(None, torch.zeros(0), rollouts)
+    >>> max_likelihood(g, None).tolist()
+    [3.0, -1.0, -1.0, -1.0]
+
+    """
+    rewards = group.rewards  # [G]
+    valid = rewards[~torch.isnan(rewards)]
+    if bool(((valid < 0) | (valid > 1)).any()):
+        raise ValueError(
+            f"algorithm 'maxrl' needs success rewards in [0, 1], got {valid.tolist()}; "
+            "use reward weights that sum to 1 and rewards scored in [0, 1], or algorithm.name=grpo"
+        )
+    mean = torch.nanmean(rewards)
+    no_success = not float(mean) > 1e-6
+    adv = torch.full_like(rewards, -1.0) if no_success else rewards / mean - 1.0  # [G]
+    return torch.where(torch.isnan(rewards), torch.zeros_like(adv), adv).to(torch.float32)  # [G]
+
+
+ESTIMATORS: dict[str, Estimator] = {"group_relative": group_relative, "max_likelihood": max_likelihood}
 """Advantage estimators by name; ``cfg.estimator`` (if the config has it) picks one."""
 
 
@@ -136,7 +244,6 @@ def compute(groups: list[Group], cfg: AdvantageConfig) -> AdvantageResult:
     kept: list[Group] = []
     stds: list[float] = []
     n_zero_std = 0
-    abs_sum, abs_count = 0.0, 0
     for group in groups:
         std = group_std(group.rewards)
         zero_std = bool(torch.isclose(std, torch.zeros_like(std))) or bool(torch.isnan(std))
@@ -146,11 +253,13 @@ def compute(groups: list[Group], cfg: AdvantageConfig) -> AdvantageResult:
             continue
         group.advantages = estimator(group, cfg)  # [G] or [G, L]
         kept.append(group)
-        abs_sum += float(group.advantages.abs().sum())
-        abs_count += group.advantages.numel()
 
+    removed = balance_answers(kept) if getattr(cfg, "balance_answers", False) else 0.0
+    abs_sum = sum(float(g.advantages.abs().sum()) for g in kept if g.advantages is not None)
+    abs_count = sum(g.advantages.numel() for g in kept if g.advantages is not None)
     n = len(groups)
     metrics = {
+        "advantage/balance_removed": removed,
         "advantage/groups_dropped": float(n - len(kept)),
         "advantage/groups_kept": float(len(kept)),
         "advantage/mean_abs": abs_sum / abs_count if abs_count else 0.0,

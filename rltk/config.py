@@ -120,10 +120,12 @@ class AlgorithmView:
     epsilon_low: float
     epsilon_high: float
     aggregation: str
+    estimator: str
     beta: float
     entropy_coef: float
     updates_per_batch: int
     shared_prompt: str
+    balance_answers: bool
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -135,6 +137,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "epsilon_high": None,
     },
     "dapo": {"scale_std": True, "dynamic_sampling": True, "aggregation": "token_mean", "epsilon_high": 0.28},
+    "maxrl": {"scale_std": False, "dynamic_sampling": False, "aggregation": "seq_mean", "epsilon_high": None},
 }
 """Per algorithm, the value of each field left ``null`` (``epsilon_high: None`` means ``= epsilon_low``)."""
 
@@ -143,7 +146,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 class AlgorithmConfig:
     """GRPO-family algorithm; ``null`` fields take the preset of ``name`` (see :data:`PRESETS`)."""
 
-    name: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    name: Literal["grpo", "dr_grpo", "dapo", "maxrl"] = "grpo"
     scale_std: bool | None = None
     dynamic_sampling: bool | None = None
     epsilon_low: float = _f(0.2, ">= 0")
@@ -153,6 +156,7 @@ class AlgorithmConfig:
     entropy_coef: float = _f(0.0, ">= 0", "entropy bonus coefficient, 0 = off")
     updates_per_batch: int = _f(1, ">= 1")
     shared_prompt: Literal["kv", "packed", "off"] = "kv"
+    balance_answers: bool = _f(False, "", "zero each answer class's net advantage (advantage.py)")
 
     def resolved(self) -> AlgorithmView:
         """Apply the preset of ``name`` to every field left ``None``; values set by the user always win.
@@ -170,8 +174,17 @@ class AlgorithmConfig:
         values = {k: PRESETS[self.name][k] if v is None else v for k, v in mine.items()}
         if values["epsilon_high"] is None:
             values["epsilon_high"] = self.epsilon_low
-        rest = ("name", "epsilon_low", "beta", "entropy_coef", "updates_per_batch", "shared_prompt")
-        return AlgorithmView(**values, **{k: getattr(self, k) for k in rest})
+        estimator = "max_likelihood" if self.name == "maxrl" else "group_relative"
+        rest = (
+            "name",
+            "epsilon_low",
+            "beta",
+            "entropy_coef",
+            "updates_per_batch",
+            "shared_prompt",
+            "balance_answers",
+        )
+        return AlgorithmView(**values, estimator=estimator, **{k: getattr(self, k) for k in rest})
 
 
 @dataclass

@@ -219,28 +219,49 @@ def test_validate_checks_programmatic_configs() -> None:
 @pytest.mark.parametrize(
     ("algo", "view"),
     [
-        (AlgorithmConfig(), AlgorithmView("grpo", True, False, 0.2, 0.2, "seq_mean", 0.0, 0.0, 1, "kv")),
+        (
+            AlgorithmConfig(),
+            AlgorithmView(
+                "grpo", True, False, 0.2, 0.2, "seq_mean", "group_relative", 0.0, 0.0, 1, "kv", False
+            ),
+        ),
         (
             AlgorithmConfig(name="dr_grpo"),
-            AlgorithmView("dr_grpo", False, False, 0.2, 0.2, "dr_grpo", 0.0, 0.0, 1, "kv"),
+            AlgorithmView(
+                "dr_grpo", False, False, 0.2, 0.2, "dr_grpo", "group_relative", 0.0, 0.0, 1, "kv", False
+            ),
+        ),
+        (
+            AlgorithmConfig(name="maxrl"),
+            AlgorithmView(
+                "maxrl", False, False, 0.2, 0.2, "seq_mean", "max_likelihood", 0.0, 0.0, 1, "kv", False
+            ),
         ),
         (
             AlgorithmConfig(name="dapo"),
-            AlgorithmView("dapo", True, True, 0.2, 0.28, "token_mean", 0.0, 0.0, 1, "kv"),
+            AlgorithmView(
+                "dapo", True, True, 0.2, 0.28, "token_mean", "group_relative", 0.0, 0.0, 1, "kv", False
+            ),
         ),
         (
             AlgorithmConfig(
                 name="dapo", epsilon_high=0.25, scale_std=False, dynamic_sampling=False, beta=0.04
             ),
-            AlgorithmView("dapo", False, False, 0.2, 0.25, "token_mean", 0.04, 0.0, 1, "kv"),
+            AlgorithmView(
+                "dapo", False, False, 0.2, 0.25, "token_mean", "group_relative", 0.04, 0.0, 1, "kv", False
+            ),
         ),
         (
             AlgorithmConfig(name="grpo", epsilon_low=0.1, aggregation="token_mean", shared_prompt="off"),
-            AlgorithmView("grpo", True, False, 0.1, 0.1, "token_mean", 0.0, 0.0, 1, "off"),
+            AlgorithmView(
+                "grpo", True, False, 0.1, 0.1, "token_mean", "group_relative", 0.0, 0.0, 1, "off", False
+            ),
         ),
         (
             AlgorithmConfig(name="dr_grpo", scale_std=True, aggregation="seq_mean", updates_per_batch=2),
-            AlgorithmView("dr_grpo", True, False, 0.2, 0.2, "seq_mean", 0.0, 0.0, 2, "kv"),
+            AlgorithmView(
+                "dr_grpo", True, False, 0.2, 0.2, "seq_mean", "group_relative", 0.0, 0.0, 2, "kv", False
+            ),
         ),
     ],
 )

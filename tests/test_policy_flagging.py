@@ -206,6 +206,7 @@ def test_check_verdict() -> None:
     env = PolicyFlaggingEnv()
     task = next(t for t in env.tasks("eval", 20) if t.reference["rule"] == "R2")
     assert env.check(task, "FLAG R2") == {
+        "answer": "FLAG",
         "decision": "FLAG",
         "rule": "R2",
         "correct": True,
@@ -215,6 +216,7 @@ def test_check_verdict() -> None:
     wrong_rule = env.check(task, "flag r1")
     assert wrong_rule["correct"] and not wrong_rule["rule_correct"] and not wrong_rule["exact_format"]
     assert env.check(task, "maybe")["decision"] is None and not env.check(task, "maybe")["correct"]
+    assert env.check(task, "maybe")["answer"] is None  # unparseable: in no class for balance_answers
 
 
 @pytest.mark.parametrize(
