@@ -349,12 +349,19 @@ class Trainer:
 
 
 def outcome_metrics(groups: list[Group]) -> dict[str, float]:
-    """Accuracy and completion stats from the env's outcomes."""
+    """Accuracy, answer shares and completion stats from the env's outcomes.
+
+    ``answer_share/<answer>`` is the fraction of samples per answer class (the verdict's ``"answer"``, for
+    envs that give one; ``None`` = unparseable): the number to watch for a drift of the answer prior.
+    """
     rollouts = [r for g in groups for r in g.rollouts]
     correct = [float(bool(r.outcome.get("correct"))) for r in rollouts if "correct" in r.outcome]
     m: dict[str, float] = {"reward/mean": float(np.mean([r.reward for r in rollouts])) if rollouts else 0.0}
     if correct:
         m["accuracy"] = float(np.mean(correct))
+    answers = [str(r.outcome["answer"]) for r in rollouts if "answer" in r.outcome]
+    for a in sorted(set(answers)):
+        m[f"answer_share/{a}"] = answers.count(a) / len(answers)
     m["truncated_frac"] = float(np.mean([r.truncated for r in rollouts])) if rollouts else 0.0
     return m
 

@@ -171,3 +171,17 @@ def test_bf16_mixed_precision_runs_and_keeps_fp32_weights(tiny_model_dir: str, t
     assert torch.isfinite(torch.tensor(row["loss"])) and row["grad_norm"] > 0
     assert 0 < row["mismatch/logp_abs_mean"] < 0.5  # bf16 rounding shows up, but small
     assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
+
+
+def test_maxrl_with_answer_balancing_runs_and_logs_answer_shares(tiny_model_dir: str, tmp_path: Path) -> None:
+    params = "{miss_cost: 0, false_alarm_cost: 0}"
+    accuracy_reward = f"rewards=[{{name: flag_decision, weight: 1.0, params: {params}}}]"
+    overrides = [*tiny_overrides(tiny_model_dir, tmp_path, steps=1), accuracy_reward]
+    overrides += ["algorithm.name=maxrl", "algorithm.balance_answers=true"]
+    trainer = Trainer(load_config(RECIPE, overrides))
+    assert trainer.algo.estimator == "max_likelihood" and trainer.algo.balance_answers
+    trainer.train()
+    row = _metrics(tmp_path)[-1]
+    assert "advantage/balance_removed" in row and torch.isfinite(torch.tensor(row["loss"]))
+    shares = {k: v for k, v in row.items() if k.startswith("answer_share/")}
+    assert shares and abs(sum(shares.values()) - 1) < 1e-6, shares
