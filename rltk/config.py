@@ -73,7 +73,9 @@ class ModelConfig:
     name: str = _f("smollm2-135m-instruct", "nonempty")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     mixed_precision: Literal["no", "bf16", "fp16"] = _f(
-        "no", note="autocast compute dtype (accelerate); weights and optimizer state stay in dtype"
+        "no",
+        note="autocast compute dtype (accelerate); weights and optimizer state stay in dtype; "
+        "benchmarks/precision.py measures what bf16 rounding does to the RL gradient",
     )
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
