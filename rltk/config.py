@@ -209,6 +209,9 @@ class WarmstartConfig:
     enabled: bool = False
     steps: int = _f(0, ">= 0")
     lr: float = _f(1.0e-4, "> 0")
+    schedule: Literal["constant", "linear", "cosine"] = _f(
+        "constant", note="lr schedule over warmstart.steps; linear/cosine end at 0"
+    )
     batch_size: int = _f(8, "> 0")
 
 

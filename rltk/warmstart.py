@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from rltk import forward
 from rltk.batch import Group, Rollout, collate
@@ -69,6 +69,7 @@ def warm_start(trainer: Trainer, max_seconds: float | None = None) -> dict[str, 
     tasks = trainer.env.tasks("train", n, seed=cfg.run.seed + WARMSTART_SEED_OFFSET)
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=ws.lr, weight_decay=0.0)
+    scheduler = get_scheduler(ws.schedule, opt, num_warmup_steps=0, num_training_steps=max(1, ws.steps))
     trainer.model.train()
     metrics: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -81,9 +82,11 @@ def warm_start(trainer: Trainer, max_seconds: float | None = None) -> dict[str, 
         loss = -(logp * batch.loss_mask).sum() / batch.loss_mask.sum()
         acc.backward(loss)
         acc.clip_grad_norm_(trainer.model.parameters(), cfg.optim.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
         opt.step()
+        scheduler.step()
         opt.zero_grad(set_to_none=True)
-        metrics = {"warmstart/loss": float(loss.detach()), "warmstart/step": step + 1}
+        metrics = {"warmstart/loss": float(loss.detach()), "warmstart/step": step + 1, "warmstart/lr": lr}
         if (step + 1) % max(1, ws.steps // 10) == 0 or step + 1 == ws.steps:
             log.info("warm start step %d/%d  loss %.4f", step + 1, ws.steps, metrics["warmstart/loss"])
         if max_seconds is not None and time.perf_counter() - t0 > max_seconds:

@@ -100,6 +100,15 @@ def test_warm_start_learns_oracle_format(tiny_model_dir: str, tmp_path: Path) ->
     assert trainer.start_step == 0
 
 
+def test_warm_start_linear_schedule_decays_to_zero(tiny_model_dir: str, tmp_path: Path) -> None:
+    overrides = [*tiny_overrides(tiny_model_dir, tmp_path, steps=1), "warmstart.enabled=true"]
+    overrides += ["warmstart.steps=4", "warmstart.lr=1e-3", "warmstart.schedule=linear"]
+    from rltk.warmstart import warm_start
+
+    metrics = warm_start(Trainer(load_config(RECIPE, overrides)))
+    assert abs(metrics["warmstart/lr"] - 1e-3 / 4) < 1e-12  # the last step ran at lr * 1/4; the next is 0
+
+
 def _fixed_batch(trainer: Trainer) -> Batch:
     """One rollout batch of the trainer's env, sampled once (kept fixed while the policy moves)."""
     torch.manual_seed(0)
