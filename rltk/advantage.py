@@ -226,7 +226,8 @@ def compute(groups: list[Group], cfg: AdvantageConfig) -> AdvantageResult:
     Args:
         groups: Groups with rewards set (``rollout.reward``).
         cfg: An object with ``scale_std: bool`` and ``dynamic_sampling: bool`` (e.g. the resolved
-            ``AlgorithmView``); an optional ``estimator: str`` names an entry of :data:`ESTIMATORS`.
+            ``AlgorithmView``); an optional ``estimator: str`` names an entry of :data:`ESTIMATORS`, and an
+            optional ``balance_answers: bool`` applies :func:`balance_answers` to the kept groups.
 
     Returns:
         The kept groups (same order, same objects, ``advantages`` set) and the stage's metrics. The list may
