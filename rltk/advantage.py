@@ -29,11 +29,11 @@ successes out of G, ``(1/G) Σ_i A_i ∇log π(y_i) = (1/K) Σ_{success} ∇log 
 an unbiased estimate of the gradient of ``-Σ_{k=1..G} (1-p)^k / k``, the log-likelihood truncated at G
 (``tests/test_advantage.py`` checks the expectation exactly). A group with no success keeps the second
 term (every sample pushed down with ``A = -1``); dropping it would bias the estimate and leave a prompt the
-model gets confidently wrong with no gradient at all. For a task with one
-right answer it is the cross-entropy gradient of SFT, estimated on-policy: a prompt the model mostly gets
-wrong weighs ``1/p`` more, where GRPO weighs it ``p(1-p)`` (or ``sqrt(p(1-p))`` with std scaling), symmetric
-in right and wrong. That symmetry leaves GRPO no restoring force against a drift of the answer prior; this
-estimator pulls a prior that drifts back, as cross-entropy does. Rewards outside ``[0, 1]`` are refused.
+model gets confidently wrong with no gradient at all. For a task with one right answer it is the
+cross-entropy gradient of SFT, estimated on-policy: a prompt the model mostly gets wrong weighs ``1/p`` more,
+where GRPO weighs it ``p(1-p)`` (or ``sqrt(p(1-p))`` with std scaling), symmetric in right and wrong.
+Rewards outside ``[0, 1]`` are refused. (On the quickstart it did not stop the swing of the answer prior;
+neither does SFT at the same lr: ``docs/rl_findings.md``.)
 
 Dynamic sampling (DAPO): a group whose rewards all agree (``std ≈ 0``, ``torch.isclose(std, 0)`` as TRL's
 ``frac_reward_zero_std``) carries no learning signal, so it is dropped when ``cfg.dynamic_sampling``.
@@ -49,10 +49,10 @@ vector ``A`` (all kept completions, ``[N]``) by the nearest one (L2) with equal 
     A  <- A - W (WᵀW)⁺ Wᵀ A                                                # W = [w_2 .. w_m]  [N, m-1]
 
 What is left is contrastive: a class is raised on the prompts where it was right *against* the prompts
-where it was wrong, which moves the features that tell them apart and not the class prior. Why: for a model
-that barely separates the classes, expected reward is flat or misleading in the prior, and a prior pushed to
-one answer is absorbing (groups that all agree have zero advantage), so plain GRPO drifts to a constant answer
-on balanced classification tasks (``docs/rl_findings.md``). The class is the env verdict's ``"answer"`` key
+where it was wrong, which moves the features that tell them apart and not the class prior. Meant for a
+model that barely separates the classes, where a prior pushed to one answer is absorbing (groups that all
+agree have zero advantage). It removes only the first-order push: on the quickstart the prior still swung
+(``docs/rl_findings.md``). The class is the env verdict's ``"answer"`` key
 (``Env.check``). A completion without one (unparseable) is in no column: malformed answers are still pushed
 down against the valid ones. Not for tasks whose right answer is mostly one class: there the prior should
 move.
@@ -256,8 +256,8 @@ def compute(groups: list[Group], cfg: AdvantageConfig) -> AdvantageResult:
         kept.append(group)
 
     removed = balance_answers(kept) if getattr(cfg, "balance_answers", False) else 0.0
-    abs_sum = sum(float(g.advantages.abs().sum()) for g in kept if g.advantages is not None)
-    abs_count = sum(g.advantages.numel() for g in kept if g.advantages is not None)
+    abs_sum = sum(float(g.advantages.abs().sum()) for g in kept)
+    abs_count = sum(g.advantages.numel() for g in kept)
     n = len(groups)
     metrics = {
         "advantage/balance_removed": removed,

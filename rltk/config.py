@@ -158,7 +158,7 @@ class AlgorithmConfig:
     entropy_coef: float = _f(0.0, ">= 0", "entropy bonus coefficient, 0 = off")
     updates_per_batch: int = _f(1, ">= 1")
     shared_prompt: Literal["kv", "packed", "off"] = "kv"
-    balance_answers: bool = _f(False, "", "zero each answer class's net advantage (advantage.py)")
+    balance_answers: bool = _f(False, "", "give every answer class the same net advantage (advantage.py)")
 
     def resolved(self) -> AlgorithmView:
         """Apply the preset of ``name`` to every field left ``None``; values set by the user always win.
