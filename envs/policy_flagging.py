@@ -31,6 +31,26 @@ RULES = ("R1", "R2", "R3")
 DIFFICULTIES = ("basic", "varied")
 SYSTEM = "You screen bank transactions against a policy. Reply with only FLAG R1, FLAG R2, FLAG R3 or CLEAR."
 SYSTEM_DECISION = "You screen bank transactions against a policy. Reply with only FLAG or CLEAR."
+_CHECKLIST = (
+    "You screen bank transactions against a policy. Check each rule on its own line, then decide:\n"
+    "R1: <amount> over <threshold>? yes/no\n"
+    "R2: <destination> listed? yes/no\n"
+    "R3: <count> over <limit>? yes/no\n"
+)
+SYSTEM_CHECKLIST = _CHECKLIST + "FLAG R<n> or CLEAR"
+SYSTEM_CHECKLIST_DECISION = _CHECKLIST + "FLAG or CLEAR"
+# (ask_rule, checklist) → system prompt; the prompt alone tells the oracle which answer format is asked
+SYSTEMS = {
+    (True, False): SYSTEM,
+    (False, False): SYSTEM_DECISION,
+    (True, True): SYSTEM_CHECKLIST,
+    (False, True): SYSTEM_CHECKLIST_DECISION,
+}
+_CHECKS = (
+    re.compile(r"R1:\s*\$[\d,]+(?:\.\d\d)?\s+over\s+\$[\d,]+(?:\.\d\d)?\s*\?\s*(yes|no)", re.IGNORECASE),
+    re.compile(r"R2:\s*[^\n?]+?\s+listed\s*\?\s*(yes|no)", re.IGNORECASE),
+    re.compile(r"R3:\s*\d+\s+over\s+\d+\s*\?\s*(yes|no)", re.IGNORECASE),
+)
 _CANONICAL = re.compile(r"FLAG R[123]|CLEAR")
 _CANONICAL_DECISION = re.compile(r"FLAG|CLEAR")
 _LOOSE = re.compile(r"(FLAG)(?:\s*[:\-,(]?\s*(R[123])\s*\)?)?|(CLEAR)", re.IGNORECASE)
@@ -46,12 +66,15 @@ class Answer(NamedTuple):
     exact: bool
 
 
-def parse_answer(text: str, ask_rule: bool = True) -> Answer:
-    """Parse a reply, tolerant of case, whitespace, ``<answer>`` tags, markdown emphasis, end punctuation.
+def parse_answer(text: str, ask_rule: bool = True, checklist: bool = False) -> Answer:
+    r"""Parse a reply, tolerant of case, whitespace, ``<answer>`` tags, markdown emphasis, end punctuation.
 
     The whole reply must be the answer: prose, a hedge (both decisions, several rules) or junk around it is a
     parse failure. ``exact`` is True only for the requested format, ``FLAG R<n>`` or ``CLEAR`` (outer
-    whitespace aside); with ``ask_rule=False``, ``FLAG`` or ``CLEAR``.
+    whitespace aside); with ``ask_rule=False``, ``FLAG`` or ``CLEAR``. With ``checklist=True`` the reply must
+    be the three check lines (``R1: $<amount> over $<threshold>? yes|no``, ``R2: <country> listed? yes|no``,
+    ``R3: <count> over <limit>? yes|no``, in this order) and then the answer on a line of its own; anything
+    else, a missing check line included, is a parse failure. The check lines are not graded: the decision is.
 
     >>> parse_answer(" flag: r2. ")
     Answer(decision='FLAG', rule='R2', exact=False)
@@ -61,9 +84,15 @@ def parse_answer(text: str, ask_rule: bool = True) -> Answer:
     True
     >>> parse_answer("FLAG", ask_rule=False)
     Answer(decision='FLAG', rule=None, exact=True)
+    >>> parse_answer("R1: $12.00 over $5,000? no\nR2: Iran listed? yes\nR3: 3 over 10? no\nFLAG", False, True)
+    Answer(decision='FLAG', rule=None, exact=True)
+    >>> parse_answer("FLAG", ask_rule=False, checklist=True).decision is None  # the checks are missing
+    True
     """
     if not isinstance(text, str):
         return Answer(None, None, False)
+    if checklist:
+        return _parse_checklist(text, ask_rule)
     tags = _TAG.findall(text)
     body = tags[0] if len(tags) == 1 else text if not tags else ""
     body = _LABEL.sub("", body.strip().strip("*_`\"' ")).rstrip(".!;, *_`\"'").strip()
@@ -74,6 +103,26 @@ def parse_answer(text: str, ask_rule: bool = True) -> Answer:
     if m.group(3):
         return Answer("CLEAR", None, exact)
     return Answer("FLAG", m.group(2).upper() if m.group(2) else None, exact)
+
+
+def _parse_checklist(text: str, ask_rule: bool) -> Answer:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if len(lines) != len(_CHECKS) + 1 or not all(
+        c.fullmatch(line) for c, line in zip(_CHECKS, lines, strict=False)
+    ):
+        return Answer(None, None, False)
+    ans = parse_answer(lines[-1], ask_rule)
+    exact = (
+        ans.exact
+        and "\n".join(lines) == text.strip()
+        and all(line.endswith(("? yes", "? no")) for line in lines[:-1])
+    )
+    return Answer(ans.decision, ans.rule, exact)
+
+
+def answer_of(completion: str, reference: dict[str, Any]) -> Answer:
+    """Parse a completion in the format its task asked for (``reference["ask_rule"]``/``["checklist"]``)."""
+    return parse_answer(completion, reference.get("ask_rule", True), reference.get("checklist", False))
 
 
 @cache
@@ -133,13 +182,41 @@ def _read(messages: list[Message]) -> tuple[_Rules, int, str, dict[str, int]]:
     return rules, cents(amount.group(1)), to.group(1).strip(), counts
 
 
+def _format(messages: list[Message]) -> tuple[bool, bool]:
+    """(ask_rule, checklist): the answer format the prompt's system message asks for."""
+    for key, system in SYSTEMS.items():
+        if messages[0]["content"] == system:
+            return key
+    return True, False
+
+
 def asks_rule(messages: list[Message]) -> bool:
     """Whether the prompt asks for the broken rule (``FLAG R<n>``) or the decision alone."""
-    return messages[0]["content"] != SYSTEM_DECISION
+    return _format(messages)[0]
 
 
 def _flag(rule: str, messages: list[Message]) -> str:
     return f"FLAG {rule}" if asks_rule(messages) else "FLAG"
+
+
+def _reply(answer: str, messages: list[Message]) -> str:
+    """``answer`` in the format the prompt asks for: after the check lines where it asks for a checklist."""
+    return "\n".join([*_checks(messages), answer]) if _format(messages)[1] else answer
+
+
+def _checks(messages: list[Message]) -> list[str]:
+    """The three check lines of a checklist answer, read from the prompt text as the oracle does."""
+    rules, amount, country, counts = _read(messages)
+    count = counts.get(rules.window, 0)
+    yn = [
+        "yes" if b else "no"
+        for b in (amount > rules.threshold, country in rules.countries, count > rules.limit)
+    ]
+    return [
+        f"R1: {_money(amount)} over {_money(rules.threshold, always_cents=False)}? {yn[0]}",
+        f"R2: {country} listed? {yn[1]}",
+        f"R3: {count} over {rules.limit}? {yn[2]}",
+    ]
 
 
 def _violations(messages: list[Message]) -> list[str]:
@@ -159,6 +236,9 @@ class PolicyFlaggingEnv(Env):
             clear ones near misses, i.i.d.).
         ask_rule: Ask for ``FLAG R<n>`` (True) or the decision alone, ``FLAG``/``CLEAR`` (False: shorter
             answers, no rule tokens for RL to explore; recall per rule is still measured from the decision).
+        checklist: Ask for one check line per rule before the answer (``R1: $812.00 over $5,000? no``, ...;
+            see :func:`parse_answer`). The decision token then follows the comparisons the model wrote out
+            next to it instead of having to make all three inside one token; only the decision is graded.
 
     """
 
@@ -177,12 +257,13 @@ class PolicyFlaggingEnv(Env):
         false_alarm_cost: float = 1.0,
         balanced_train: bool = True,
         ask_rule: bool = True,
+        checklist: bool = False,
         **options: Any,
     ) -> None:
         if options:
             raise ValueError(
                 f"env 'policy_flagging' got unknown options {sorted(options)}; "
-                "valid: difficulty, miss_cost, false_alarm_cost, balanced_train, ask_rule"
+                "valid: difficulty, miss_cost, false_alarm_cost, balanced_train, ask_rule, checklist"
             )
         if difficulty not in DIFFICULTIES:
             raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
@@ -192,6 +273,7 @@ class PolicyFlaggingEnv(Env):
         self.difficulty = difficulty
         self.balanced_train = bool(balanced_train)
         self.ask_rule = bool(ask_rule)
+        self.checklist = bool(checklist)
         self.default_reward_params: dict[str, dict[str, Any]] = {
             "flag_decision": {"miss_cost": float(miss_cost), "false_alarm_cost": float(false_alarm_cost)}
         }
@@ -219,6 +301,7 @@ class PolicyFlaggingEnv(Env):
                 "label": "FLAG" if label_rule else "CLEAR",
                 "rule": label_rule,
                 "ask_rule": self.ask_rule,
+                "checklist": self.checklist,
             }
             out.append(Task(f"{self.name}/{split}/{seed}/{i}", split, messages, reference, info))
         return out
@@ -278,7 +361,7 @@ class PolicyFlaggingEnv(Env):
         else:
             counts = {"1h": rng.randint(0, count), "24h": count}
         user = _render(rules, amount, country, counts, rng)
-        system = SYSTEM if self.ask_rule else SYSTEM_DECISION
+        system = SYSTEMS[(self.ask_rule, self.checklist)]
         return [{"role": "system", "content": system}, {"role": "user", "content": user}], (
             rule if kind == "flag" else None
         )
@@ -289,7 +372,7 @@ class PolicyFlaggingEnv(Env):
         ``answer`` (the decision, None if unparseable) is the answer class that
         ``algorithm.balance_answers`` balances.
         """
-        ans = parse_answer(completion, ask_rule=task.reference.get("ask_rule", True))
+        ans = answer_of(completion, task.reference)
         correct = ans.decision is not None and ans.decision == task.reference["label"]
         return {
             "answer": ans.decision,
@@ -303,16 +386,20 @@ class PolicyFlaggingEnv(Env):
     def oracle(self, messages: list[Message]) -> str:
         """Read the policy and the transaction from the prompt text and apply the rules."""
         broken = _violations(messages)
-        return _flag(broken[0], messages) if broken else "CLEAR"
+        return _reply(_flag(broken[0], messages) if broken else "CLEAR", messages)
 
     def baselines(self) -> dict[str, Policy]:
-        """Constant answers and single-rule heuristics (each reads the prompt text, like the oracle)."""
+        """Constant answers and single-rule heuristics (each reads the prompt text, like the oracle).
+
+        Where the prompt asks for a checklist, each writes the check lines before its answer (they are not
+        graded), so that only its decision differs from the oracle's.
+        """
 
         def only(rule: str) -> Policy:
-            return lambda messages: _flag(rule, messages) if rule in _violations(messages) else "CLEAR"
+            return lambda m: _reply(_flag(rule, m) if rule in _violations(m) else "CLEAR", m)
 
         return {
-            "constant_clear": lambda messages: "CLEAR",
-            "constant_flag": lambda messages: _flag("R1", messages),
+            "constant_clear": lambda m: _reply("CLEAR", m),
+            "constant_flag": lambda m: _reply(_flag("R1", m), m),
             **{f"only_{r}": only(r) for r in RULES},
         }

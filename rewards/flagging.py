@@ -2,7 +2,7 @@
 
 What is rewarded: the flag/clear decision, cost-weighted (:func:`flag_decision`); naming the broken rule on a
 flagged transaction (:func:`flag_rule`); answering in the exact requested format (:func:`answer_format`).
-Every function parses the completion with the env's own :func:`~rltk_envs.policy_flagging.parse_answer`
+Every function parses the completion with the env's own :func:`~rltk_envs.policy_flagging.answer_of`
 (one parser for env and rewards). An unparseable completion (empty, a hedge, prose, an echo of the prompt)
 scores the function's range minimum, never above a well-formed wrong answer.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from rltk_envs.policy_flagging import parse_answer
+from rltk_envs.policy_flagging import answer_of
 
 from rltk.reward import reward_fn
 
@@ -50,7 +50,7 @@ def flag_decision(
         raise ValueError(
             f"costs must be >= 0, got miss_cost={miss_cost}, false_alarm_cost={false_alarm_cost}"
         )
-    decision = parse_answer(completion).decision
+    decision = answer_of(completion, reference).decision
     if decision is None:
         return -float(max(miss_cost, false_alarm_cost))
     if decision == reference["label"]:
@@ -73,7 +73,7 @@ def flag_rule(completion: str, reference: Mapping[str, Any], outcome: Mapping[st
     """
     if reference["label"] != "FLAG" or not reference.get("ask_rule", True):
         return None
-    ans = parse_answer(completion)
+    ans = answer_of(completion, reference)
     return 1.0 if ans.decision == "FLAG" and ans.rule == reference["rule"] else 0.0
 
 
@@ -91,4 +91,4 @@ def answer_format(completion: str, reference: Mapping[str, Any], outcome: Mappin
     >>> answer_format("FLAG", {"label": "FLAG", "rule": "R1", "ask_rule": False}, {})
     1.0
     """
-    return 1.0 if parse_answer(completion, ask_rule=reference.get("ask_rule", True)).exact else 0.0
+    return 1.0 if answer_of(completion, reference).exact else 0.0

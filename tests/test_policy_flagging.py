@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from rltk_envs.policy_flagging import PolicyFlaggingEnv, parse_answer
+from rltk_envs.policy_flagging import RULES, PolicyFlaggingEnv, parse_answer
 from rltk_rewards.flagging import answer_format, flag_decision, flag_rule
 
 from rltk.env import prompt_hash, run_policy, split_of
@@ -61,6 +61,7 @@ def test_labels_match_an_independent_reading_of_the_prompt(env: PolicyFlaggingEn
             "label": "FLAG" if broken else "CLEAR",
             "rule": broken[0] if broken else None,
             "ask_rule": True,
+            "checklist": False,
         }
         assert task.info["rule"] == task.reference["rule"] and task.info["difficulty"] == env.difficulty
 
@@ -302,3 +303,47 @@ def test_decision_only_prompts_oracle_and_rewards() -> None:
     assert {p(t.messages) for t in tasks for p in env.baselines().values()} <= {"FLAG", "CLEAR"}
     with_rule = {prompt_hash(t.messages) for t in PolicyFlaggingEnv().tasks("eval", 60)}
     assert not with_rule & {prompt_hash(t.messages) for t in tasks}  # a different prompt, a different task
+
+
+@pytest.mark.parametrize("ask_rule", [False, True])
+@pytest.mark.parametrize("difficulty", ["basic", "varied"])
+def test_checklist_prompts_oracle_baselines_and_canaries(ask_rule: bool, difficulty: str) -> None:
+    env = PolicyFlaggingEnv(difficulty=difficulty, ask_rule=ask_rule, checklist=True)
+    tasks = env.tasks("eval", 120)
+    for task in tasks:
+        answer = env.oracle(task.messages)
+        lines = answer.splitlines()
+        assert len(lines) == 4 and [line[:3] for line in lines[:3]] == ["R1:", "R2:", "R3:"]
+        # the check lines say which rule is broken, read independently of the oracle
+        said = [r for r, line in zip(RULES, lines[:3], strict=True) if line.endswith("? yes")]
+        assert said == independent_violations(task.messages[-1]["content"])
+        outcome = env.check(task, answer)
+        assert outcome["correct"] and outcome["exact_format"]
+        assert flag_decision(answer, task.reference, outcome) == 1.0
+        assert answer_format(answer, task.reference, outcome) == 1.0
+        assert flag_rule(answer, task.reference, outcome) in ((1.0, None) if ask_rule else (None,))
+        wrong = "\n".join(
+            [*lines[:3], "CLEAR" if task.reference["label"] == "FLAG" else _flag_answer(ask_rule)]
+        )
+        floor = flag_decision(wrong, task.reference, {})
+        assert floor == -1.0
+        checks = "\n".join(lines[:3])
+        for canary in (
+            "",
+            lines[-1],  # the decision without the checks it was asked for
+            checks,  # the checks without a decision
+            f"{checks}\nFLAG or CLEAR",  # a hedge
+            f"{checks}\nCLEAR\nFLAG",  # two answers
+            task.messages[-1]["content"],  # an echo of the prompt
+            f"{checks}\nI think {lines[-1]}",  # prose around the answer
+        ):
+            assert flag_decision(canary, task.reference, {}) <= floor, canary
+            assert answer_format(canary, task.reference, {}) == 0.0, canary
+    for name, policy in env.baselines().items():  # baselines answer in the asked format, so they parse
+        assert all(env.check(t, policy(t.messages))["decision"] is not None for t in tasks), name
+    assert parse_answer(f"{checks.lower()}\nflag", ask_rule=False, checklist=True).decision == "FLAG"
+    assert not parse_answer(f"{checks.lower()}\nflag", ask_rule=False, checklist=True).exact
+
+
+def _flag_answer(ask_rule: bool) -> str:
+    return "FLAG R1" if ask_rule else "FLAG"
