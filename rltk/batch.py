@@ -29,7 +29,8 @@ class Rollout:
         outcome: The env's verdict (``Episode.outcome``).
         scores: Per reward name: its score, or ``None`` where the task makes it not applicable.
         reward: The rubric's weighted sum of ``scores``.
-        truncated: True if a length or turn limit ended the rollout.
+        truncated: True if a length or turn limit ended the rollout, or cut its last turn.
+        stop_reason: ``"done"`` (the env ended the episode), ``"max_turns"`` or ``"max_tokens"``.
 
     """
 
@@ -42,6 +43,7 @@ class Rollout:
     scores: dict[str, float | None] = field(default_factory=dict)
     reward: float = 0.0
     truncated: bool = False
+    stop_reason: str = "done"
 
 
 @dataclass

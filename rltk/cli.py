@@ -49,10 +49,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = []
     if model is not None and tokenizer is not None:
         with precision:
-            answers = evaluate.greedy_completions(
-                model, tokenizer, tasks, args.max_new_tokens, args.batch_size
+            results.append(
+                evaluate.model_result(
+                    model,
+                    tokenizer,
+                    env,
+                    rubric,
+                    tasks,
+                    args.max_new_tokens,
+                    f"model ({args.model})",
+                    args.batch_size,
+                )
             )
-        results.append(evaluate.score(env, rubric, tasks, answers, name=f"model ({args.model})"))
     elif args.policy == "oracle":
         results.append(evaluate.evaluate_policy(env, rubric, tasks, env.oracle, "oracle"))
     else:

@@ -110,6 +110,8 @@ class RolloutConfig:
     top_p: float = _f(1.0, "(0, 1]")
     top_k: int = _f(0, ">= 0", "0 = off")
     reward_timeout_s: float = _f(10.0, "> 0")
+    max_turns: int = _f(0, ">= 0", "assistant turns per rollout; 0 = the env's max_turns")
+    max_rollout_tokens: int = _f(0, ">= 0", "model + env tokens per rollout; 0 = the model's context")
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,8 @@ class Env(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str]  # one line, shown by `rltk envs list`
-    max_turns: ClassVar[int] = 1
+    max_turns: ClassVar[int] = 1  # assistant turns per episode at most (tool use: several)
+    stop_strings: ClassVar[tuple[str, ...]] = ()  # a turn ends at these (tool envs: rltk.tools.STOP_STRINGS)
     default_rewards: ClassVar[dict[str, float]] = {}  # reward name → weight when a recipe names none
 
     def __init__(self, **options: Any) -> None:

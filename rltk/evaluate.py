@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rltk.batch import Group, Rollout
 from rltk.env import Env, Policy, Task, run_policy
 from rltk.reward import Rubric
-from rltk.rollout import SamplingParams, eos_token_ids, render_prompt, sample_turn
+from rltk.rollout import SamplingParams, eos_token_ids, generate, render_prompt, sample_turn
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
 
@@ -74,6 +74,39 @@ def score(env: Env, rubric: Rubric, tasks: list[Task], answers: list[str], name:
         episode.step(answer)
         rollout = Rollout(task, [answer], _EMPTY, _EMPTY, _EMPTY.float(), outcome=episode.outcome)
         groups.append(Group(task, _EMPTY, [rollout]))
+    rubric.score(groups)
+    return summarize(name, [g.rollouts[0] for g in groups])
+
+
+def model_result(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    env: Env,
+    rubric: Rubric,
+    tasks: list[Task],
+    max_new_tokens: int,
+    name: str,
+    batch_size: int = 32,
+) -> EvalResult:
+    """The model's greedy score on ``tasks``: one answer per task, or whole episodes for multi-turn envs.
+
+    Multi-turn episodes are played by the rollout engine (greedy, one rollout per task), with the env's
+    ``max_turns`` and stop strings, exactly as in training.
+    """
+    if env.max_turns <= 1:
+        answers = greedy_completions(model, tokenizer, tasks, max_new_tokens, batch_size)
+        return score(env, rubric, tasks, answers, name)
+    groups: list[Group] = []
+    for i in range(0, len(tasks), batch_size):
+        groups += generate(
+            model,
+            tokenizer,
+            env,
+            tasks[i : i + batch_size],
+            group_size=1,
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+        )
     rubric.score(groups)
     return summarize(name, [g.rollouts[0] for g in groups])
 

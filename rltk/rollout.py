@@ -20,22 +20,34 @@ of each token under the processed sampling distribution (after temperature, top-
 EOS suppression): with ``top_k=0``/``top_p=1`` it equals ``forward.completion_logprobs`` at the same
 temperature up to float rounding.
 
-Multi-turn envs (``Env.max_turns > 1``) are not supported yet: they will loop ``sample_turn`` over turns
-(with ``repeats=1`` on each rollout's own history) and append the env's observation tokens, rendered as
-``template(history + observation) - template(history)`` with ``loss_mask`` 0 (:func:`observation_ids`).
+Multi-turn envs (``Env.max_turns > 1``, tool use): every rollout plays its own episode. After each turn the
+env answers; its observation is appended as tokens the model did not generate (``loss_mask`` 0,
+``sample_logp`` 0): the turn's closing tokens where the model did not write them (a turn cut at a stop
+string or at ``max_new_tokens``; :func:`turn_close_ids`), then ``template(history + [user: observation],
+generation prompt) - template(history)`` (:func:`observation_ids`, checked to be a prefix). The next turn is
+sampled with ``repeats=1`` from each live rollout's prompt + completion so far, exactly the ids the update
+will see: the model's ids as generated (never re-tokenized, even where a stop string ends mid-token) and the
+env's rendered ids. Each rollout's sequence is contiguous, so sampling (``cumsum(mask) - 1`` over a
+left-padded batch) and training (contiguous positions after the prompt) give every token the same position
+id, and the update's log-probs equal the sampler's up to float rounding
+(``tests/test_multiturn.py``). Each turn re-prefills the rollouts' histories (sharing the prefix common to
+all of them), which costs prompt compute but keeps one code path for sampling. A rollout ends when the env
+says done (``stop_reason="done"``), after ``max_turns`` turns (``"max_turns"``), or when its tokens reach
+``max_rollout_tokens`` (``"max_tokens"``); the last two are ``truncated`` and keep the env's verdict of an
+unfinished episode.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from rltk.batch import Group, Rollout, left_pad
-from rltk.env import Env, Message, Task
+from rltk.env import Env, Episode, Message, Task
 from rltk.forward import prefill, shared_prefix_layout, shared_prefix_length
 from rltk.models import context_length
 
@@ -49,6 +61,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    stop_strings: tuple[str, ...] = ()  # a turn also ends once its text contains one of these
 
 
 @dataclass
@@ -58,7 +71,7 @@ class TurnSample:
     Attributes:
         token_ids: ``[T]`` the generated ids, cut after the first EOS (kept), no padding.
         sample_logp: ``[T]`` log-prob of each token under the processed sampling distribution.
-        finished: True if the turn ended with an EOS, False if ``max_new_tokens`` cut it.
+        finished: True if the turn ended with an EOS or a stop string, False if ``max_new_tokens`` cut it.
 
     """
 
@@ -102,6 +115,31 @@ def observation_ids(
     return after[len(before) :]
 
 
+def turn_close_ids(tokenizer: PreTrainedTokenizerBase, eos_ids: Sequence[int]) -> list[int]:
+    """The tokens the chat template puts after an assistant turn's text, starting with its end-of-turn id.
+
+    Found by rendering a two-message conversation with and without the assistant's reply.
+
+    Raises:
+        ValueError: If the template does not end an assistant turn with one of ``eos_ids``.
+
+    """
+    user = [{"role": "user", "content": "Hi"}]
+    head = render_prompt(tokenizer, user)
+    full = render_prompt(
+        tokenizer, [*user, {"role": "assistant", "content": "Hello"}], add_generation_prompt=False
+    )
+    rest = full[len(head) :] if full[: len(head)] == head else []
+    ends = [i for i, t in enumerate(rest) if t in set(eos_ids)]
+    if not ends:
+        raise ValueError(
+            "the chat template does not close an assistant turn with an EOS token, so a multi-turn rollout "
+            "cannot tell where a turn ends; use a tokenizer whose template does (e.g. ChatML), or set its "
+            "generation_config.eos_token_id to the template's end-of-turn token"
+        )
+    return rest[ends[0] :]
+
+
 def eos_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Return the ids that end a turn: the tokenizer's EOS plus the model's generation-config EOS ids."""
     ids = {tokenizer.eos_token_id}
@@ -134,6 +172,7 @@ def sample_turn(
     params: SamplingParams,
     eos_ids: Sequence[int],
     pad_id: int,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> list[TurnSample]:
     """Sample ``repeats`` continuations of each prompt; prefill the shared prefix once and each prompt once.
 
@@ -144,6 +183,7 @@ def sample_turn(
         params: Sampling parameters.
         eos_ids: Ids that end a turn.
         pad_id: Padding id (masked out).
+        tokenizer: Needed only with ``params.stop_strings``.
 
     Returns:
         P*G samples; those of prompt ``i`` are at ``i*G .. i*G+G-1``.
@@ -171,12 +211,16 @@ def sample_turn(
         return_dict_in_generate=True,
         output_scores=True,
         disable_compile=True,
+        stop_strings=list(params.stop_strings) or None,
     )
+    if params.stop_strings and tokenizer is None:
+        raise ValueError("sample_turn needs the tokenizer to stop at stop_strings")
     out = model.generate(
         input_ids=ids.repeat_interleave(repeats, 0),  # [P*G, Lp]
         attention_mask=mask.repeat_interleave(repeats, 0),  # [P*G, Lp]: covers prefix, pad, suffix
         past_key_values=cache,
         generation_config=config,
+        **({"tokenizer": tokenizer} if params.stop_strings else {}),
     )
     new = out.sequences[:, lp:]  # [P*G, T]
     logp = torch.stack(
@@ -189,26 +233,120 @@ def sample_turn(
         hits = is_eos[row].nonzero()
         finished = len(hits) > 0
         end = int(hits[0]) + 1 if finished else new.shape[1]
+        if params.stop_strings and tokenizer is not None:
+            stop = stop_string_end(new[row, :end].tolist(), tokenizer, params.stop_strings)
+            if stop is not None:
+                end, finished = stop, True
         samples.append(TurnSample(new[row, :end].cpu(), logp[row, :end].cpu(), finished))
     return samples
 
 
-def _finish_single_turn(
-    env: Env, task: Task, sample: TurnSample, tokenizer: PreTrainedTokenizerBase
-) -> Rollout:
-    """Decode one sample, play it as the episode's only turn, and wrap it as a :class:`Rollout`."""
-    text = tokenizer.decode(sample.token_ids.tolist(), skip_special_tokens=True)
-    episode = env.episode(task)
-    step = episode.step(text)
-    return Rollout(
-        task=task,
-        turns=[text],
-        token_ids=sample.token_ids,
-        loss_mask=torch.ones_like(sample.token_ids),
-        sample_logp=sample.sample_logp,
-        outcome=dict(episode.outcome),
-        truncated=not sample.finished or not step.done,
-    )
+def stop_string_end(
+    ids: list[int], tokenizer: PreTrainedTokenizerBase, stop_strings: Sequence[str]
+) -> int | None:
+    """Length of the shortest prefix of ``ids`` whose text contains a stop string (None: no stop string).
+
+    The token that completes the stop string is kept whole, even where it carries text past it.
+    """
+
+    def hit(n: int) -> bool:
+        text = tokenizer.decode(ids[:n], skip_special_tokens=True)
+        return any(s in text for s in stop_strings)
+
+    if not ids or not hit(len(ids)):
+        return None
+    lo, hi = 1, len(ids)  # containment is monotone in the prefix length: binary search
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if hit(mid) else (mid + 1, hi)
+    return lo
+
+
+def cut_at_stop_string(text: str, stop_strings: Sequence[str]) -> str:
+    """``text`` up to the end of its first stop string (what the env sees of a turn).
+
+    >>> cut_at_stop_string("<tool>a: b</tool>xyz", ["</tool>", "</answer>"])
+    '<tool>a: b</tool>'
+    """
+    ends = [text.find(s) + len(s) for s in stop_strings if s in text]
+    return text[: min(ends)] if ends else text
+
+
+@dataclass
+class RolloutState:
+    """One rollout while it is played: its own episode, conversation and tokens so far."""
+
+    task: Task
+    episode: Episode
+    prompt_ids: list[int]  # [Lp]
+    budget: int  # most completion tokens (model + env) this rollout may hold
+    messages: list[Message]
+    turns: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # [L] completion so far, model and env tokens
+    loss_mask: list[int] = field(default_factory=list)  # [L] 1 = generated by the model
+    sample_logp: list[float] = field(default_factory=list)  # [L] 0 for env tokens
+    stop_reason: str = ""  # "" while live, then "done" | "max_turns" | "max_tokens"
+    last_turn_finished: bool = True
+
+    def to_rollout(self) -> Rollout:
+        """The finished rollout (a rollout still live here ran out of turns)."""
+        reason = self.stop_reason or "max_turns"
+        return Rollout(
+            task=self.task,
+            turns=list(self.turns),
+            token_ids=torch.tensor(self.token_ids, dtype=torch.long),
+            loss_mask=torch.tensor(self.loss_mask, dtype=torch.long),
+            sample_logp=torch.tensor(self.sample_logp, dtype=torch.float32),
+            outcome=dict(self.episode.outcome),
+            truncated=reason != "done" or not self.last_turn_finished,
+            stop_reason=reason,
+        )
+
+
+@dataclass(frozen=True)
+class TurnContext:
+    """What playing a turn needs besides the rollout: the tokenizer and the turn-closing ids."""
+
+    tokenizer: PreTrainedTokenizerBase
+    eos_ids: frozenset[int]
+    close_ids: list[int]  # the template's tokens after an assistant turn's text (multi-turn only)
+    stop_strings: tuple[str, ...]
+
+
+def play_turn(state: RolloutState, sample: TurnSample, ctx: TurnContext, last: bool) -> None:
+    """Append one sampled turn to ``state``, step its episode, and append the env's answer if it goes on."""
+    ids = sample.token_ids.tolist()
+    logp = sample.sample_logp.tolist()
+    room = state.budget - len(state.token_ids)
+    over = len(ids) > room
+    ids, logp = ids[:room], logp[:room]
+    text = cut_at_stop_string(ctx.tokenizer.decode(ids, skip_special_tokens=True), ctx.stop_strings)
+    state.turns.append(text)
+    state.token_ids += ids
+    state.loss_mask += [1] * len(ids)
+    state.sample_logp += logp
+    state.last_turn_finished = sample.finished and not over
+    step = state.episode.step(text)
+    state.messages.append({"role": "assistant", "content": text})
+    if over:
+        state.stop_reason = "max_tokens"
+    elif step.done:
+        state.stop_reason = "done"
+    elif last:
+        state.stop_reason = "max_turns"
+    if state.stop_reason:
+        return
+    closed = bool(ids) and ids[-1] in ctx.eos_ids
+    env_ids = ctx.close_ids[1:] if closed else list(ctx.close_ids)
+    observation = step.observation or ""
+    env_ids += observation_ids(ctx.tokenizer, state.messages, observation)
+    if len(state.token_ids) + len(env_ids) >= state.budget:  # no room left for another model token
+        state.stop_reason = "max_tokens"
+        return
+    state.token_ids += env_ids
+    state.loss_mask += [0] * len(env_ids)
+    state.sample_logp += [0.0] * len(env_ids)
+    state.messages.append({"role": "user", "content": observation})
 
 
 def generate(
@@ -225,46 +363,46 @@ def generate(
     top_k: int = 0,
     seed: int | None = None,
     max_prompt_tokens: int | None = None,
+    max_turns: int | None = None,
+    max_rollout_tokens: int | None = None,
 ) -> list[Group]:
-    """Sample ``group_size`` rollouts of every task and run them through ``env``.
+    """Sample ``group_size`` rollouts of every task and play them through ``env`` (one or several turns).
 
     Args:
         model: A causal LM (transformers, optionally peft-wrapped). Put in eval mode for sampling; its mode
             is restored afterwards.
         tokenizer: Its tokenizer, with a chat template.
-        env: The environment (single-turn for now).
+        env: The environment; its ``stop_strings`` end a turn early (tool protocols).
         tasks: The P tasks.
         group_size: G, rollouts per task.
-        max_new_tokens: Tokens per assistant turn at most (a turn cut there is ``truncated``).
+        max_new_tokens: Tokens per assistant turn at most (a last turn cut there is ``truncated``).
         min_new_tokens: EOS is suppressed before this many tokens.
-        temperature: Sampling temperature (> 0).
+        temperature: Sampling temperature (> 0; 0 = greedy, for evaluation).
         top_p: Nucleus sampling threshold (1 = off).
         top_k: Top-k sampling (0 = off).
         seed: Seeds the sampling (the global RNG state is restored afterwards); ``None`` uses the global RNG.
         max_prompt_tokens: Longest prompt allowed, besides the model's context minus ``max_new_tokens``.
+        max_turns: Assistant turns per rollout at most (``None``: the env's ``max_turns``).
+        max_rollout_tokens: Completion tokens (model + env) per rollout at most (``None``: the model's
+            context minus the prompt).
 
     Returns:
         One :class:`Group` per task, in order, each with G rollouts (rewards not scored yet).
 
     Raises:
-        ValueError: For bad sampling arguments or a prompt over the length limit (the message names the task).
-        NotImplementedError: For multi-turn envs.
+        ValueError: For bad sampling arguments, a prompt over the length limit (the message names the task),
+            or (multi-turn) a chat template that does not close assistant turns with an EOS token.
 
     """
-    if env.max_turns > 1:
-        name = getattr(env, "name", type(env).__name__)
-        raise NotImplementedError(
-            f"env '{name}' has max_turns={env.max_turns}: multi-turn rollouts are not implemented yet "
-            "(rltk.rollout.sample_turn is the per-turn engine they will use); use a single-turn env"
-        )
-    if group_size < 1 or max_new_tokens < 1 or not 0 <= min_new_tokens <= max_new_tokens:
+    turns = env.max_turns if max_turns is None else max_turns
+    if group_size < 1 or max_new_tokens < 1 or not 0 <= min_new_tokens <= max_new_tokens or turns < 1:
         raise ValueError(
-            f"need group_size >= 1, max_new_tokens >= 1 and 0 <= min_new_tokens <= max_new_tokens; got "
-            f"{group_size}, {max_new_tokens}, {min_new_tokens}"
+            f"need group_size >= 1, max_new_tokens >= 1, 0 <= min_new_tokens <= max_new_tokens and max_turns "
+            f">= 1; got {group_size}, {max_new_tokens}, {min_new_tokens}, {turns}"
         )
-    if temperature <= 0 or not 0 < top_p <= 1 or top_k < 0:
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(
-            f"need temperature > 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}"
+            f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}"
         )
     if not tasks:
         return []
@@ -273,9 +411,25 @@ def generate(
         ids = render_prompt(tokenizer, task.messages)
         check_prompt_length(task, len(ids), model, max_new_tokens, max_prompt_tokens)
         prompts.append(torch.tensor(ids, dtype=torch.long))
-    params = SamplingParams(max_new_tokens, min_new_tokens, temperature, top_p, top_k)
+    stop_strings = tuple(getattr(env, "stop_strings", ()))
+    params = SamplingParams(max_new_tokens, min_new_tokens, temperature, top_p, top_k, stop_strings)
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    ctx = TurnContext(
+        tokenizer, frozenset(eos_ids), turn_close_ids(tokenizer, eos_ids) if turns > 1 else [], stop_strings
+    )
+    limit = context_length(model)
+    states = [
+        RolloutState(
+            task,
+            env.episode(task),
+            prompt.tolist(),
+            min(limit - len(prompt), max_rollout_tokens or limit),
+            list(task.messages),
+        )
+        for task, prompt in zip(tasks, prompts, strict=True)
+        for _ in range(group_size)
+    ]
     device = model.get_input_embeddings().weight.device
     devices = [device] if device.type == "cuda" else []
     was_training = model.training
@@ -284,12 +438,24 @@ def generate(
         with torch.random.fork_rng(devices=devices, enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            samples = sample_turn(model, prompts, group_size, params, eos_ids, pad_id)
+            for turn in range(turns):
+                live = [s for s in states if not s.stop_reason]
+                if not live:
+                    break
+                if turn == 0:  # the G rollouts of a task share its prompt: prefill it once
+                    samples = sample_turn(model, prompts, group_size, params, eos_ids, pad_id, tokenizer)
+                else:
+                    histories = [torch.tensor(s.prompt_ids + s.token_ids) for s in live]
+                    samples = sample_turn(model, histories, 1, params, eos_ids, pad_id, tokenizer)
+                for state, sample in zip(live, samples, strict=True):
+                    play_turn(state, sample, ctx, last=turn == turns - 1)
     finally:
         model.train(was_training)
-    groups = []
-    for i, (task, prompt) in enumerate(zip(tasks, prompts, strict=True)):
-        rows = samples[i * group_size : (i + 1) * group_size]
-        rollouts = [_finish_single_turn(env, task, s, tokenizer) for s in rows]
-        groups.append(Group(task=task, prompt_ids=prompt, rollouts=rollouts))
-    return groups
+    return [
+        Group(
+            task=task,
+            prompt_ids=prompt,
+            rollouts=[s.to_rollout() for s in states[i * group_size : (i + 1) * group_size]],
+        )
+        for i, (task, prompt) in enumerate(zip(tasks, prompts, strict=True))
+    ]

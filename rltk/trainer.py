@@ -205,6 +205,8 @@ class Trainer:
             temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p,
             top_k=cfg.rollout.top_k,
+            max_turns=cfg.rollout.max_turns or None,
+            max_rollout_tokens=cfg.rollout.max_rollout_tokens or None,
         )
         t_gen = time.perf_counter() - t0
 
@@ -363,6 +365,10 @@ def outcome_metrics(groups: list[Group]) -> dict[str, float]:
     for a in sorted(set(answers)):
         m[f"answer_share/{a}"] = answers.count(a) / len(answers)
     m["truncated_frac"] = float(np.mean([r.truncated for r in rollouts])) if rollouts else 0.0
+    if rollouts:
+        m["rollout/turns_mean"] = float(np.mean([len(r.turns) for r in rollouts]))
+        for reason in ("max_turns", "max_tokens"):  # rollouts a limit ended (multi-turn)
+            m[f"rollout/stopped_{reason}"] = float(np.mean([r.stop_reason == reason for r in rollouts]))
     return m
 
 

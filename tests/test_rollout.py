@@ -239,12 +239,16 @@ def test_prompt_too_long(tokenizer: PreTrainedTokenizerBase, tiny_model: nn.Modu
 def test_arguments_and_multi_turn(tokenizer: PreTrainedTokenizerBase, tiny_model: nn.Module) -> None:
     env = WordsEnv()
     tasks = env.tasks("train", 1)
-    with pytest.raises(NotImplementedError, match="multi-turn"):
-        generate(tiny_model, tokenizer, TwoTurnEnv(), tasks, group_size=2, max_new_tokens=4)
+    groups = generate(tiny_model, tokenizer, TwoTurnEnv(), tasks, group_size=2, max_new_tokens=4)
+    assert all(1 <= len(r.turns) <= 2 for r in groups[0].rollouts)  # multi-turn: tests/test_multiturn.py
     with pytest.raises(ValueError, match="min_new_tokens"):
         generate(tiny_model, tokenizer, env, tasks, group_size=2, max_new_tokens=4, min_new_tokens=5)
+    with pytest.raises(ValueError, match="max_turns"):
+        generate(tiny_model, tokenizer, env, tasks, group_size=2, max_new_tokens=4, max_turns=0)
     with pytest.raises(ValueError, match="temperature"):
-        generate(tiny_model, tokenizer, env, tasks, group_size=2, max_new_tokens=4, temperature=0.0)
+        generate(tiny_model, tokenizer, env, tasks, group_size=2, max_new_tokens=4, temperature=-1.0)
+    greedy = generate(tiny_model, tokenizer, env, tasks, group_size=2, max_new_tokens=4, temperature=0.0)
+    assert torch.equal(greedy[0].rollouts[0].token_ids, greedy[0].rollouts[1].token_ids)
     assert generate(tiny_model, tokenizer, env, [], group_size=2, max_new_tokens=4) == []
 
 
