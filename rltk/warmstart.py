@@ -1,7 +1,8 @@
 """Optional warm start: a short SFT stage on the env's oracle demonstrations.
 
 For models too weak to ever earn a reward (the answer format alone can be out of reach), a few steps of
-cross-entropy on the oracle's answers give RL a non-zero signal to start from. The loss is the engine's own:
+cross-entropy on the oracle's answers give RL a non-zero signal to start from (for multi-turn envs, on the
+oracle's whole episode, the env's answers masked out). The loss is the engine's own:
 token-mean negative log-likelihood of the assistant tokens, computed by the same shared-prompt forward as
 RL (:func:`rltk.forward.completion_logprobs`, on a :class:`~rltk.batch.Batch` of groups of one), so LoRA,
 devices and ranks are handled exactly as in RL. Demonstrations come from the train split only, with a seed
@@ -19,8 +20,8 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from rltk import forward
 from rltk.batch import Group, Rollout, collate
-from rltk.env import Message, Task
-from rltk.rollout import render_prompt
+from rltk.env import Env, Message, Task
+from rltk.rollout import observation_ids, render_prompt, turn_close_ids
 
 if TYPE_CHECKING:
     from rltk.trainer import Trainer
@@ -47,11 +48,45 @@ def demonstration_ids(
     return prompt, completion
 
 
-def demonstration_group(tokenizer: PreTrainedTokenizerBase, task: Task, answer: str) -> Group:
-    """One demonstration as a group of one rollout (every answer token trained on, advantage 0)."""
-    prompt, completion = demonstration_ids(tokenizer, task.messages, answer)
-    ids = torch.tensor(completion)  # [Lc]
-    rollout = Rollout(task, [answer], ids, torch.ones_like(ids), torch.zeros(len(ids)))
+def demonstration_group(tokenizer: PreTrainedTokenizerBase, env: Env, task: Task) -> Group:
+    """The oracle's whole episode as a group of one rollout (every assistant token trained on, advantage 0).
+
+    A single-turn env gives the oracle's answer through its end-of-turn token. A multi-turn env gives every
+    oracle turn, with the env's answers between them laid out exactly as a multi-turn rollout lays them out
+    (``loss_mask`` 0: the template's rest of the turn close, then the observation as a user turn and the
+    generation prompt), so the warm start teaches the whole workflow, not only its first call.
+
+    Raises:
+        ValueError: If the oracle does not finish the episode within ``env.max_turns`` turns.
+
+    """
+    messages = list(task.messages)
+    episode = env.episode(task)
+    ids: list[int] = []
+    mask: list[int] = []
+    turns: list[str] = []
+    close = turn_close_ids(tokenizer, [tokenizer.eos_token_id]) if env.max_turns > 1 else []
+    for _ in range(env.max_turns):
+        action = env.oracle(messages)
+        _, answer = demonstration_ids(tokenizer, messages, action)
+        ids += answer
+        mask += [1] * len(answer)
+        turns.append(action)
+        step = episode.step(action)
+        messages.append({"role": "assistant", "content": action})
+        if step.done:
+            break
+        observation = step.observation or ""
+        env_ids = close[1:] + observation_ids(tokenizer, messages, observation)
+        ids += env_ids
+        mask += [0] * len(env_ids)
+        messages.append({"role": "user", "content": observation})
+    else:
+        raise ValueError(
+            f"the oracle of env '{env.name}' did not finish task {task.id!r} within max_turns={env.max_turns}"
+        )
+    prompt = render_prompt(tokenizer, task.messages)
+    rollout = Rollout(task, turns, torch.tensor(ids), torch.tensor(mask), torch.zeros(len(ids)))
     return Group(task, torch.tensor(prompt), [rollout], advantages=torch.zeros(1))
 
 
@@ -76,7 +111,7 @@ def warm_start(trainer: Trainer, max_seconds: float | None = None) -> dict[str, 
     for step in range(ws.steps):
         start = (step * trainer.world + trainer.rank) * ws.batch_size
         chunk = tasks[start : start + ws.batch_size]
-        groups = [demonstration_group(trainer.tokenizer, t, trainer.env.oracle(t.messages)) for t in chunk]
+        groups = [demonstration_group(trainer.tokenizer, trainer.env, t) for t in chunk]
         batch = collate(groups, trainer.tokenizer.pad_token_id).to(acc.device)
         logp = forward.completion_logprobs(trainer.model, batch, mode=trainer.algo.shared_prompt)  # [B, Lc]
         loss = -(logp * batch.loss_mask).sum() / batch.loss_mask.sum()

@@ -195,3 +195,33 @@ def test_eval_plays_whole_episodes(tiny_model, tokenizer) -> None:
     tasks = env.tasks("eval", 4)
     result = model_result(tiny_model, tokenizer, env, Rubric.from_config([], env), tasks, 6, "tiny", 3)
     assert result.n == 4 and result.accuracy == 0.0  # a random model never answers the total
+
+
+def test_warm_start_demonstrates_the_whole_oracle_episode(tokenizer) -> None:
+    from rltk.warmstart import demonstration_group
+
+    env = CounterToolEnv()
+    task = env.tasks("train", 2)[1]  # two numbers: add, add, answer
+    group = demonstration_group(tokenizer, env, task)
+    rollout = group.rollouts[0]
+    assert len(rollout.turns) == 3 and rollout.turns[-1].startswith("<answer>")
+    # prompt + demonstration is the chat template of the oracle's whole conversation, token for token
+    episode_messages = list(task.messages)
+    for k, turn in enumerate(rollout.turns):
+        episode_messages.append({"role": "assistant", "content": turn})
+        if k < 2:
+            episode_messages.append(
+                {"role": "user", "content": f"<result>{_running_total(task, k)}</result>"}
+            )
+    full = render_prompt(tokenizer, episode_messages, add_generation_prompt=False)
+    seq = group.prompt_ids.tolist() + rollout.token_ids.tolist()
+    assert full[: len(seq)] == seq and tokenizer.decode(full[len(seq) :]) == "\n"
+    # only the assistant turns are trained on: three segments, each ending with the end-of-turn token
+    mask = rollout.loss_mask.tolist()
+    ends = [i for i in range(len(mask)) if mask[i] and (i + 1 == len(mask) or not mask[i + 1])]
+    assert len(ends) == 3 and all(rollout.token_ids[i] == tokenizer.eos_token_id for i in ends)
+
+
+def _running_total(task, k: int) -> int:
+    numbers = [int(x) for x in task.messages[1]["content"].split("Add ")[1].split(" with")[0].split(" and ")]
+    return sum(numbers[: k + 1])
