@@ -1,0 +1,338 @@
+"""Invoice and receipt field extraction into a JSON object matching a schema written in the prompt.
+
+Workflow: a bookkeeper keys invoices and receipts into a ledger. The document comes in varied layouts
+(``key_value`` lines, ``plain`` lines, a ``table`` of items, a till ``receipt``), currencies (symbols or ISO
+codes, ``1,234.50`` / ``1.234,50`` / ``1 234,50``) and date formats; the reply is one JSON object with the
+schema's keys: vendor, invoice_number, date (ISO), currency (ISO code), total, and at harder levels tax and
+due_date, ``null`` where the document does not show the field. Rewarded (``rltk_rewards.invoice``): a valid
+JSON object with exactly the schema's keys and value types, and field-level F1 against the gold fields
+(amounts, dates, currencies and text normalized first). ``check`` says ``correct`` when every field is right.
+
+Difficulty: ``easy`` (2 layouts, 5 fields, all shown, no distractor amounts, no noise); ``medium`` (4 layouts,
++ tax, absent in 30%, subtotal and customer distractors, more number/date formats, broken spacing); ``hard``
+(+ due_date, absent fields, OCR-like noise: ``0``/``O`` and ``1``/``l`` confusions, broken spacing, stray
+``|``/``~``). Layouts are stratified: every block of 4 (easy: 2) tasks holds each layout once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+import re
+from collections import Counter
+from functools import cache
+from pathlib import Path
+from typing import Any, ClassVar
+
+from rltk_rewards.invoice import parse_amount, parse_date, score_reply
+
+from rltk.env import SPLITS, Env, Message, Policy, Task, prompt_hash, split_of
+
+DIFFICULTIES = ("easy", "medium", "hard")
+_TYPES = {"string": "string", "date": '"YYYY-MM-DD"', "currency": '"ISO code"', "number": "number"}
+_SYSTEM = (
+    "Extract the document's fields into one JSON object with exactly these keys:\n{schema}\n"
+    "Write null for a field the document does not show. Reply with the JSON only."
+)
+_CANON = str.maketrans("015i", "olsl")
+
+
+@cache
+def _data() -> dict[str, Any]:
+    return json.loads((Path(__file__).parent / "data" / "invoice_extraction.json").read_text())
+
+
+def _canon(text: str) -> str:
+    """Letters only, lower case, OCR look-alikes folded (0→o, 1/i→l, 5→s): what label matching compares."""
+    return re.sub(r"[^a-z]", "", text.lower().translate(_CANON))
+
+
+def _money(cents: int, code: str, style: str, grouping: str) -> str:
+    """An amount as a document shows it: ``$1,234.50``, ``EUR 1.234,50``, ``1 234,50 CHF``, bare ``1,234``."""
+    cur = _data()["currencies"][code]
+    whole, frac = divmod(cents, 100)
+    if not cur["decimals"]:
+        grouping = "en"
+    num = f"{whole:,}".replace(",", {"en": ",", "eu": ".", "space": " "}[grouping])
+    num += ("." if grouping == "en" else ",") + f"{frac:02d}" if cur["decimals"] else ""
+    symbol = cur["symbol"] if "symbol" in style else None
+    if style == "bare":
+        return num
+    if style.endswith("prefix"):
+        return f"{symbol}{num}" if symbol else f"{code} {num}"
+    return f"{num} {symbol or code}"
+
+
+def _date(day: dt.date, fmt: str) -> str:
+    month = _data()["months"][day.month - 1]
+    return {
+        "iso": day.isoformat(),
+        "d_mon_y": f"{day.day} {month[:3]} {day.year}",
+        "month_d_y": f"{month} {day.day}, {day.year}",
+        "dmy_dot": day.strftime("%d.%m.%Y"),
+        "ymd_slash": day.strftime("%Y/%m/%d"),
+    }[fmt]
+
+
+def _noisy(label: str, sep: str, value: str, kind: str, noise: dict[str, float], rng: random.Random) -> str:
+    """One field line, with OCR-like noise that a careful reader can still undo."""
+    if rng.random() < noise["confuse_label"]:
+        swap = {"o": "0", "O": "0", "l": "1", "i": "1", "I": "l", "s": "5", "S": "5"}
+        label = "".join(swap[c] if c in swap and rng.random() < 0.5 else c for c in label)
+    if kind in ("amount", "date") and rng.random() < noise["confuse_value"]:
+        spots = [m.start() for m in re.finditer(r"(?<=\d)[01]|[01](?=\d)", value)]
+        if spots:
+            i = rng.choice(spots)
+            value = value[:i] + {"0": "O", "1": "l"}[value[i]] + value[i + 1 :]
+    if rng.random() < noise["spacing"]:
+        op = rng.randrange(3)
+        if op == 0 and len(label) > 3:
+            i = rng.randrange(1, len(label) - 1)
+            label = label[:i] + " " + label[i:]
+        else:
+            sep = rng.choice({": ": [":", " : ", ":   "], " | | ": [" || ", " |  | "]}.get(sep, [" " * 3]))
+    line = f"{label}{sep}{value}"
+    if rng.random() < noise["junk"]:
+        line = rng.choice(["| " + line, line + " |", line + " ~", "' " + line])
+    return line
+
+
+class InvoiceExtractionEnv(Env):
+    """Extract invoice/receipt fields into a JSON object matching the schema in the prompt.
+
+    Args:
+        difficulty: ``"easy"``, ``"medium"`` or ``"hard"`` (layout variety, noise, field count; see module).
+
+    """
+
+    name = "invoice_extraction"
+    description = "Extract vendor, number, dates, currency and amounts from noisy invoices/receipts as JSON."
+    default_rewards: ClassVar[dict[str, float]] = {"invoice_field_f1": 1.0, "invoice_json_valid": 0.2}
+
+    def __init__(self, difficulty: str = "easy", **options: Any) -> None:
+        if options:
+            raise ValueError(
+                f"env 'invoice_extraction' got unknown options {sorted(options)}; valid: difficulty"
+            )
+        if difficulty not in DIFFICULTIES:
+            raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
+        self.difficulty = difficulty
+        self.level = _data()["levels"][difficulty]
+        self._constant: str | None = None
+
+    def tasks(self, split: str, n: int, seed: int = 0) -> list[Task]:
+        """``n`` tasks of ``split``; prefix-stable, disjoint across splits by prompt hash."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        layouts = self.level["layouts"]
+        out: list[Task] = []
+        seen: set[str] = set()
+        for i in range(n):
+            order = random.Random(f"{seed}:{split}:layout:{i // len(layouts)}").sample(layouts, len(layouts))
+            for attempt in range(10_000):
+                rng = random.Random(f"{self.difficulty}:{seed}:{split}:{i}:{attempt}")
+                messages, answer = self._sample(rng, order[i % len(layouts)])
+                digest = prompt_hash(messages)
+                if split_of(messages) == split and digest not in seen:
+                    break
+            else:  # pragma: no cover - astronomically unlikely
+                raise RuntimeError(f"could not draw task {i} of split {split!r}")
+            seen.add(digest)
+            schema = {k: _data()["schema_types"][k] for k in self.level["fields"]}
+            info = {
+                "difficulty": self.difficulty,
+                "layout": order[i % len(layouts)],
+                "currency": answer["currency"],
+                "absent": sum(v is None for v in answer.values()),
+            }
+            reference = {"schema": schema, "answer": answer}
+            out.append(Task(f"{self.name}/{split}/{seed}/{i}", split, messages, reference, info))
+        return out
+
+    def _sample(self, rng: random.Random, layout: str) -> tuple[list[Message], dict[str, Any]]:
+        data, fields = _data(), self.level["fields"]
+        code = rng.choice(sorted(data["currencies"]))
+        unit = 1 if data["currencies"][code]["decimals"] else 100  # cents per smallest shown unit
+        absent = {f for f, p in self.level["absent"].items() if rng.random() < p}
+        absent |= {"due_date"} if layout == "receipt" else set()
+        items = [
+            (rng.choice(data["items"]), rng.randint(1, 4), round(10 ** rng.uniform(2.7, 5)) * unit)
+            for _ in range(rng.randint(1, 3))
+        ]
+        subtotal, rate = sum(q * p for _, q, p in items), rng.choice(data["tax_rates"])
+        tax = round(subtotal * rate / 100 / unit) * unit if "tax" in fields and "tax" not in absent else 0
+        day = dt.date(2022, 1, 1) + dt.timedelta(days=rng.randrange(4 * 365))
+        due = day + dt.timedelta(days=rng.choice(data["due_days"]))
+
+        def part(m: re.Match[str]) -> str:
+            spec = m.group(1)
+            if spec in ("y", "L"):
+                return str(day.year) if spec == "y" else rng.choice(data["number_letters"])
+            return "".join(rng.choice("0123456789") for _ in range(int(spec[1])))
+
+        full = {
+            "vendor": f"{rng.choice(data['vendor_prefixes'])} {rng.choice(data['vendor_suffixes'])}",
+            "invoice_number": re.sub(r"\{(d\d|L|y)\}", part, rng.choice(data["number_formats"])),
+            "date": day.isoformat(),
+            "due_date": due.isoformat(),
+            "currency": code,
+            "total": (subtotal + tax) / 100,
+            "tax": tax / 100,
+        }
+        answer = {k: None if k in absent else full[k] for k in fields}
+        doc = {"layout": layout, "items": items, "subtotal": subtotal, "rate": rate, "day": day, "due": due}
+        schema = ", ".join(f'"{k}": {_TYPES[data["schema_types"][k]]}' for k in fields)
+        messages = [
+            {"role": "system", "content": _SYSTEM.format(schema="{" + schema + "}")},
+            {"role": "user", "content": self._render(rng, answer, doc)},
+        ]
+        return messages, answer
+
+    def _render(self, rng: random.Random, answer: dict[str, Any], doc: dict[str, Any]) -> str:
+        """The document text: one field per line, in the layout's style, with the level's noise."""
+        data, lv, layout = _data(), self.level, doc["layout"]
+        code, style, grouping = (
+            answer["currency"],
+            rng.choice(lv["money_styles"]),
+            rng.choice(lv["groupings"]),
+        )
+        dfmt, upper = rng.choice(lv["date_formats"]), layout == "receipt"
+        sep = {"key_value": ": ", "plain": " ", "table": " | | ", "receipt": "  "}[layout]
+        bare = layout in ("table", "receipt") or (
+            layout == "key_value" and lv["tax_line"] and rng.random() < 0.3
+        )
+
+        def field(key: str, value: str, kind: str = "amount", s: str = sep, label: str | None = None) -> str:
+            label = label or rng.choice(data["labels"][key])
+            return _noisy(label.upper() if upper else label, s, value, kind, lv["noise"], rng)
+
+        def amount(cents: int, currency: bool = False) -> str:
+            return _money(cents, code, style if currency or not bare else "bare", grouping)
+
+        head_sep = " " if layout == "plain" else ": "
+        header = []
+        if answer["invoice_number"] is not None:
+            label = rng.choice(data["receipt_number_labels"]) if upper else None
+            header.append(field("invoice_number", answer["invoice_number"], "text", head_sep, label))
+        time = f" {rng.randint(8, 21)}:{rng.randint(0, 59):02d}" if upper else ""
+        header.append(field("date", _date(doc["day"], dfmt) + time, "date", head_sep))
+        if answer.get("due_date") is not None:
+            header.append(field("due_date", _date(doc["due"], dfmt), "date", head_sep))
+        if "tax" in lv["fields"] and not upper and rng.random() < 0.5:
+            header.append(field("customer", rng.choice(data["customers"]), "text", head_sep))
+        if layout in ("key_value", "plain"):
+            rng.shuffle(header)
+        lines = (
+            [rng.choice(data["titles"][layout])] if layout in data["titles"] and rng.random() < 0.5 else []
+        )
+        vendor = answer["vendor"]
+        if layout == "key_value":
+            lines.append(field("vendor", vendor, "text"))
+        else:
+            if rng.random() < lv["noise"]["spacing"]:
+                i = rng.randrange(1, len(vendor) - 1)
+                vendor = vendor[:i] + " " + vendor[i:]
+            lines += [f"*** {vendor.upper()} ***" if upper else vendor]
+            lines += [f"{rng.randint(1, 299)} {rng.choice(data['streets'])}"]
+        lines += header + ([field("currency", code, "text")] if layout == "key_value" and bare else [])
+        if layout == "table":
+            lines += ["Item | Qty | Amount", *(f"{n} | {q} | {amount(q * p)}" for n, q, p in doc["items"])]
+        elif upper:
+            lines += [f"{q} x {n}  {amount(q * p)}" for n, q, p in doc["items"]]
+        if answer.get("tax") is not None:
+            lines.append(field("subtotal", amount(doc["subtotal"])))
+            label = f"{rng.choice(data['labels']['tax'])} {doc['rate']}%"
+            lines.append(field("tax", amount(round(answer["tax"] * 100)), label=label))
+        lines.append(field("total", amount(round(answer["total"] * 100), layout != "key_value" or not bare)))
+        return "\n".join(lines + ([rng.choice(data["receipt_footers"])] if upper else []))
+
+    def check(self, task: Task, completion: str) -> dict[str, Any]:
+        """Verdict: ``correct`` (every field right, nothing extra), ``f1``, ``valid`` (JSON and schema)."""
+        return score_reply(completion, task.reference)
+
+    def oracle(self, messages: list[Message]) -> str:
+        """Read the schema keys and the document from the prompt text and write the JSON answer."""
+        keys = re.findall(r'"(\w+)":', messages[0]["content"])
+        found = _read(messages[-1]["content"])
+        return json.dumps({k: found.get(k) for k in keys}, ensure_ascii=False)
+
+    def baselines(self) -> dict[str, Policy]:
+        """The most frequent value per field over 500 train tasks, an echo of the input, all nulls."""
+        if self._constant is None:
+            answers = [t.reference["answer"] for t in self.tasks("train", 500)]
+            mode = {k: Counter(json.dumps(a[k]) for a in answers).most_common(1)[0][0] for k in answers[0]}
+            self._constant = "{" + ", ".join(f'"{k}": {v}' for k, v in mode.items()) + "}"
+        constant = self._constant
+        nulls = "{" + ", ".join(f'"{k}": null' for k in self.level["fields"]) + "}"
+        return {
+            "most_frequent": lambda m: constant,
+            "echo_input": lambda m: m[-1]["content"],
+            "empty_nulls": lambda m: nulls,
+        }
+
+
+@cache
+def _labels() -> list[tuple[str, str]]:
+    """(canonical label, field) pairs, longest first; ``_skip`` marks distractor lines and titles."""
+    data = _data()
+    pairs = [(_canon(lab), key) for key, labs in data["labels"].items() for lab in labs]
+    pairs += [(_canon(lab), "invoice_number") for lab in [*data["receipt_number_labels"], "Invoice"]]
+    pairs += [(_canon(t), "_skip") for titles in data["titles"].values() for t in titles]
+    return sorted(pairs, key=lambda p: -len(p[0]))
+
+
+def _match(line: str) -> tuple[str | None, str]:
+    """(field, text after the label) for the longest label that starts ``line`` and ends a word."""
+    canon = _canon(line)
+    for label, key in _labels():
+        if not canon.startswith(label):
+            continue
+        seen = 0
+        for i, ch in enumerate(line):
+            seen += len(_canon(ch))
+            if seen == len(label):
+                if not line[i + 1 : i + 2].isalpha():
+                    return key, line[i + 1 :]
+                break
+    return None, ""
+
+
+def _numeric(text: str) -> str:
+    """Undo look-alikes inside number tokens (``2O24`` → ``2024``, ``l5`` → ``15``); words stay."""
+    fix = str.maketrans("OolI", "0011")
+    return re.sub(
+        r"[\dOolI]+", lambda m: m.group().translate(fix) if re.search(r"\d", m.group()) else m.group(), text
+    )
+
+
+def _read(doc: str) -> dict[str, Any]:
+    """Parse a rendered document: label-matched lines, and the first unlabelled line as the vendor."""
+    currencies = _data()["currencies"]
+    symbols = sorted(
+        ((c["symbol"], k) for k, c in currencies.items() if c["symbol"]), key=lambda s: -len(s[0])
+    )
+    found: dict[str, Any] = {}
+    for line in doc.splitlines():
+        key, rest = _match(line)
+        value = rest.strip(" :|~#.'\t")
+        if key is None:
+            found.setdefault("vendor", line.strip(" *|~'"))
+        if key is None or not value or key in found or key in ("_skip", "customer", "subtotal"):
+            continue
+        if key in ("vendor", "invoice_number"):
+            found[key] = value if key == "vendor" else value.split()[0]
+        elif key in ("date", "due_date"):
+            found[key] = parse_date(_numeric(value), search=True)
+        else:  # total, tax, currency: the currency is the first code or symbol on these lines
+            code = next((c for c in currencies if re.search(rf"\b{c}\b", value)), None)
+            if code := code or next((k for s, k in symbols if s in value), None):
+                found.setdefault("currency", code)
+            if key != "currency":
+                digits = re.sub(r"\b[A-Z]{3}\b", "", value.split("%")[-1])
+                for symbol, _ in symbols:
+                    digits = digits.replace(symbol, "")
+                found[key] = parse_amount(
+                    re.sub(r"[^\d.,]", "", digits.translate(str.maketrans("OoIl", "0011")))
+                )
+    return found
