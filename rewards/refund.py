@@ -1,0 +1,53 @@
+"""Rewards of the ``support_refund`` env; both read the env's verdict (``Episode.outcome``).
+
+Only the env can judge a tool episode (its order database, the actions behind the answer), so these rewards
+parse nothing: :class:`rltk_envs.support_refund.RefundEpisode` writes ``outcome["correct"]`` (the resolution
+and the final database equal the oracle's), ``outcome["valid"]`` (a parseable answer that agrees with the
+actions taken) and ``outcome["harmful"]`` (money moved that the oracle would not have moved: a refund outside
+policy, of a wrong amount, or on another order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from rltk.reward import reward_fn
+
+
+@reward_fn(range=(0.0, 1.0))
+def refund_resolution(completion: str, reference: Mapping[str, Any], outcome: Mapping[str, Any]) -> float:
+    """1 if the env judged the case resolved as the oracle would (resolution and final database), else 0.
+
+    >>> refund_resolution("<answer>refund</answer>", {}, {"correct": True, "valid": True})
+    1.0
+    >>> refund_resolution("<answer>refund or escalate</answer>", {}, {"correct": False, "valid": False})
+    0.0
+    >>> refund_resolution("", {}, {})  # no verdict (an unfinished episode): the minimum
+    0.0
+    """
+    return 1.0 if outcome.get("correct") is True else 0.0
+
+
+@reward_fn(range=(-1.0, 0.0))
+def refund_harm(
+    completion: str, reference: Mapping[str, Any], outcome: Mapping[str, Any], penalty: float = 1.0
+) -> float:
+    """``-penalty`` for a harmful episode, else 0.
+
+    Harmful: a refund the oracle would not have made (outside policy, a wrong amount, another order), or no
+    valid resolution at all (an answer that does not parse, a hedge, an answer that contradicts the actions
+    taken, or none before the turn limit): a parse failure scores the range minimum, so that no malformed
+    episode scores above a well-formed wrong one. The declared range is for ``penalty=1``.
+
+    >>> refund_harm("<answer>deny: outside_window</answer>", {}, {"valid": True, "harmful": False})
+    0.0
+    >>> refund_harm("<answer>refund</answer>", {}, {"valid": True, "harmful": True})
+    -1.0
+    >>> refund_harm("<tool>lookup_order A-1", {}, {"valid": False, "harmful": False}, penalty=2.0)
+    -2.0
+    """
+    if penalty < 0:
+        raise ValueError(f"penalty must be >= 0, got {penalty!r}")
+    ok = outcome.get("valid") is True and outcome.get("harmful") is False
+    return 0.0 if ok else -float(penalty)
