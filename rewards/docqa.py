@@ -1,0 +1,66 @@
+"""Rewards for internal-document QA with citations (``rltk_envs.doc_search_qa``).
+
+What is rewarded: the answer's value AND its citation (:func:`doc_answer_cited`). The final turn must be one
+``<answer>VALUE [D07]</answer>``: one value, then one doc id in brackets at the end. The value is compared
+with the gold after normalizing case, whitespace, number formats (``$1,249.00`` = ``1249 USD``; a number may
+leave out its unit but not change it) and date formats (``2023-03-04`` = ``March 4, 2023`` = ``4 Mar
+2023``). The citation must be a doc that states that fact for the asked entity (``reference["support"]``):
+for a two-hop question (the owner's team), the owner's own page, not the product page that links it.
+
+Partial credit: a right value with a citation that does not support it earns ``wrong_citation_credit``,
+**0 by default**. A citation is the point of the workflow (an answer nobody can check is not an answer), and
+a right value under a wrong citation is often a lucky guess: team and role values repeat across the corpus,
+so reading any person's page and citing it gets the team right about one time in twelve. Raise it (e.g. to
+0.5) to shape a model that finds values but cannot yet cite; keep it below 1 so that citing still pays.
+
+Every function parses with the env's own :func:`~rltk_envs.doc_search_qa.grade_completion` (one parser for
+env and reward). A parse failure (no answer tag, an empty answer, several values or citations, text after
+the citation, an echo of the prompt, an unfinished turn) scores 0, the range minimum: never above a
+well-formed wrong answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from rltk_envs.doc_search_qa import grade_completion
+
+from rltk.reward import reward_fn
+
+
+@reward_fn(range=(0.0, 1.0))
+def doc_answer_cited(
+    completion: str,
+    reference: Mapping[str, Any],
+    outcome: Mapping[str, Any],
+    wrong_citation_credit: float = 0.0,
+) -> float:
+    """1 if the value is right and the cited doc supports it; ``wrong_citation_credit`` if only the value is.
+
+    Args:
+        completion: The final assistant turn (``<answer>VALUE [Dnn]</answer>``).
+        reference: ``{"answer": gold value as the doc writes it, "support": [doc ids stating it], ...}``.
+        outcome: The env's verdict (unused: the completion is parsed here, the same way).
+        wrong_citation_credit: Score in ``[0, 1]`` of a right value under a citation that does not support it.
+
+    Returns:
+        1.0, ``wrong_citation_credit`` or 0.0 (wrong value, or a parse failure).
+
+    >>> ref = {"answer": "March 4, 2023", "support": ["D07"]}
+    >>> doc_answer_cited("<answer>2023-03-04 [D07]</answer>", ref, {})
+    1.0
+    >>> doc_answer_cited("<answer>2023-03-04 [D09]</answer>", ref, {}, wrong_citation_credit=0.5)
+    0.5
+    >>> doc_answer_cited("<answer>2023-03-04 or 2023-03-05 [D07]</answer>", ref, {})
+    0.0
+    >>> doc_answer_cited("<answer>2023-03-04 [D07] [D08]</answer>", ref, {}, wrong_citation_credit=0.5)
+    0.0
+
+    """
+    if not 0.0 <= wrong_citation_credit <= 1.0:
+        raise ValueError(f"wrong_citation_credit must be in [0, 1], got {wrong_citation_credit!r}")
+    graded = grade_completion(completion, dict(reference))
+    if not graded.value_ok:
+        return 0.0
+    return 1.0 if graded.cite_ok else float(wrong_citation_credit)
