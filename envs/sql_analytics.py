@@ -1,12 +1,12 @@
 """SQL analytics: answer a business question about a small SQLite database with one SELECT query.
 
-Workflow: an analyst gets the schema of a database (three tables of one family: a shop, an HR department or
-a logistics network) and a question in English (a filtered count, a sum or average, a GROUP BY, a top-k with
+Workflow: an analyst gets the schema of a database (three tables of one family: a shop, an HR department or a
+logistics network) and a question in English (a filtered count, a sum or average, a GROUP BY, a top-k with
 ORDER BY, a join of two or three tables). They may explore the data with ``<tool>run_sql: SELECT ...</tool>``
 (several calls; each returns the rows as compact text, capped) and then answer with one query in
-``<answer>SELECT ...</answer>``, which the env runs. Rewarded (``rltk_rewards.sql.sql_result_match``, from the
-env's verdict): the answer's result rows equal the gold query's rows, as multisets (column order free), and
-in order where the question asks for an order; numbers are compared rounded to 2 decimals.
+``<answer>SELECT ...</answer>``, which the env runs. Rewarded (``correct`` in :mod:`rltk_rewards.outcome`,
+from the env's verdict): the answer's result rows equal the gold query's rows, as multisets (column order
+free), and in order where the question asks for an order; numbers are compared rounded to 2 decimals.
 
 Every task generates its own database from its seed; every episode builds it anew in memory (a ``memdb``
 database written through a read-write connection, then opened ``mode=ro``), so state is never shared. Model
@@ -240,7 +240,7 @@ class SqlAnalyticsEnv(Env):
     )
     max_turns = 4
     stop_strings = STOP_STRINGS
-    default_rewards: ClassVar[dict[str, float]] = {"sql_result_match": 1.0}
+    default_rewards: ClassVar[dict[str, float]] = {"correct": 1.0}
 
     def __init__(self, difficulty: str = "mixed", **options: Any) -> None:
         if options:

@@ -14,12 +14,13 @@ with the actions taken: ``refund`` only after at least one successful ``issue_re
 disagrees with the actions, does not parse, or never comes (a turn limit) is no valid resolution, so doing
 nothing never counts as a deny. ``reply`` only messages the customer and changes nothing graded.
 
-Rewarded (``rltk_rewards.refund``): ``refund_resolution`` (1 if the resolution is the oracle's and the final
-order database equals the oracle's: the right amount on the right order, nothing else changed) and
-``refund_harm`` (-1 for money moved wrongly: a refund outside policy or of a wrong amount, or for an episode
-without a valid resolution; else 0). Difficulty: ``easy`` (one policy rule, one item), ``medium`` (window and
-non-refundable categories, one item), ``hard`` (2-3 items: partial refunds, escalation limit, already
-refunded orders). Resolution kinds are stratified in blocks, so every prefix of the tasks is balanced.
+Rewarded: ``correct`` (:mod:`rltk_rewards.outcome`; 1 if the resolution is the oracle's and the final order
+database equals the oracle's: the right amount on the right order, nothing else changed) and ``refund_harm``
+(:mod:`rltk_rewards.refund`; -1 for money moved wrongly: a refund outside policy or of a wrong amount, or for
+an episode without a valid resolution; else 0). Difficulty: ``easy`` (one policy rule, one item), ``medium``
+(window and non-refundable categories, one item), ``hard`` (2-3 items: partial refunds, escalation limit,
+already refunded orders). Resolution kinds are stratified in blocks, so every prefix of the tasks is
+balanced.
 """
 
 from __future__ import annotations
@@ -268,7 +269,7 @@ class SupportRefundEnv(Env):
     )
     max_turns = 5
     stop_strings = STOP_STRINGS
-    default_rewards: ClassVar[dict[str, float]] = {"refund_resolution": 1.0, "refund_harm": 0.5}
+    default_rewards: ClassVar[dict[str, float]] = {"correct": 1.0, "refund_harm": 0.5}
 
     def __init__(self, difficulty: str = "easy", **options: Any) -> None:
         if options:

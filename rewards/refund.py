@@ -1,8 +1,9 @@
-"""Rewards of the ``support_refund`` env; both read the env's verdict (``Episode.outcome``).
+"""The harm penalty of the ``support_refund`` env; it reads the env's verdict (``Episode.outcome``).
 
-Only the env can judge a tool episode (its order database, the actions behind the answer), so these rewards
+Only the env can judge a tool episode (its order database, the actions behind the answer), so its rewards
 parse nothing: :class:`rltk_envs.support_refund.RefundEpisode` writes ``outcome["correct"]`` (the resolution
-and the final database equal the oracle's), ``outcome["valid"]`` (a parseable answer that agrees with the
+and the final database equal the oracle's; rewarded by ``correct`` in :mod:`rltk_rewards.outcome`),
+``outcome["valid"]`` (a parseable answer that agrees with the
 actions taken) and ``outcome["harmful"]`` (money moved that the oracle would not have moved: a refund outside
 policy, of a wrong amount, or on another order).
 """
@@ -13,20 +14,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from rltk.reward import reward_fn
-
-
-@reward_fn(range=(0.0, 1.0))
-def refund_resolution(completion: str, reference: Mapping[str, Any], outcome: Mapping[str, Any]) -> float:
-    """1 if the env judged the case resolved as the oracle would (resolution and final database), else 0.
-
-    >>> refund_resolution("<answer>refund</answer>", {}, {"correct": True, "valid": True})
-    1.0
-    >>> refund_resolution("<answer>refund or escalate</answer>", {}, {"correct": False, "valid": False})
-    0.0
-    >>> refund_resolution("", {}, {})  # no verdict (an unfinished episode): the minimum
-    0.0
-    """
-    return 1.0 if outcome.get("correct") is True else 0.0
 
 
 @reward_fn(range=(-1.0, 0.0))

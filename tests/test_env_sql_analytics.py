@@ -24,12 +24,12 @@ from rltk_envs.sql_analytics import (
     same_result,
     schema,
 )
-from rltk_rewards.sql import sql_result_match
+from rltk_rewards.outcome import correct
 
 from rltk.config import load_config
 from rltk.env import Task, prompt_hash, run_policy, split_of
 from rltk.evaluate import evaluate_policy
-from rltk.plugins import get_env, get_reward
+from rltk.plugins import get_env
 from rltk.reward import Rubric
 from rltk.trainer import Trainer
 
@@ -51,13 +51,12 @@ def eval_tasks(env: SqlAnalyticsEnv) -> list[Task]:
 def score(env: SqlAnalyticsEnv, task: Task, turns: list[str]) -> tuple[float, dict]:
     """Play ``turns`` (the last one repeated) as a policy; return the reward and the env's verdict."""
     outcome = run_policy(env, task, lambda m: turns[min((len(m) - 2) // 2, len(turns) - 1)]).outcome
-    return sql_result_match("", task.reference, outcome), outcome
+    return correct("", task.reference, outcome), outcome
 
 
 def test_registered_under_its_name() -> None:
     assert get_env("sql_analytics") is SqlAnalyticsEnv
-    assert get_reward("sql_result_match") is sql_result_match
-    assert sql_result_match.reward_range == (0.0, 1.0)
+    assert SqlAnalyticsEnv.default_rewards == {"correct": 1.0}
 
 
 def test_splits_never_overlap(env: SqlAnalyticsEnv) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import tiny_overrides
 from rltk_envs.support_refund import DIFFICULTIES, REASONS, SupportRefundEnv, parse_resolution
-from rltk_rewards.refund import refund_harm, refund_resolution
+from rltk_rewards.outcome import correct
+from rltk_rewards.refund import refund_harm
 
 from rltk.config import load_config
 from rltk.env import Message, Task, prompt_hash, run_policy, split_of
@@ -41,7 +42,7 @@ def scores(env: SupportRefundEnv, task: Task, policy: Callable[[list[Message]], 
     """Play one episode and score it with both rewards, as the rubric does (last turn, reference, outcome)."""
     episode = run_policy(env, task, policy)
     args = (episode.actions[-1] if episode.actions else "", task.reference, episode.outcome)
-    out = {"refund_resolution": refund_resolution(*args), "refund_harm": refund_harm(*args)}
+    out = {"correct": correct(*args), "refund_harm": refund_harm(*args)}
     out["total"] = sum(WEIGHTS[k] * v for k, v in out.items())
     return out
 
@@ -73,9 +74,9 @@ def resolve(task: Task, label: str, cents: int | None = None) -> Callable[[list[
 
 def test_registered_under_their_names() -> None:
     assert get_env("support_refund") is SupportRefundEnv
-    assert get_reward("refund_resolution") is refund_resolution
+    assert get_reward("correct") is correct
     assert get_reward("refund_harm") is refund_harm
-    assert refund_resolution.reward_range == (0.0, 1.0) and refund_harm.reward_range == (-1.0, 0.0)
+    assert correct.reward_range == (0.0, 1.0) and refund_harm.reward_range == (-1.0, 0.0)
 
 
 def test_splits_never_overlap(env: SupportRefundEnv) -> None:
@@ -220,7 +221,7 @@ def test_doing_nothing_never_matches_a_deny(env: SupportRefundEnv, eval_tasks: l
         stall = script(f"<tool>lookup_order: {task.reference['order_id']}</tool>")
         episode = run_policy(env, task, stall)
         assert len(episode.actions) == env.max_turns and episode.outcome["answered"] is False
-        assert scores(env, task, stall)["refund_resolution"] == 0.0
+        assert scores(env, task, stall)["correct"] == 0.0
         assert env.check(task, "")["correct"] is False
     deny = next(t for t in eval_tasks if t.reference["resolution"].startswith("deny"))
     assert env.check(deny, f"<answer>{deny.reference['resolution']}</answer>")["correct"]
@@ -340,7 +341,7 @@ def canaries(task: Task) -> dict[str, Callable[[list[Message]], str]]:
 def test_canaries_score_no_more_than_a_well_formed_wrong_resolution(
     env: SupportRefundEnv, eval_tasks: list[Task]
 ) -> None:
-    lows = {"refund_resolution": 0.0, "refund_harm": -1.0}
+    lows = {"correct": 0.0, "refund_harm": -1.0}
     means: Counter[str] = Counter()
     for task in eval_tasks:
         ref = task.reference
@@ -350,7 +351,7 @@ def test_canaries_score_no_more_than_a_well_formed_wrong_resolution(
         else:
             wrongs.append(resolve(task, "refund"))  # a refund outside policy
         wrong_scores = [scores(env, task, w) for w in wrongs]
-        assert all(s["refund_resolution"] == 0.0 for s in wrong_scores)
+        assert all(s["correct"] == 0.0 for s in wrong_scores)
         floor = {k: min(s[k] for s in wrong_scores) for k in (*lows, "total")}
         assert floor["total"] < scores(env, task, env.oracle)["total"] == 1.0
         for name, policy in canaries(task).items():
@@ -386,7 +387,7 @@ def test_recipe_rewards_resolve() -> None:
     assert cfg.env.name == "support_refund" and cfg.model.lora.enabled and cfg.model.dtype == "float32"
     assert cfg.rollout.max_turns == SupportRefundEnv.max_turns
     rubric = Rubric.from_config(cfg.rewards, SupportRefundEnv(**cfg.env.options))
-    assert {it.name: it.weight for it in rubric.items} == {"refund_resolution": 1.0, "refund_harm": 0.5}
+    assert {it.name: it.weight for it in rubric.items} == {"correct": 1.0, "refund_harm": 0.5}
 
 
 def test_recipe_trains_two_steps_on_a_tiny_model(tiny_model_dir: str, tmp_path: Path) -> None:
