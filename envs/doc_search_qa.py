@@ -32,7 +32,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
-from rltk.env import SPLITS, Env, Episode, Message, Policy, Task, prompt_hash, split_of
+from rltk.env import SPLITS, Env, Episode, Message, Policy, Task, draw_task, prompt_hash, split_of
 from rltk.tools import STOP_STRINGS, FinalAnswer, ToolCall, ToolEpisode, parse_action, protocol_prompt
 
 DIFFICULTIES = ("easy", "medium", "hard")
@@ -226,7 +226,8 @@ class DocSearchQAEnv(Env):
             family, attr = random.Random(f"{seed}:{split}:kind:{i // len(kinds)}").sample(kinds, len(kinds))[
                 i % len(kinds)
             ]
-            for attempt in range(100_000):
+
+            def draw(attempt: int, i: int = i, family: str = family, attr: str = attr) -> Task | None:
                 rng = random.Random(f"{self.difficulty}:{seed}:{split}:{i}:{attempt}")
                 names, topics = _names(rng, family, 1 + self.level["lookalikes"], set())
                 company = rng.choice(_data()["companies"])
@@ -235,18 +236,16 @@ class DocSearchQAEnv(Env):
                     {"role": "system", "content": system_prompt()},
                     {"role": "user", "content": _data()["user"].format(company=company, question=question)},
                 ]
-                digest = prompt_hash(messages)
-                if split_of(messages) != split or digest in seen:
-                    continue
+                if split_of(messages) != split or prompt_hash(messages) in seen:
+                    return None  # checked before the corpus is built: building it is the costly part
                 reference = self._corpus(rng, family, attr, names, topics)
-                if reference is not None:
-                    break
-            else:  # pragma: no cover - astronomically unlikely
-                raise RuntimeError(f"could not draw task {i} of split {split!r}")
-            seen.add(digest)
-            info = {"difficulty": self.difficulty, "family": family, "attribute": attr}
-            info["hops"] = self.level["hops"]
-            out.append(Task(f"{self.name}/{split}/{seed}/{i}", split, messages, reference, info))
+                if reference is None:
+                    return None
+                info = {"difficulty": self.difficulty, "family": family, "attribute": attr}
+                info["hops"] = self.level["hops"]
+                return Task(f"{self.name}/{split}/{seed}/{i}", split, messages, reference, info)
+
+            out.append(draw_task(split, seen, draw))
         return out
 
     def _corpus(

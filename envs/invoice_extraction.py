@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 from rltk_rewards.invoice import parse_amount, parse_date, score_reply
 
-from rltk.env import SPLITS, Env, Message, Policy, Task, prompt_hash, split_of
+from rltk.env import SPLITS, Env, Message, Policy, Task, draw_task
 
 DIFFICULTIES = ("easy", "medium", "hard")
 _TYPES = {"string": "string", "date": '"YYYY-MM-DD"', "currency": '"ISO code"', "number": "number"}
@@ -126,28 +126,26 @@ class InvoiceExtractionEnv(Env):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         layouts = self.level["layouts"]
-        out: list[Task] = []
         seen: set[str] = set()
+        schema = {k: _data()["schema_types"][k] for k in self.level["fields"]}
+        out: list[Task] = []
         for i in range(n):
             order = random.Random(f"{seed}:{split}:layout:{i // len(layouts)}").sample(layouts, len(layouts))
-            for attempt in range(10_000):
+            layout = order[i % len(layouts)]
+
+            def draw(attempt: int, i: int = i, layout: str = layout) -> Task:
                 rng = random.Random(f"{self.difficulty}:{seed}:{split}:{i}:{attempt}")
-                messages, answer = self._sample(rng, order[i % len(layouts)])
-                digest = prompt_hash(messages)
-                if split_of(messages) == split and digest not in seen:
-                    break
-            else:  # pragma: no cover - astronomically unlikely
-                raise RuntimeError(f"could not draw task {i} of split {split!r}")
-            seen.add(digest)
-            schema = {k: _data()["schema_types"][k] for k in self.level["fields"]}
-            info = {
-                "difficulty": self.difficulty,
-                "layout": order[i % len(layouts)],
-                "currency": answer["currency"],
-                "absent": sum(v is None for v in answer.values()),
-            }
-            reference = {"schema": schema, "answer": answer}
-            out.append(Task(f"{self.name}/{split}/{seed}/{i}", split, messages, reference, info))
+                messages, answer = self._sample(rng, layout)
+                info = {
+                    "difficulty": self.difficulty,
+                    "layout": layout,
+                    "currency": answer["currency"],
+                    "absent": sum(v is None for v in answer.values()),
+                }
+                reference = {"schema": schema, "answer": answer}
+                return Task(f"{self.name}/{split}/{seed}/{i}", split, messages, reference, info)
+
+            out.append(draw_task(split, seen, draw, 10_000))
         return out
 
     def _sample(self, rng: random.Random, layout: str) -> tuple[list[Message], dict[str, Any]]:

@@ -20,12 +20,13 @@ import json
 import math
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
-from rltk.env import SPLITS, Env, Message, Policy, Task, prompt_hash, split_of
+from rltk.env import SPLITS, Env, Message, Policy, Task, draw_task
 
 RULES = ("R1", "R2", "R3")
 DIFFICULTIES = ("basic", "varied")
@@ -282,19 +283,15 @@ class PolicyFlaggingEnv(Env):
         """``n`` tasks of ``split``; prefix-stable, disjoint across splits by prompt hash."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        out: list[Task] = []
         seen: set[str] = set()
-        for i in range(n):
-            kind, rule = self._kind(split, seed, i)
-            for attempt in range(10_000):
-                rng = random.Random(f"{seed}:{split}:{i}:{attempt}")
-                messages, label_rule = self._sample(rng, kind, rule)
-                digest = prompt_hash(messages)
-                if split_of(messages) == split and digest not in seen:
-                    break
-            else:  # pragma: no cover - astronomically unlikely
-                raise RuntimeError(f"could not draw task {i} of split {split!r}")
-            seen.add(digest)
+        return [draw_task(split, seen, self._candidate(split, seed, i), 10_000) for i in range(n)]
+
+    def _candidate(self, split: str, seed: int, i: int) -> Callable[[int], Task]:
+        """Draws of task ``i`` (its kind and rule fixed by the stratification), one per attempt."""
+        kind, rule = self._kind(split, seed, i)
+
+        def draw(attempt: int) -> Task:
+            messages, label_rule = self._sample(random.Random(f"{seed}:{split}:{i}:{attempt}"), kind, rule)
             info = {"rule": label_rule, "near_miss": kind == "near", "difficulty": self.difficulty}
             info["near_miss_rule"] = rule if kind == "near" else None
             reference = {
@@ -303,8 +300,9 @@ class PolicyFlaggingEnv(Env):
                 "ask_rule": self.ask_rule,
                 "checklist": self.checklist,
             }
-            out.append(Task(f"{self.name}/{split}/{seed}/{i}", split, messages, reference, info))
-        return out
+            return Task(f"{self.name}/{split}/{seed}/{i}", split, messages, reference, info)
+
+        return draw
 
     def _kind(self, split: str, seed: int, i: int) -> tuple[str, str | None]:
         """("flag" | "near" | "clear", rule): stratified so every prefix is balanced up to rounding."""

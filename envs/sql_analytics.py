@@ -34,7 +34,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-from rltk.env import SPLITS, Env, Message, Policy, Task, prompt_hash, split_of
+from rltk.env import SPLITS, Env, Message, Policy, Task, draw_task, prompt_hash, split_of
 from rltk.tools import STOP_STRINGS, FinalAnswer, ToolEpisode, parse_action, protocol_prompt
 
 LEVELS = ("easy", "medium", "hard")
@@ -266,16 +266,13 @@ class SqlAnalyticsEnv(Env):
             block = random.Random(f"{seed}:{split}:block:{i // len(self.pool)}").sample(
                 self.pool, len(self.pool)
             )
-            for attempt in range(20_000):
+
+            def draw(attempt: int, i: int = i, block: list = block) -> Task | None:
                 rng = random.Random(f"{seed}:{split}:{i}:{attempt}")
                 family, j = block[i % len(self.pool)] if attempt < 1000 else rng.choice(self.pool)
-                task = self._draw(rng, family, j, f"{self.name}/{split}/{seed}/{i}", split)
-                if task and prompt_hash(task.messages) not in seen:
-                    break
-            else:  # pragma: no cover - the template space is far larger than any split asked for
-                raise RuntimeError(f"could not draw task {i} of split {split!r}")
-            seen.add(prompt_hash(task.messages))
-            out.append(task)
+                return self._draw(rng, family, j, f"{self.name}/{split}/{seed}/{i}", split)
+
+            out.append(draw_task(split, seen, draw, 20_000))
         return out
 
     def _draw(self, rng: random.Random, family: str, j: int, task_id: str, split: str) -> Task | None:

@@ -37,7 +37,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-from rltk.env import SPLITS, Env, Episode, Message, Policy, Step, Task, prompt_hash, split_of
+from rltk.env import SPLITS, Env, Episode, Message, Policy, Step, Task, draw_task
 from rltk.tools import STOP_STRINGS, ToolCall, ToolEpisode, parse_action
 
 DIFFICULTIES = ("easy", "medium", "hard")
@@ -287,19 +287,12 @@ class SupportRefundEnv(Env):
         seen: set[str] = set()
         for i in range(n):
             block = random.Random(f"{seed}:{split}:block:{i // len(kinds)}").sample(kinds, len(kinds))
-            kind = block[i % len(kinds)]
-            for attempt in range(100_000):
+
+            def draw(attempt: int, i: int = i, kind: str = block[i % len(kinds)]) -> Task | None:
                 case = self._sample(random.Random(f"{seed}:{split}:{i}:{attempt}"), kind)
-                if case is None:
-                    continue
-                messages, reference, info = case
-                digest = prompt_hash(messages)
-                if split_of(messages) == split and digest not in seen:
-                    break
-            else:  # pragma: no cover - astronomically unlikely
-                raise RuntimeError(f"could not draw task {i} of split {split!r}")
-            seen.add(digest)
-            out.append(Task(f"{self.name}/{split}/{seed}/{i}", split, messages, reference, info))
+                return None if case is None else Task(f"{self.name}/{split}/{seed}/{i}", split, *case)
+
+            out.append(draw_task(split, seen, draw))
         return out
 
     def _sample(self, rng: random.Random, kind: str) -> tuple[list[Message], dict, dict] | None:

@@ -149,6 +149,30 @@ def split_of(messages: list[Message], weights: tuple[int, int, int] = (8, 1, 1))
     return "eval" if bucket < weights[0] + weights[1] else "test"
 
 
+def draw_task(
+    split: str, seen: set[str], candidate: Callable[[int], Task | None], attempts: int = 100_000
+) -> Task:
+    """The first ``candidate(attempt)`` that lies in ``split`` by its prompt hash and is not in ``seen``.
+
+    The rejection loop every generator uses to keep splits disjoint by construction: ``candidate`` draws one
+    task from a seed that includes ``attempt`` (and returns None for a degenerate draw); the task's prompt
+    hash is added to ``seen``.
+
+    Raises:
+        RuntimeError: If no candidate qualifies within ``attempts`` draws.
+
+    """
+    for attempt in range(attempts):
+        task = candidate(attempt)
+        if task is None or split_of(task.messages) != split:
+            continue
+        digest = prompt_hash(task.messages)
+        if digest not in seen:
+            seen.add(digest)
+            return task
+    raise RuntimeError(f"could not draw a new task of split {split!r} in {attempts} attempts")
+
+
 def run_policy(env: Env, task: Task, policy: Policy) -> Episode:
     """Play one episode with a text policy (oracle, baseline, or a model wrapped as a function)."""
     episode = env.episode(task)

@@ -347,3 +347,21 @@ def test_checklist_prompts_oracle_baselines_and_canaries(ask_rule: bool, difficu
 
 def _flag_answer(ask_rule: bool) -> str:
     return "FLAG R1" if ask_rule else "FLAG"
+
+
+def test_draw_task_keeps_the_split_and_refuses_repeats() -> None:
+    from rltk.env import Task, draw_task
+
+    def candidate(attempt: int) -> Task | None:
+        if attempt % 3 == 0:
+            return None  # a degenerate draw
+        messages = [{"role": "user", "content": f"q{attempt % 40}"}]
+        return Task(str(attempt), "eval", messages, {})
+
+    seen: set[str] = set()
+    drawn = [draw_task("eval", seen, candidate, attempts=200) for _ in range(3)]
+    assert all(split_of(t.messages) == "eval" for t in drawn)
+    assert len({prompt_hash(t.messages) for t in drawn}) == 3 == len(seen)
+    with pytest.raises(RuntimeError, match="could not draw a new task of split 'eval'"):
+        for _ in range(40):
+            draw_task("eval", seen, candidate, attempts=200)  # only a few of q0..q39 hash into eval
