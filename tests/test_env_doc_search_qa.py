@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_overrides
+from env_contract import assert_deterministic, assert_splits_disjoint
 from rltk_envs.doc_search_qa import DocSearchQAEnv, canon, grade, same_value
 from rltk_rewards.docqa import doc_answer_cited
 
 from rltk.config import load_config
-from rltk.env import Task, prompt_hash, run_policy, split_of
+from rltk.env import Task, run_policy
 from rltk.evaluate import baseline_results, evaluate_policy
 from rltk.plugins import get_env, get_reward
 from rltk.reward import Rubric
@@ -58,23 +59,11 @@ def test_registered_under_its_name() -> None:
 
 
 def test_splits_never_overlap(env: DocSearchQAEnv) -> None:
-    tasks = {s: env.tasks(s, n) for s, n in [("train", 2000), ("eval", 200), ("test", 200)]}
-    for s, ts in tasks.items():
-        assert all(split_of(t.messages) == s == t.split for t in ts)
-    hashes = {s: {prompt_hash(t.messages) for t in ts} for s, ts in tasks.items()}
-    assert [len(h) for h in hashes.values()] == [2000, 200, 200]  # no duplicates within a split either
-    assert not hashes["train"] & hashes["eval"]
-    assert not hashes["train"] & hashes["test"]
-    assert not hashes["eval"] & hashes["test"]
+    assert_splits_disjoint(env)
 
 
 def test_determinism(env: DocSearchQAEnv) -> None:
-    a = env.tasks("eval", 30, seed=3)
-    assert a == DocSearchQAEnv(difficulty=env.difficulty).tasks("eval", 30, seed=3)
-    assert env.tasks("eval", 10, seed=3) == a[:10]  # prefix-stable
-    other = env.tasks("eval", 30, seed=4)
-    assert {prompt_hash(t.messages) for t in a}.isdisjoint(prompt_hash(t.messages) for t in other)
-    assert len({t.id for t in a}) == 30
+    assert_deterministic(lambda: DocSearchQAEnv(difficulty=env.difficulty))
 
 
 @pytest.mark.parametrize("split", ["eval", "train"])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_overrides
+from env_contract import assert_splits_disjoint
 from rltk_envs.sql_analytics import (
     DIFFICULTIES,
     LEVELS,
@@ -27,7 +28,7 @@ from rltk_envs.sql_analytics import (
 from rltk_rewards.outcome import correct
 
 from rltk.config import load_config
-from rltk.env import Task, prompt_hash, run_policy, split_of
+from rltk.env import Task, prompt_hash, run_policy
 from rltk.evaluate import evaluate_policy
 from rltk.plugins import get_env
 from rltk.reward import Rubric
@@ -60,14 +61,7 @@ def test_registered_under_its_name() -> None:
 
 
 def test_splits_never_overlap(env: SqlAnalyticsEnv) -> None:
-    tasks = {s: env.tasks(s, n) for s, n in [("train", 2000), ("eval", 200), ("test", 200)]}
-    for s, ts in tasks.items():
-        assert all(split_of(t.messages) == s == t.split for t in ts)
-    hashes = {s: {prompt_hash(t.messages) for t in ts} for s, ts in tasks.items()}
-    assert [len(h) for h in hashes.values()] == [2000, 200, 200]  # no duplicates within a split either
-    assert not hashes["train"] & hashes["eval"]
-    assert not hashes["train"] & hashes["test"]
-    assert not hashes["eval"] & hashes["test"]
+    assert_splits_disjoint(env)
 
 
 def test_determinism_and_stratification(env: SqlAnalyticsEnv, eval_tasks: list[Task]) -> None:

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_overrides
+from env_contract import assert_deterministic, assert_splits_disjoint
 from rltk_envs.support_refund import DIFFICULTIES, REASONS, SupportRefundEnv, parse_resolution
 from rltk_rewards.outcome import correct
 from rltk_rewards.refund import refund_harm
 
 from rltk.config import load_config
-from rltk.env import Message, Task, prompt_hash, run_policy, split_of
+from rltk.env import Message, Task, run_policy
 from rltk.evaluate import evaluate_policy
 from rltk.plugins import get_env, get_reward
 from rltk.reward import Rubric
@@ -80,24 +81,11 @@ def test_registered_under_their_names() -> None:
 
 
 def test_splits_never_overlap(env: SupportRefundEnv) -> None:
-    tasks = {s: env.tasks(s, n) for s, n in [("train", 2000), ("eval", 200), ("test", 200)]}
-    for s, ts in tasks.items():
-        assert all(split_of(t.messages) == s == t.split for t in ts)
-    hashes = {s: {prompt_hash(t.messages) for t in ts} for s, ts in tasks.items()}
-    assert [len(h) for h in hashes.values()] == [2000, 200, 200]  # no duplicates within a split either
-    assert not hashes["train"] & hashes["eval"]
-    assert not hashes["train"] & hashes["test"]
-    assert not hashes["eval"] & hashes["test"]
+    assert_splits_disjoint(env)
 
 
 def test_determinism(env: SupportRefundEnv) -> None:
-    a = env.tasks("eval", 30, seed=3)
-    assert a == SupportRefundEnv(difficulty=env.difficulty).tasks("eval", 30, seed=3)
-    assert env.tasks("eval", 10, seed=3) == a[:10]  # prefix-stable
-    assert {prompt_hash(t.messages) for t in a}.isdisjoint(
-        prompt_hash(t.messages) for t in env.tasks("eval", 30)
-    )
-    assert len({t.id for t in a}) == 30
+    assert_deterministic(lambda: SupportRefundEnv(difficulty=env.difficulty))
 
 
 def test_kinds_are_stratified(env: SupportRefundEnv) -> None:

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from env_contract import assert_deterministic, assert_splits_disjoint
 from rltk_envs.policy_flagging import RULES, PolicyFlaggingEnv, parse_answer
 from rltk_rewards.flagging import answer_format, flag_decision, flag_rule
 
@@ -67,14 +68,7 @@ def test_labels_match_an_independent_reading_of_the_prompt(env: PolicyFlaggingEn
 
 
 def test_splits_never_overlap(env: PolicyFlaggingEnv) -> None:
-    tasks = {s: env.tasks(s, n) for s, n in [("train", 2000), ("eval", 400), ("test", 400)]}
-    for s, ts in tasks.items():  # each prompt lies in the split its hash assigns it to
-        assert all(split_of(t.messages) == s == t.split for t in ts)
-    hashes = {s: {prompt_hash(t.messages) for t in ts} for s, ts in tasks.items()}
-    assert [len(h) for h in hashes.values()] == [2000, 400, 400]  # no duplicates within a split either
-    assert not hashes["train"] & hashes["eval"]
-    assert not hashes["train"] & hashes["test"]
-    assert not hashes["eval"] & hashes["test"]
+    assert_splits_disjoint(env, (2000, 400, 400))
 
 
 @pytest.mark.parametrize("split", ["eval", "test", "train"])
@@ -123,15 +117,7 @@ def test_basic_policy_is_identical_across_tasks() -> None:
 
 
 def test_determinism(env: PolicyFlaggingEnv) -> None:
-    a, b = (
-        env.tasks("eval", 40, seed=3),
-        PolicyFlaggingEnv(difficulty=env.difficulty).tasks("eval", 40, seed=3),
-    )
-    assert a == b
-    c = env.tasks("eval", 40, seed=4)
-    assert {prompt_hash(t.messages) for t in a}.isdisjoint(prompt_hash(t.messages) for t in c)
-    assert env.tasks("eval", 10, seed=3) == a[:10]  # prefix-stable
-    assert len({t.id for t in a}) == 40
+    assert_deterministic(lambda: PolicyFlaggingEnv(difficulty=env.difficulty))
 
 
 def test_unbalanced_train_has_rare_flags() -> None:
