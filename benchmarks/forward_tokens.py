@@ -31,9 +31,9 @@ import torch
 
 from rltk import forward
 from rltk.batch import Batch
+from rltk.chat import render_prompt
 from rltk.models import add_lora, load_model, load_tokenizer
 from rltk.plugins import get_env
-from rltk.rollout import render_prompt
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODES = ("off", "kv-group", "kv", "packed")  # kv-group: kv with the prefix level disabled (C = 0)

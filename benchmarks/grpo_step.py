@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
+from rltk.chat import render_prompt
 from rltk.config import load_config
 from rltk.env import Task
 from rltk.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve
 from rltk.plugins import get_env
-from rltk.rollout import render_prompt
 from rltk.trainer import Trainer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

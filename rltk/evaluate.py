@@ -17,9 +17,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rltk.batch import Group, Rollout
+from rltk.chat import render_prompt
 from rltk.env import Env, Policy, Task, run_policy
 from rltk.reward import Rubric
-from rltk.rollout import SamplingParams, eos_token_ids, generate, render_prompt, sample_turn
+from rltk.rollout import SamplingParams, eos_token_ids, generate, sample_turn
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
 

@@ -22,24 +22,23 @@ temperature up to float rounding.
 
 Multi-turn envs (``Env.max_turns > 1``, tool use): every rollout plays its own episode. After each turn the
 env answers; its observation is appended as tokens the model did not generate (``loss_mask`` 0,
-``sample_logp`` 0): the turn's closing tokens where the model did not write them (a turn cut at a stop
-string or at ``max_new_tokens``; :func:`turn_close_ids`), then ``template(history + [user: observation],
-generation prompt) - template(history)`` (:func:`observation_ids`, checked to be a prefix). The next turn is
-sampled with ``repeats=1`` from each live rollout's prompt + completion so far, exactly the ids the update
-will see: the model's ids as generated (never re-tokenized, even where a stop string ends mid-token) and the
-env's rendered ids. Each rollout's sequence is contiguous, so sampling (``cumsum(mask) - 1`` over a
-left-padded batch) and training (contiguous positions after the prompt) give every token the same position
-id, and the update's log-probs equal the sampler's up to float rounding
-(``tests/test_multiturn.py``). Each turn re-prefills the rollouts' histories (sharing the prefix common to
-all of them), which costs prompt compute but keeps one code path for sampling. A rollout ends when the env
-says done (``stop_reason="done"``), after ``max_turns`` turns (``"max_turns"``), or when its tokens reach
-``max_rollout_tokens`` (``"max_tokens"``); the last two are ``truncated`` and keep the env's verdict of an
-unfinished episode.
+``sample_logp`` 0): the turn's closing tokens where the model did not write them (a turn cut at a stop string
+or at ``max_new_tokens``; :func:`rltk.chat.turn_close_ids`), then ``template(history + [user: observation],
+generation prompt) - template(history)`` (:func:`rltk.chat.observation_ids`, checked to be a prefix). The next
+turn is sampled with ``repeats=1`` from each live rollout's prompt + completion so far, exactly the ids the
+update will see: the model's ids as generated (never re-tokenized, even where a stop string ends mid-token)
+and the env's rendered ids. Each rollout's sequence is contiguous, so sampling (``cumsum(mask) - 1`` over a
+left-padded batch) and training (contiguous positions after the prompt) give every token the same position id,
+and the update's log-probs equal the sampler's up to float rounding (``tests/test_multiturn.py``). Each turn
+re-prefills the rollouts' histories (sharing the prefix common to all of them), which costs prompt compute but
+keeps one code path for sampling. A rollout ends when the env says done (``stop_reason="done"``), after
+``max_turns`` turns (``"max_turns"``), or when its tokens reach ``max_rollout_tokens`` (``"max_tokens"``); the
+last two are ``truncated`` and keep the env's verdict of an unfinished episode.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +46,7 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from rltk.batch import Group, Rollout, left_pad
+from rltk.chat import observation_ids, render_prompt, turn_close_ids
 from rltk.env import Env, Episode, Message, Task
 from rltk.forward import prefill, shared_prefix_layout, shared_prefix_length
 from rltk.models import context_length
@@ -82,62 +82,6 @@ class TurnSample:
 
 class PromptTooLongError(ValueError):
     """A task's rendered prompt does not fit the model's context (minus the completion budget)."""
-
-
-def render_prompt(
-    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], add_generation_prompt: bool = True
-) -> list[int]:
-    """Token ids of ``messages`` rendered with the chat template (plus the generation prompt by default)."""
-    out = tokenizer.apply_chat_template(
-        list(messages), add_generation_prompt=add_generation_prompt, tokenize=True
-    )
-    if isinstance(out, Mapping):  # transformers 5 returns a BatchEncoding
-        out = out["input_ids"]
-    return [int(t) for t in out]
-
-
-def observation_ids(
-    tokenizer: PreTrainedTokenizerBase, history: Sequence[Message], observation: str
-) -> list[int]:
-    """Tokens an env observation adds to a conversation (for multi-turn rollouts; loss_mask 0).
-
-    ``template(history + [user: observation], generation prompt) - template(history)``, where ``history`` ends
-    with the assistant turn.
-
-    Raises:
-        ValueError: If the template does not render ``history`` as a prefix of the longer conversation.
-
-    """
-    before = render_prompt(tokenizer, history, add_generation_prompt=False)
-    after = render_prompt(tokenizer, [*history, {"role": "user", "content": observation}])
-    if after[: len(before)] != before:
-        raise ValueError("the chat template does not render the history as a prefix of the next turn")
-    return after[len(before) :]
-
-
-def turn_close_ids(tokenizer: PreTrainedTokenizerBase, eos_ids: Sequence[int]) -> list[int]:
-    """The tokens the chat template puts after an assistant turn's text, starting with its end-of-turn id.
-
-    Found by rendering a two-message conversation with and without the assistant's reply.
-
-    Raises:
-        ValueError: If the template does not end an assistant turn with one of ``eos_ids``.
-
-    """
-    user = [{"role": "user", "content": "Hi"}]
-    head = render_prompt(tokenizer, user)
-    full = render_prompt(
-        tokenizer, [*user, {"role": "assistant", "content": "Hello"}], add_generation_prompt=False
-    )
-    rest = full[len(head) :] if full[: len(head)] == head else []
-    ends = [i for i, t in enumerate(rest) if t in set(eos_ids)]
-    if not ends:
-        raise ValueError(
-            "the chat template does not close an assistant turn with an EOS token, so a multi-turn rollout "
-            "cannot tell where a turn ends; use a tokenizer whose template does (e.g. ChatML), or set its "
-            "generation_config.eos_token_id to the template's end-of-turn token"
-        )
-    return rest[ends[0] :]
 
 
 def eos_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -20,8 +20,8 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from rltk import forward
 from rltk.batch import Group, Rollout, collate
+from rltk.chat import observation_ids, render_prompt, turn_close_ids
 from rltk.env import Env, Message, Task
-from rltk.rollout import observation_ids, render_prompt, turn_close_ids
 
 if TYPE_CHECKING:
     from rltk.trainer import Trainer

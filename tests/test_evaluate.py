@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from rltk import evaluate, plugins
+from rltk.chat import render_prompt
 from rltk.reward import Rubric
-from rltk.rollout import render_prompt
 
 
 def test_greedy_completions_equal_plain_generate(tiny_model, tokenizer) -> None:

@@ -12,9 +12,10 @@ from plugins_for_tests import CounterToolEnv
 
 from rltk import forward
 from rltk.batch import collate
+from rltk.chat import render_prompt, turn_close_ids
 from rltk.config import load_config
 from rltk.env import run_policy
-from rltk.rollout import eos_token_ids, generate, render_prompt, turn_close_ids
+from rltk.rollout import eos_token_ids, generate
 from rltk.tools import FinalAnswer, Malformed, ToolCall, ToolEpisode, parse_action
 from rltk.trainer import Trainer
 

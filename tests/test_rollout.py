@@ -12,9 +12,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from rltk.batch import Group, collate
+from rltk.chat import observation_ids, render_prompt
 from rltk.env import Env, Message, Task
 from rltk.forward import MIN_SHARED_PREFIX, completion_logprobs, shared_prefix_length
-from rltk.rollout import generate, observation_ids, render_prompt
+from rltk.rollout import generate
 
 G = 4
 MAX_NEW = 12
