@@ -68,3 +68,27 @@ def turn_close_ids(tokenizer: PreTrainedTokenizerBase, eos_ids: Sequence[int]) -
             "generation_config.eos_token_id to the template's end-of-turn token"
         )
     return rest[ends[0] :]
+
+
+def env_answer_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    history: Sequence[Message],
+    observation: str,
+    close_ids: Sequence[int],
+    closed: bool,
+) -> list[int]:
+    """Every token between an assistant turn's last token and the next turn's first (loss_mask 0).
+
+    The rest of the turn's close (all of ``close_ids`` where the model did not write the end-of-turn token
+    itself: a turn cut at a stop string or a length limit), then :func:`observation_ids`. Multi-turn rollouts
+    and warm-start demonstrations both lay out env answers with this.
+
+    Args:
+        tokenizer: The tokenizer with the chat template.
+        history: The conversation, ending with the assistant turn just taken.
+        observation: The env's answer, rendered as a ``user`` turn.
+        close_ids: :func:`turn_close_ids`.
+        closed: Whether the turn's ids already end with the end-of-turn token.
+
+    """
+    return [*close_ids[1 if closed else 0 :], *observation_ids(tokenizer, history, observation)]

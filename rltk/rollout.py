@@ -46,7 +46,7 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from rltk.batch import Group, Rollout, left_pad
-from rltk.chat import observation_ids, render_prompt, turn_close_ids
+from rltk.chat import env_answer_ids, render_prompt, turn_close_ids
 from rltk.env import Env, Episode, Message, Task
 from rltk.forward import prefill, shared_prefix_layout, shared_prefix_length
 from rltk.models import context_length
@@ -281,9 +281,8 @@ def play_turn(state: RolloutState, sample: TurnSample, ctx: TurnContext, last: b
     if state.stop_reason:
         return
     closed = bool(ids) and ids[-1] in ctx.eos_ids
-    env_ids = ctx.close_ids[1:] if closed else list(ctx.close_ids)
     observation = step.observation or ""
-    env_ids += observation_ids(ctx.tokenizer, state.messages, observation)
+    env_ids = env_answer_ids(ctx.tokenizer, state.messages, observation, ctx.close_ids, closed)
     if len(state.token_ids) + len(env_ids) >= state.budget:  # no room left for another model token
         state.stop_reason = "max_tokens"
         return

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from rltk import forward
 from rltk.batch import Group, Rollout, collate
-from rltk.chat import observation_ids, render_prompt, turn_close_ids
+from rltk.chat import env_answer_ids, render_prompt, turn_close_ids
 from rltk.env import Env, Message, Task
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def demonstration_group(tokenizer: PreTrainedTokenizerBase, env: Env, task: Task
         if step.done:
             break
         observation = step.observation or ""
-        env_ids = close[1:] + observation_ids(tokenizer, messages, observation)
+        env_ids = env_answer_ids(tokenizer, messages, observation, close, closed=answer[-1:] == close[:1])
         ids += env_ids
         mask += [0] * len(env_ids)
         messages.append({"role": "user", "content": observation})
