@@ -207,8 +207,7 @@ class DocSearchQAEnv(Env):
     default_rewards: ClassVar[dict[str, float]] = {"doc_answer_cited": 1.0}
 
     def __init__(self, difficulty: str = "easy", **options: Any) -> None:
-        if options:
-            raise ValueError(f"env 'doc_search_qa' got unknown options {sorted(options)}; valid: difficulty")
+        super().__init__(**options)
         if difficulty not in DIFFICULTIES:
             raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
         self.difficulty = difficulty

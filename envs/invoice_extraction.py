@@ -111,10 +111,7 @@ class InvoiceExtractionEnv(Env):
     default_rewards: ClassVar[dict[str, float]] = {"invoice_field_f1": 1.0, "invoice_json_valid": 0.2}
 
     def __init__(self, difficulty: str = "easy", **options: Any) -> None:
-        if options:
-            raise ValueError(
-                f"env 'invoice_extraction' got unknown options {sorted(options)}; valid: difficulty"
-            )
+        super().__init__(**options)
         if difficulty not in DIFFICULTIES:
             raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
         self.difficulty = difficulty

@@ -261,11 +261,7 @@ class PolicyFlaggingEnv(Env):
         checklist: bool = False,
         **options: Any,
     ) -> None:
-        if options:
-            raise ValueError(
-                f"env 'policy_flagging' got unknown options {sorted(options)}; "
-                "valid: difficulty, miss_cost, false_alarm_cost, balanced_train, ask_rule, checklist"
-            )
+        super().__init__(**options)
         if difficulty not in DIFFICULTIES:
             raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
         for key, cost in (("miss_cost", miss_cost), ("false_alarm_cost", false_alarm_cost)):

@@ -243,8 +243,7 @@ class SqlAnalyticsEnv(Env):
     default_rewards: ClassVar[dict[str, float]] = {"correct": 1.0}
 
     def __init__(self, difficulty: str = "mixed", **options: Any) -> None:
-        if options:
-            raise ValueError(f"env 'sql_analytics' got unknown options {sorted(options)}; valid: difficulty")
+        super().__init__(**options)
         if difficulty not in DIFFICULTIES:
             raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
         self.difficulty = difficulty

@@ -272,8 +272,7 @@ class SupportRefundEnv(Env):
     default_rewards: ClassVar[dict[str, float]] = {"correct": 1.0, "refund_harm": 0.5}
 
     def __init__(self, difficulty: str = "easy", **options: Any) -> None:
-        if options:
-            raise ValueError(f"env 'support_refund' got unknown options {sorted(options)}; valid: difficulty")
+        super().__init__(**options)
         if difficulty not in DIFFICULTIES:
             raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
         self.difficulty = difficulty

@@ -14,6 +14,7 @@ by its hash, and generators keep only candidates whose prompt hashes into the sp
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -102,9 +103,17 @@ class Env(ABC):
     default_rewards: ClassVar[dict[str, float]] = {}  # reward name → weight when a recipe names none
 
     def __init__(self, **options: Any) -> None:
-        """Take env options from the recipe's ``env.options``; unknown options must raise ``ValueError``."""
+        """Take env options from the recipe's ``env.options``; unknown options raise ``ValueError``.
+
+        Subclasses declare their options as keyword arguments and pass the rest (``**options``) here, which
+        names the unknown ones and lists the valid ones, read from the subclass's signature.
+        """
         if options:
-            raise ValueError(f"env '{self.name}' takes no options, got {sorted(options)}")
+            params = inspect.signature(type(self).__init__).parameters.values()
+            valid = ", ".join(p.name for p in params if p.name != "self" and p.kind is not p.VAR_KEYWORD)
+            raise ValueError(
+                f"env '{self.name}' got unknown options {sorted(options)}; valid: {valid or '(none)'}"
+            )
 
     @abstractmethod
     def tasks(self, split: str, n: int, seed: int = 0) -> list[Task]:
