@@ -13,7 +13,8 @@ sharing processes (padded widths, as the module docstring of rltk.forward counts
 * shared prefix (``kv``): ``C + P·(Lp-C) + P·G·Lc``, C the prefix common to all P prompts
 
 then, per mode, the median wall time of forward+backward and the largest log-prob difference from the first
-mode timed; then the time of the generation prefill (all but each prompt's last token, no grad) per group
+mode timed (``kv-group``, ``kv-row`` and ``kv-rows`` force one of mode ``kv``'s choices, see ``KV_VARIANTS``;
+``--completion-len 322 --modes kv-row,kv-rows`` shows why multi-turn completions run one row each); then the time of the generation prefill (all but each prompt's last token, no grad) per group
 vs with the shared prefix. Use ``--modes`` to time fewer modes (``off`` is slow on a CPU).
 """
 
@@ -36,7 +37,7 @@ from rltk.models import add_lora, load_model, load_tokenizer
 from rltk.plugins import get_env
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MODES = ("off", "kv-group", "kv", "packed")  # kv-group: kv with the prefix level disabled (C = 0)
+MODES = ("off", "kv-group", "kv", "kv-row", "kv-rows", "packed")  # kv-*: see KV_VARIANTS
 
 
 def random_prompts(p: int, lp: int, shared: int, vocab: int, gen: torch.Generator) -> list[list[int]]:
@@ -70,14 +71,24 @@ def make_batch(prompts: list[list[int]], g: int, lc: int, vocab: int, gen: torch
 
 
 @contextlib.contextmanager
-def prefix_sharing(enabled: bool) -> Iterator[None]:
-    """Disable the kv mode's prefix level (as before it existed) by raising its threshold out of reach."""
-    saved = forward.MIN_SHARED_PREFIX
-    forward.MIN_SHARED_PREFIX = saved if enabled else sys.maxsize
+def patched(**constants: int) -> Iterator[None]:
+    """Set module constants of rltk.forward for the duration (e.g. disable the kv mode's prefix level)."""
+    saved = {name: getattr(forward, name) for name in constants}
+    for name, value in constants.items():
+        setattr(forward, name, value)
     try:
         yield
     finally:
-        forward.MIN_SHARED_PREFIX = saved
+        for name, value in saved.items():
+            setattr(forward, name, value)
+
+
+# Variants of mode "kv": its constants forced one way (the plain "kv" runs as shipped).
+KV_VARIANTS = {
+    "kv-group": {"MIN_SHARED_PREFIX": sys.maxsize},  # the prefix level disabled (C = 0)
+    "kv-row": {"SEPARATE_ROWS_FROM": sys.maxsize},  # the G completions of a prompt as one packed row
+    "kv-rows": {"SEPARATE_ROWS_FROM": 1},  # one row per completion on a G-fold copy of the cache
+}
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[list[float], object]:
@@ -132,10 +143,11 @@ def main() -> None:
     ref = None
     for mode in args.modes.split(","):
         kv_mode = "kv" if mode.startswith("kv") else mode
+        constants = KV_VARIANTS.get(mode, {})
 
-        def step(kv_mode: str = kv_mode, share: bool = mode != "kv-group") -> torch.Tensor:
+        def step(kv_mode: str = kv_mode, constants: dict = constants) -> torch.Tensor:
             model.zero_grad(set_to_none=True)
-            with prefix_sharing(share):
+            with patched(**constants):
                 logp = forward.completion_logprobs(model, batch, mode=kv_mode)  # type: ignore[arg-type]
             logp.sum().backward()
             return logp.detach()

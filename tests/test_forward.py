@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedTokenizerBase
 
+from rltk import forward
 from rltk.batch import Batch
 from rltk.forward import (
     MIN_SHARED_PREFIX,
@@ -216,6 +217,28 @@ def test_kv_shared_prefix_equals_plain(tokenizer: PreTrainedTokenizerBase, lora:
     assert shapes == [(1, PREFIX_LEN), (p, lp - PREFIX_LEN), (p, n // p * (lc - 1))]  # G completions per row
     diffs = assert_same(ref, got)
     print(f"kv shared prefix ({'lora' if lora else 'plain'}/{attn}): {diffs[0]:.2e}, {diffs[1]:.2e}")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("prefix_len", [0, PREFIX_LEN], ids=["no_prefix", "shared_prefix"])
+def test_kv_separate_rows_equal_plain(
+    tokenizer: PreTrainedTokenizerBase, monkeypatch: pytest.MonkeyPatch, prefix_len: int, attn: str
+) -> None:
+    """Long completions (multi-turn episodes) run one row each on a G-fold copy of the prompt's cache: the
+    completion pass is ``[P*G, Lc-1]``, and log-probs and gradients equal the plain forward's."""
+    monkeypatch.setattr(forward, "SEPARATE_ROWS_FROM", 2)  # this batch's Lc-1 = 5 counts as long
+    model = lora_model(tokenizer)
+    model.set_attn_implementation(attn)
+    batch = make_batch(tokenizer.pad_token_id, seed=7, prefix_len=prefix_len)
+    ref = logp_and_grads(model, batch, "off")
+    shapes, _, handle = embedding_inputs(model)
+    got = logp_and_grads(model, batch, "kv")
+    handle.remove()
+    (p, lp), (n, lc) = batch.prompt_ids.shape, batch.completion_ids.shape
+    prompt_passes = [(1, PREFIX_LEN), (p, lp - PREFIX_LEN)] if prefix_len else [(p, lp)]
+    assert shapes == [*prompt_passes, (n, lc - 1)]
+    diffs = assert_same(ref, got)
+    print(f"kv separate rows ({prefix_len=}, {attn}): {diffs[0]:.2e}, {diffs[1]:.2e}")
 
 
 @pytest.mark.parametrize("prefix_len", [0, MIN_SHARED_PREFIX - 1], ids=["none", "short"])
