@@ -29,7 +29,7 @@ import yaml
 from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
-from rltk import advantage, checkpoint, forward, loss, plugins, rollout
+from rltk import advantage, checkpoint, evaluate, forward, loss, plugins, rollout
 from rltk.batch import Batch, Group, collate
 from rltk.config import Config, config_to_dict
 from rltk.env import Env, Task
@@ -147,18 +147,59 @@ class Trainer:
             total=cfg.run.steps, start=self.start_step, enabled=self.accelerator.is_main_process
         )
         try:
+            if cfg.eval.every and self.start_step == 0:
+                self.held_out_eval(0)  # the policy RL starts from (after the warm start, if any)
             for step in range(self.start_step, cfg.run.steps):
                 result = self.step(step)
                 if (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.run.steps:
                     self.metrics.log(step + 1, result.metrics)
                 progress.update(step + 1, result.metrics)
                 last = step + 1 == cfg.run.steps
+                if cfg.eval.every and (last or (step + 1) % cfg.eval.every == 0):
+                    self.held_out_eval(step + 1)
                 if last or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
                     self.save(step + 1)
         finally:
             progress.close()
             self.metrics.close()
         log.info("rank %d/%d final weights sha256 %s", self.rank, self.world, self.weights_digest()[:16])
+
+    def held_out_eval(self, step: int) -> evaluate.EvalResult | None:
+        """Held-out greedy pass@1 of the policy, logged at ``step`` as ``eval/*`` beside the trivial policy.
+
+        The tasks are ``eval.n`` of ``eval.split`` with seed 0, the set ``rltk eval`` scores, so the figures
+        compare. Whole episodes for multi-turn envs (:func:`rltk.evaluate.model_result`). The main process
+        evaluates while the other ranks wait. Returns the result there, ``None`` on other ranks.
+        """
+        cfg = self.cfg.eval
+        result = None
+        if self.accelerator.is_main_process:
+            start = time.perf_counter()
+            tasks = self.env.tasks(cfg.split, cfg.n, seed=0)
+            result = evaluate.model_result(
+                self.policy, self.tokenizer, self.env, self.rubric, tasks, cfg.max_new_tokens, f"step {step}"
+            )
+            trivial = evaluate.best_of(evaluate.baseline_results(self.env, self.rubric, tasks), "")
+            self.metrics.log(
+                step,
+                {
+                    "eval/accuracy": result.accuracy,
+                    "eval/mean_reward": result.mean_reward,
+                    "eval/best_trivial_accuracy": trivial.accuracy if trivial else 0.0,
+                    "eval/seconds": time.perf_counter() - start,
+                },
+            )
+            log.info(
+                "eval at step %d: %s pass@1 %.1f%% (mean reward %+.3f) on %d tasks; best trivial policy %s",
+                step,
+                cfg.split,
+                100 * result.accuracy,
+                result.mean_reward,
+                result.n,
+                f"{trivial.name} {100 * trivial.accuracy:.1f}%" if trivial else "none",
+            )
+        self.accelerator.wait_for_everyone()
+        return result
 
     def weights_digest(self) -> str:
         """Sha256 over the trainable parameters: equal on every rank when replicas are in sync."""

@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_overrides
 from safetensors.torch import load_file
 
-from rltk import forward, rollout
+from rltk import evaluate, forward, rollout
 from rltk.batch import Batch, collate
 from rltk.config import load_config
 from rltk.trainer import Trainer, run, run_warm_start
@@ -54,6 +54,29 @@ def test_steps_log_metrics_and_checkpoint(tiny_model_dir: str, tmp_path: Path) -
     assert any(not torch.equal(before[k], after[k]) for k in before), "no parameter moved"
     assert (tmp_path / "checkpoints" / "step-000002" / "manifest.json").is_file()
     assert (tmp_path / "config.yaml").is_file()
+
+
+def test_held_out_eval_before_rl_every_n_steps_and_at_the_end(tiny_model_dir: str, tmp_path: Path) -> None:
+    overrides = [*tiny_overrides(tiny_model_dir, tmp_path, steps=3), *VOWELS, "eval.every=2", "eval.n=12"]
+    trainer = Trainer(load_config(RECIPE, overrides))
+    trainer.train()
+    evals = [r for r in _metrics(tmp_path) if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 2, 3]
+    tasks = trainer.env.tasks("eval", 12, seed=0)  # the set `rltk eval --n 12` scores
+    final = evaluate.model_result(
+        trainer.policy,
+        trainer.tokenizer,
+        trainer.env,
+        trainer.rubric,
+        tasks,
+        trainer.cfg.eval.max_new_tokens,
+        "x",
+    )
+    assert evals[-1]["eval/accuracy"] == final.accuracy
+    assert evals[-1]["eval/mean_reward"] == final.mean_reward
+    trivial = max(r.accuracy for r in evaluate.baseline_results(trainer.env, trainer.rubric, tasks))
+    assert all(r["eval/best_trivial_accuracy"] == trivial for r in evals)
+    assert trivial >= 0.5  # policy_flagging's best constant answer: never 0 on a balanced-ish split
 
 
 def _train_cmd(model_dir: str, run_dir: Path, steps: int) -> list[str]:
