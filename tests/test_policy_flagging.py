@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from env_contract import assert_deterministic, assert_splits_disjoint
-from rltk_envs.policy_flagging import RULES, PolicyFlaggingEnv, parse_answer
+from rltk_envs.policy_flagging import DIFFICULTIES, RULES, PolicyFlaggingEnv, parse_answer
 from rltk_rewards.flagging import answer_format, flag_decision, flag_rule
 
 from rltk.env import prompt_hash, run_policy, split_of
@@ -19,19 +19,43 @@ DATA = json.loads((Path(__file__).parents[1] / "envs" / "data" / "policy_flaggin
 BASIC = DATA["basic_policy"]
 
 
+def independent_reading(user: str) -> dict:
+    """Policy and transaction by a separate reading of the prompt (not the env's own parser); dollars."""
+
+    def dollars(s: str) -> float:
+        return float(s.replace(",", ""))
+
+    def names(s: str) -> list[str]:
+        return s.replace(" or ", ", ").split(", ")
+
+    limit, window = re.search(r"more than (\d+) transactions in the last (\w+)", user).groups()
+    r4 = re.search(r"R4: amount over \$([\d,.]+) and destination is (.+)", user)
+    return {
+        "threshold": dollars(re.search(r"over \$([\d,.]+)", user).group(1)),  # the first: R1's
+        "listed": names(re.search(r"destination is (.+)", user).group(1)),  # the first: R2's
+        "limit": int(limit),
+        "lower": dollars(r4.group(1)) if r4 else None,
+        "watch": names(r4.group(2)) if r4 else [],
+        "amount": dollars(re.search(r"Amount: \$([\d,.]+)", user).group(1)),
+        "country": re.search(r"To: (.+)", user).group(1),
+        "count": int(re.search(rf"Transactions in last {window}: (\d+)", user).group(1)),
+    }
+
+
 def independent_violations(user: str) -> list[str]:
     """The rules applied by a separate reading of the prompt (not the env's own parser)."""
-    threshold = float(re.search(r"over \$([\d,.]+)", user).group(1).replace(",", ""))
-    listed = re.search(r"destination is (.+)", user).group(1).replace(" or ", ", ").split(", ")
-    limit, window = re.search(r"more than (\d+) transactions in the last (\w+)", user).groups()
-    amount = float(re.search(r"Amount: \$([\d,.]+)", user).group(1).replace(",", ""))
-    country = re.search(r"To: (.+)", user).group(1)
-    count = int(re.search(rf"Transactions in last {window}: (\d+)", user).group(1))
-    broken = {"R1": amount > threshold, "R2": country in listed, "R3": count > int(limit)}
+    x = independent_reading(user)
+    broken = {
+        "R1": x["amount"] > x["threshold"],
+        "R2": x["country"] in x["listed"],
+        "R3": x["count"] > x["limit"],
+    }
+    if x["lower"] is not None:
+        broken["R4"] = x["amount"] > x["lower"] and x["country"] in x["watch"]
     return [r for r, b in broken.items() if b]
 
 
-@pytest.fixture(scope="module", params=["basic", "varied"])
+@pytest.fixture(scope="module", params=DIFFICULTIES)
 def env(request: pytest.FixtureRequest) -> PolicyFlaggingEnv:
     return PolicyFlaggingEnv(difficulty=request.param)
 
@@ -63,6 +87,7 @@ def test_labels_match_an_independent_reading_of_the_prompt(env: PolicyFlaggingEn
             "rule": broken[0] if broken else None,
             "ask_rule": True,
             "checklist": False,
+            **({"n_rules": 4} if env.difficulty == "combined" else {}),
         }
         assert task.info["rule"] == task.reference["rule"] and task.info["difficulty"] == env.difficulty
 
@@ -81,11 +106,12 @@ def test_balance(env: PolicyFlaggingEnv, split: str) -> None:
         assert sum(flagged.values()) == n // 2 and len(clear) == n // 2
         assert sum(near.values()) == n // 4
         assert all(not t.info["near_miss"] for t in tasks if t.reference["label"] == "FLAG")
+        k = len(env.rules)
         if n == 48:  # whole blocks: exact
-            assert flagged == {"R1": 8, "R2": 8, "R3": 8} and near == {"R1": 4, "R2": 4, "R3": 4}
-        else:  # 200 flags / 100 near misses: equal up to the remainder of 3
-            assert max(flagged.values()) - min(flagged.values()) <= 1 and len(flagged) == 3
-            assert max(near.values()) - min(near.values()) <= 1 and len(near) == 3
+            assert flagged == {r: 24 // k for r in env.rules} and near == {r: 12 // k for r in env.rules}
+        else:  # 200 flags / 100 near misses: equal up to the remainder of 3 (or 4)
+            assert max(flagged.values()) - min(flagged.values()) <= 1 and len(flagged) == k
+            assert max(near.values()) - min(near.values()) <= 1 and len(near) == k
 
 
 def test_near_misses_are_near() -> None:
@@ -106,6 +132,60 @@ def test_near_misses_are_near() -> None:
         else:
             assert f"Transactions in last 24h: {BASIC['limit']}" in user
     assert set(seen) == {"R1", "R2", "R3"}
+
+
+def test_combined_adds_r4_to_a_varied_policy() -> None:
+    env = PolicyFlaggingEnv(difficulty="combined")
+    assert env.rules == (*RULES, "R4") and PolicyFlaggingEnv(difficulty="varied").rules == RULES
+    watch_candidates = set(DATA["combined_policy"]["watch_candidates"])
+    assert watch_candidates <= set(DATA["allowed"])
+    policies = set()
+    for t in env.tasks("eval", 200):
+        x = independent_reading(t.messages[-1]["content"])
+        assert x["lower"] / x["threshold"] in DATA["combined_policy"]["lower_fractions"]
+        assert 2 <= len(x["watch"]) <= 3 and set(x["watch"]) <= watch_candidates
+        assert not set(x["watch"]) & set(x["listed"])
+        policies.add(t.messages[-1]["content"].split("\n\n")[0])
+    assert len(policies) > 190  # drawn per task
+
+
+def test_combined_eval_oracle_and_balance() -> None:
+    env = PolicyFlaggingEnv(difficulty="combined")
+    tasks = env.tasks("eval", 200)
+    assert all(run_policy(env, t, env.oracle).outcome["rule_correct"] for t in tasks)  # 100%
+    assert "R4: amount over $" in tasks[0].messages[-1]["content"]
+    assert tasks[0].messages[0]["content"].endswith("FLAG R3, FLAG R4 or CLEAR.")
+    flagged = Counter(t.reference["rule"] for t in tasks if t.reference["label"] == "FLAG")
+    assert flagged == {"R1": 25, "R2": 25, "R3": 25, "R4": 25}
+    near = Counter(t.info["near_miss_rule"] for t in tasks if t.info["near_miss"])
+    assert sum(near.values()) == 50 and near["R4"] >= 12
+    # R4 near misses: exactly one of R4's two conditions holds, nothing is broken; both kinds occur
+    kinds = Counter()
+    for t in tasks:
+        if t.info["near_miss_rule"] == "R4":
+            x = independent_reading(t.messages[-1]["content"])
+            over, listed = x["amount"] > x["lower"], x["country"] in x["watch"]
+            assert over != listed and not independent_violations(t.messages[-1]["content"])
+            kinds[listed] += 1
+            if listed:  # at or just under the lower threshold
+                assert x["lower"] - 100 <= x["amount"] <= x["lower"]
+            else:  # over it, to a watch-list candidate the policy does not list
+                assert x["country"] in DATA["combined_policy"]["watch_candidates"]
+    assert kinds[True] and kinds[False]
+
+
+def test_combined_flag_r4_breaks_only_r4() -> None:
+    env = PolicyFlaggingEnv(difficulty="combined")
+    r4 = [t for t in env.tasks("eval", 400) + env.tasks("train", 400) if t.reference["rule"] == "R4"]
+    assert len(r4) == 100
+    for t in r4:
+        x = independent_reading(t.messages[-1]["content"])
+        assert x["lower"] < x["amount"] <= x["threshold"], x  # over R4's threshold, not over R1's
+        assert x["country"] in x["watch"] and x["country"] not in x["listed"], x
+        assert x["count"] <= x["limit"], x
+    # and no task of another label breaks R4 (it is broken only on purpose)
+    others = [t for t in env.tasks("eval", 400) if t.reference["rule"] != "R4"]
+    assert not any("R4" in independent_violations(t.messages[-1]["content"]) for t in others)
 
 
 def test_basic_policy_is_identical_across_tasks() -> None:
@@ -133,10 +213,13 @@ def test_baselines_on_eval(env: PolicyFlaggingEnv) -> None:
         name: sum(run_policy(env, t, policy).outcome["correct"] for t in tasks) / len(tasks)
         for name, policy in env.baselines().items()
     }
-    assert set(acc) == {"constant_clear", "constant_flag", "only_R1", "only_R2", "only_R3"}
+    assert set(acc) == {"constant_clear", "constant_flag", *(f"only_{r}" for r in env.rules)}
     assert acc["constant_clear"] == acc["constant_flag"] == 0.5
-    for r in ("R1", "R2", "R3"):
-        assert acc[f"only_{r}"] == pytest.approx(2 / 3, abs=0.005)
+    for r in env.rules:  # the clear half plus one rule's share of the flagged half
+        assert acc[f"only_{r}"] == pytest.approx(1 / 2 + 1 / (2 * len(env.rules)), abs=0.005)
+    assert (
+        max(acc.values()) < 1.0 == sum(run_policy(env, t, env.oracle).outcome["correct"] for t in tasks) / 400
+    )
 
 
 @pytest.mark.parametrize(
@@ -177,7 +260,10 @@ def test_env_costs_become_default_reward_params() -> None:
         ("CLEAR or FLAG", None, None, False),
         ("FLAG R1 R2", None, None, False),
         ("FLAG R1, R3", None, None, False),
-        ("FLAG R4", None, None, False),
+        ("FLAG R4", "FLAG", "R4", True),  # R4 exists at difficulty="combined"
+        ("flag (r4)", "FLAG", "R4", False),
+        ("FLAG R5", None, None, False),
+        ("FLAG R0", None, None, False),
         ("CLEAR R1", None, None, False),
         ("I would FLAG R2", None, None, False),
         ("FLAG R2 because the country is sanctioned", None, None, False),
@@ -269,12 +355,13 @@ def test_prompt_length(tokenizer, env: PolicyFlaggingEnv) -> None:
         len(tokenizer.apply_chat_template(t.messages, tokenize=True, add_generation_prompt=True)["input_ids"])
         for t in env.tasks("eval", 100)
     ]
-    assert max(lengths) <= 200, max(lengths)
+    assert max(lengths) <= (220 if env.difficulty == "combined" else 200), max(lengths)
     assert min(lengths) >= 100
 
 
-def test_decision_only_prompts_oracle_and_rewards() -> None:
-    env = PolicyFlaggingEnv(ask_rule=False)
+@pytest.mark.parametrize("difficulty", ["basic", "combined"])
+def test_decision_only_prompts_oracle_and_rewards(difficulty: str) -> None:
+    env = PolicyFlaggingEnv(difficulty=difficulty, ask_rule=False)
     tasks = env.tasks("eval", 60)
     assert all("Reply with only FLAG or CLEAR." in t.messages[0]["content"] for t in tasks)
     for task in tasks:
@@ -287,21 +374,23 @@ def test_decision_only_prompts_oracle_and_rewards() -> None:
         assert answer_format(answer, task.reference, outcome) == 1.0
         assert answer_format("FLAG R1", task.reference, {}) == 0.0  # not the requested format
     assert {p(t.messages) for t in tasks for p in env.baselines().values()} <= {"FLAG", "CLEAR"}
-    with_rule = {prompt_hash(t.messages) for t in PolicyFlaggingEnv().tasks("eval", 60)}
+    with_rule = {prompt_hash(t.messages) for t in PolicyFlaggingEnv(difficulty=difficulty).tasks("eval", 60)}
     assert not with_rule & {prompt_hash(t.messages) for t in tasks}  # a different prompt, a different task
 
 
 @pytest.mark.parametrize("ask_rule", [False, True])
-@pytest.mark.parametrize("difficulty", ["basic", "varied"])
+@pytest.mark.parametrize("difficulty", DIFFICULTIES)
 def test_checklist_prompts_oracle_baselines_and_canaries(ask_rule: bool, difficulty: str) -> None:
     env = PolicyFlaggingEnv(difficulty=difficulty, ask_rule=ask_rule, checklist=True)
+    n = len(env.rules)
+    assert all(f"\n{r}: <" in env.tasks("eval", 1)[0].messages[0]["content"] for r in env.rules)
     tasks = env.tasks("eval", 120)
     for task in tasks:
         answer = env.oracle(task.messages)
         lines = answer.splitlines()
-        assert len(lines) == 4 and [line[:3] for line in lines[:3]] == ["R1:", "R2:", "R3:"]
+        assert len(lines) == n + 1 and [line[:3] for line in lines[:n]] == [f"{r}:" for r in env.rules]
         # the check lines say which rule is broken, read independently of the oracle
-        said = [r for r, line in zip(RULES, lines[:3], strict=True) if line.endswith("? yes")]
+        said = [r for r, line in zip(env.rules, lines[:n], strict=True) if line.endswith("? yes")]
         assert said == independent_violations(task.messages[-1]["content"])
         outcome = env.check(task, answer)
         assert outcome["correct"] and outcome["exact_format"]
@@ -309,14 +398,15 @@ def test_checklist_prompts_oracle_baselines_and_canaries(ask_rule: bool, difficu
         assert answer_format(answer, task.reference, outcome) == 1.0
         assert flag_rule(answer, task.reference, outcome) in ((1.0, None) if ask_rule else (None,))
         wrong = "\n".join(
-            [*lines[:3], "CLEAR" if task.reference["label"] == "FLAG" else _flag_answer(ask_rule)]
+            [*lines[:n], "CLEAR" if task.reference["label"] == "FLAG" else _flag_answer(ask_rule)]
         )
         floor = flag_decision(wrong, task.reference, {})
         assert floor == -1.0
-        checks = "\n".join(lines[:3])
+        checks = "\n".join(lines[:n])
         for canary in (
             "",
             lines[-1],  # the decision without the checks it was asked for
+            "\n".join([*lines[: n - 1], lines[-1]]),  # a check line missing
             checks,  # the checks without a decision
             f"{checks}\nFLAG or CLEAR",  # a hedge
             f"{checks}\nCLEAR\nFLAG",  # two answers
@@ -327,8 +417,8 @@ def test_checklist_prompts_oracle_baselines_and_canaries(ask_rule: bool, difficu
             assert answer_format(canary, task.reference, {}) == 0.0, canary
     for name, policy in env.baselines().items():  # baselines answer in the asked format, so they parse
         assert all(env.check(t, policy(t.messages))["decision"] is not None for t in tasks), name
-    assert parse_answer(f"{checks.lower()}\nflag", ask_rule=False, checklist=True).decision == "FLAG"
-    assert not parse_answer(f"{checks.lower()}\nflag", ask_rule=False, checklist=True).exact
+    assert parse_answer(f"{checks.lower()}\nflag", False, True, n).decision == "FLAG"
+    assert not parse_answer(f"{checks.lower()}\nflag", False, True, n).exact
 
 
 def _flag_answer(ask_rule: bool) -> str:
