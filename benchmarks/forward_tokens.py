@@ -14,8 +14,9 @@ sharing processes (padded widths, as the module docstring of rltk.forward counts
 
 then, per mode, the median wall time of forward+backward and the largest log-prob difference from the first
 mode timed (``kv-group``, ``kv-row`` and ``kv-rows`` force one of mode ``kv``'s choices, see ``KV_VARIANTS``;
-``--completion-len 322 --modes kv-row,kv-rows`` shows why multi-turn completions run one row each); then the time of the generation prefill (all but each prompt's last token, no grad) per group
-vs with the shared prefix. Use ``--modes`` to time fewer modes (``off`` is slow on a CPU).
+``--completion-len 322 --modes kv-row,kv-rows`` shows why multi-turn completions run one row each); then
+the time of the generation prefill (all but each prompt's last token, no grad) per group vs with the shared
+prefix. Use ``--modes`` to time fewer modes (``off`` is slow on a CPU).
 """
 
 from __future__ import annotations
@@ -125,7 +126,9 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     if args.env:
         tokenizer = load_tokenizer()
-        prompts = [render_prompt(tokenizer, t.messages) for t in get_env(args.env)().tasks("train", p)]
+        prompts = [
+            render_prompt(tokenizer, t.messages, tools=t.tools) for t in get_env(args.env)().tasks("train", p)
+        ]
     else:
         prompts = random_prompts(p, args.prompt_len, args.shared_prefix, vocab, gen)
     batch = make_batch(prompts, g, lc, vocab, gen)

@@ -141,7 +141,7 @@ def main() -> None:
     env = get_env("policy_flagging")()
     tokenizer = load_tokenizer(args.model)
     tasks = env.tasks("train", 64 * args.prompts, seed=0)
-    prompt_len = statistics.mean(len(render_prompt(tokenizer, t.messages)) for t in tasks)
+    prompt_len = statistics.mean(len(render_prompt(tokenizer, t.messages, tools=t.tools)) for t in tasks)
     tokens = args.prompts * args.group * (prompt_len + args.new_tokens)
 
     rows = []

@@ -16,7 +16,9 @@ included (no tags, several values or citations, junk around the citation), score
 Difficulty: ``easy`` (20-25 docs, 1 look-alike, one hop), ``medium`` (35-45 docs, 3 look-alikes, a draft note
 with a wrong value, one hop), ``hard`` (50-60 docs, two hops: "What team is the owner of X on?"; the owner
 line links the person's doc, ``Owner: Dana Whitfield (D19)``, whose look-alikes own X's look-alikes).
-:func:`grade` is the one answer parser, shared by the env's verdict and the reward.
+:func:`grade` is the one answer parser, shared by the env's verdict and the reward. Option ``tool_calling``:
+``"text"`` (the :mod:`rltk.tools` text protocol, as above) or ``"native"`` (the chat template's tool calling;
+the tools' schemas travel with the task).
 """
 
 from __future__ import annotations
@@ -33,7 +35,15 @@ from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 from rltk.env import SPLITS, Env, Episode, Message, Policy, Task, draw_task, prompt_hash, split_of
-from rltk.tools import STOP_STRINGS, FinalAnswer, ToolCall, ToolEpisode, parse_action, protocol_prompt
+from rltk.tools import (
+    STOP_STRINGS,
+    FinalAnswer,
+    ToolCall,
+    ToolEpisode,
+    ToolProtocol,
+    parse_action,
+    protocol_prompt,
+)
 
 DIFFICULTIES = ("easy", "medium", "hard")
 _ANSWER = re.compile(r"([^\[\]]*)\[\s*D\s*(\d{1,3})\s*\]\s*", re.IGNORECASE)  # linear: no backtracking
@@ -131,9 +141,9 @@ def bm25(docs: dict[str, str], query: str, k: int, k1: float = 1.2, b: float = 0
     return sorted(scores, key=lambda i: (-scores[i], i))[:k]
 
 
-def system_prompt() -> str:
-    """The system message: the task, the tool protocol and the answer grammar."""
-    return _data()["system"].format(protocol=protocol_prompt(_data()["tools"]))
+def system_prompt(tool_calling: str = "text") -> str:
+    """The system message: the task, the tool protocol and the answer grammar (natively, no tool list)."""
+    return _data()["system"].format(protocol=protocol_prompt(_data()["tools"], tool_calling))
 
 
 def _fmt_date(d: date, rng: random.Random) -> str:
@@ -197,6 +207,7 @@ class DocSearchQAEnv(Env):
 
     Args:
         difficulty: ``"easy"``, ``"medium"`` or ``"hard"`` (corpus size, look-alikes, draft notes, two hops).
+        tool_calling: ``"text"`` (the plain-text tool protocol) or ``"native"`` (the chat template's).
 
     """
 
@@ -206,11 +217,13 @@ class DocSearchQAEnv(Env):
     stop_strings = STOP_STRINGS
     default_rewards: ClassVar[dict[str, float]] = {"doc_answer_cited": 1.0}
 
-    def __init__(self, difficulty: str = "easy", **options: Any) -> None:
+    def __init__(self, difficulty: str = "easy", tool_calling: str = "text", **options: Any) -> None:
         super().__init__(**options)
         if difficulty not in DIFFICULTIES:
             raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
         self.difficulty = difficulty
+        self.protocol = ToolProtocol(_data()["tools"], tool_calling)
+        self.stop_strings = self.protocol.stop_strings
         self.level = _data()["difficulties"][difficulty]
         self._modes: dict[str, str] | None = None
 
@@ -232,7 +245,7 @@ class DocSearchQAEnv(Env):
                 company = rng.choice(_data()["companies"])
                 question = _data()["questions"][str(self.level["hops"])][attr].format(entity=names[0])
                 messages = [
-                    {"role": "system", "content": system_prompt()},
+                    {"role": "system", "content": system_prompt(self.protocol.tool_calling)},
                     {"role": "user", "content": _data()["user"].format(company=company, question=question)},
                 ]
                 if split_of(messages) != split or prompt_hash(messages) in seen:
@@ -242,7 +255,8 @@ class DocSearchQAEnv(Env):
                     return None
                 info = {"difficulty": self.difficulty, "family": family, "attribute": attr}
                 info["hops"] = self.level["hops"]
-                return Task(f"{self.name}/{split}/{seed}/{i}", split, messages, reference, info)
+                task_id = f"{self.name}/{split}/{seed}/{i}"
+                return Task(task_id, split, messages, reference, info, tools=self.protocol.schemas)
 
             out.append(draw_task(split, seen, draw))
         return out
@@ -324,7 +338,7 @@ class DocSearchQAEnv(Env):
 
         def search(query: str) -> str:
             if not _tokens(query):
-                raise ValueError("empty query: write <tool>search: a few words</tool>")
+                raise ValueError(f"empty query: write {self.protocol.call('search', 'a few words')}")
             hits = bm25(docs, query, _data()["top_k"])
             return "\n".join(f"{i} {docs[i].split(chr(10), 1)[0]}" for i in hits) or "no matching documents"
 
@@ -342,15 +356,15 @@ class DocSearchQAEnv(Env):
     def oracle(self, messages: list[Message]) -> str:
         """Search the asked name, read the doc titled so (and the owner it links), answer citing its id."""
         hops, attr, entity = _question(messages)
-        search_hits, reads = _observed(messages)
+        search_hits, reads = _observed(messages, self.protocol)
         doc_id = next((i for i, text in reads.items() if text.split("\n", 1)[0] == entity), None)
         if doc_id is None:
             hit = next((i for i, title in search_hits if title == entity), None)
-            return f"<tool>read: {hit}</tool>" if hit else f"<tool>search: {entity}</tool>"
+            return self.protocol.call("read", hit) if hit else self.protocol.call("search", entity)
         if hops == 2:
             doc_id = re.search(r"^Owner: .+ \((D\d+)\)$", reads[doc_id], re.MULTILINE).group(1)
             if doc_id not in reads:
-                return f"<tool>read: {doc_id}</tool>"
+                return self.protocol.call("read", doc_id)
         return f"<answer>{_field(reads[doc_id], attr)} [{doc_id}]</answer>"
 
     def baselines(self) -> dict[str, Policy]:
@@ -359,20 +373,21 @@ class DocSearchQAEnv(Env):
         A constant; the asked attribute's most frequent train value cited to the top search hit; the question
         echoed; the top search hit's first number, cited to it.
         """
+        call = self.protocol.call
 
         def first_number(m: list[Message]) -> str:
-            hits, reads = _observed(m)
+            hits, reads = _observed(m, self.protocol)
             if not hits:
-                return f"<tool>search: {_question(m)[2]}</tool>"
+                return call("search", _question(m)[2])
             if hits[0][0] not in reads:
-                return f"<tool>read: {hits[0][0]}</tool>"
+                return call("read", hits[0][0])
             num = re.search(r"\$?\d[\d,]*(?:\.\d+)?", reads[hits[0][0]].split("\n", 1)[-1])
             return f"<answer>{num.group(0) if num else 0} [{hits[0][0]}]</answer>"
 
         def most_frequent(m: list[Message]) -> str:
-            hits, _ = _observed(m)
+            hits, _ = _observed(m, self.protocol)
             if not hits:
-                return f"<tool>search: {_question(m)[2]}</tool>"
+                return call("search", _question(m)[2])
             return f"<answer>{self._mode(_question(m)[1])} [{hits[0][0]}]</answer>"
 
         return {
@@ -413,15 +428,16 @@ def _question(messages: list[Message]) -> tuple[int, str, str]:
     raise ValueError("prompt is not a doc_search_qa task")
 
 
-def _observed(messages: list[Message]) -> tuple[list[tuple[str, str]], dict[str, str]]:
+def _observed(
+    messages: list[Message], protocol: ToolProtocol
+) -> tuple[list[tuple[str, str]], dict[str, str]]:
     """(the last search's (id, title) hits, {doc id: text} of the docs read) from the conversation."""
     hits: list[tuple[str, str]] = []
     reads: dict[str, str] = {}
     for action, obs in zip(messages[2::2], messages[3::2], strict=False):
-        call = parse_action(action["content"])
-        if not (isinstance(call, ToolCall) and obs["content"].startswith("<result>")):
+        call, body = protocol.parse(action["content"]), protocol.result(obs["content"])
+        if not isinstance(call, ToolCall) or body is None:
             continue
-        body = obs["content"].removeprefix("<result>").removesuffix("</result>")
         if call.name == "search":
             hits = [tuple(line.split(" ", 1)) for line in body.splitlines() if re.match(r"D\d+ ", line)]
         elif call.name == "read":

@@ -16,6 +16,8 @@ characters; every failure comes back as an ``<error>`` observation. Questions co
 ``data/sql_analytics.json``: ``difficulty`` ``"easy"`` (one table, a filter, one aggregate), ``"medium"``
 (GROUP BY, HAVING, top-k, ordering), ``"hard"`` (joins) or ``"mixed"`` (all three, stratified). Gold results
 are never empty, never a bare 0, tie-free at a top-k boundary, and never the rows of a UNION of table counts.
+Option ``tool_calling``: ``"text"`` (the :mod:`rltk.tools` text protocol, as above) or ``"native"`` (the chat
+template's tool calling: ``run_sql`` is a JSON schema that travels with the task).
 """
 
 from __future__ import annotations
@@ -35,15 +37,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from rltk.env import SPLITS, Env, Message, Policy, Task, draw_task, prompt_hash, split_of
-from rltk.tools import STOP_STRINGS, FinalAnswer, ToolEpisode, parse_action, protocol_prompt
+from rltk.tools import STOP_STRINGS, FinalAnswer, ToolEpisode, ToolProtocol, protocol_prompt
 
 LEVELS = ("easy", "medium", "hard")
 DIFFICULTIES = (*LEVELS, "mixed")
-SYSTEM = (
-    "You answer questions about a SQLite database.\n"
-    + protocol_prompt({"run_sql": "run_sql(query): run one SELECT query and see its rows"})
-    + "\nThe answer is one SELECT query whose rows answer the question: <answer>SELECT ...</answer>"
-)
+TOOLS = {"run_sql": "run_sql(query): run one SELECT query and see its rows"}
 MAX_SQL_CHARS, MAX_VALUE_CHARS, VM_STEPS, WALL_S = 2000, 10_000, 2_000_000, 0.5
 SHOW_ROWS, SHOW_CHARS, ANSWER_ROWS = 12, 600, 50
 _ALLOWED = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
@@ -187,6 +185,15 @@ def show(columns: list[str], rows: list[tuple]) -> str:
     return text if rows else f"{text}\n(no rows)"
 
 
+def system_prompt(tool_calling: str = "text") -> str:
+    """The system message: the task, the tool protocol (natively, the template lists the tool), answers."""
+    return (
+        "You answer questions about a SQLite database.\n"
+        + protocol_prompt(TOOLS, tool_calling)
+        + "\nThe answer is one SELECT query whose rows answer the question: <answer>SELECT ...</answer>"
+    )
+
+
 def schema(family: str) -> str:
     """The family's tables as ``name(col, ...)`` lines, as the prompt shows them."""
     tables = _data()["families"][family]["tables"]
@@ -231,6 +238,7 @@ class SqlAnalyticsEnv(Env):
 
     Args:
         difficulty: ``"easy"``, ``"medium"``, ``"hard"`` or ``"mixed"`` (all levels, stratified).
+        tool_calling: ``"text"`` (the plain-text tool protocol) or ``"native"`` (the chat template's).
 
     """
 
@@ -242,11 +250,13 @@ class SqlAnalyticsEnv(Env):
     stop_strings = STOP_STRINGS
     default_rewards: ClassVar[dict[str, float]] = {"correct": 1.0}
 
-    def __init__(self, difficulty: str = "mixed", **options: Any) -> None:
+    def __init__(self, difficulty: str = "mixed", tool_calling: str = "text", **options: Any) -> None:
         super().__init__(**options)
         if difficulty not in DIFFICULTIES:
             raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
         self.difficulty = difficulty
+        self.protocol = ToolProtocol(TOOLS, tool_calling)
+        self.stop_strings = self.protocol.stop_strings
         families = _data()["families"]
         self.pool = [
             (f, j)
@@ -288,7 +298,8 @@ class SqlAnalyticsEnv(Env):
                 params[key] = rng.randrange(lo, hi + 1, *step)
         question = rng.choice(tpl["q"]).format(**params)
         user = f"Tables:\n{schema(family)}\n\nQuestion: {question}"
-        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+        system = system_prompt(self.protocol.tool_calling)
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         if split_of(messages) != split:
             return None
         conn = connect(family, db_seed, rows)
@@ -309,7 +320,8 @@ class SqlAnalyticsEnv(Env):
             return None
         info = {"difficulty": tpl["level"], "family": family, "template": f"{family}/{j}"}
         reference = {"family": family, "db_seed": db_seed, "sql": sql, "gold": [list(r) for r in gold]}
-        return Task(task_id, split, messages, {**reference, "ordered": tpl["ordered"]}, info)
+        reference["ordered"] = tpl["ordered"]
+        return Task(task_id, split, messages, reference, info, tools=self.protocol.schemas)
 
     def episode(self, task: Task) -> ToolEpisode:
         """A tool episode on this rollout's own freshly built database."""
@@ -333,7 +345,7 @@ class SqlAnalyticsEnv(Env):
 
     def check(self, task: Task, completion: str) -> dict[str, Any]:
         """Judge one final turn (``<answer>SELECT ...</answer>``) on a fresh database."""
-        action = parse_action(completion, {"run_sql": None})
+        action = self.protocol.parse(completion)
         if not isinstance(action, FinalAnswer):
             return {"correct": False, "error": "no <answer>...</answer>"}
         conn = connect(task.reference["family"], task.reference["db_seed"])
@@ -348,9 +360,9 @@ class SqlAnalyticsEnv(Env):
         Which half is fixed by a hash of the question, so warm-start demonstrations show both first turns.
         """
         sql = question_sql(messages)
-        observed = any(m["content"].startswith(("<result>", "<error>")) for m in messages[2:])
+        observed = any(m["role"] != "assistant" for m in messages[2:])  # the env answered a call
         if not observed and int(prompt_hash(messages[:2])[:2], 16) % 2 == 0:
-            return f"<tool>run_sql: {sql}</tool>"
+            return self.protocol.call("run_sql", sql)
         return f"<answer>{sql}</answer>"
 
     def baselines(self) -> dict[str, Policy]:

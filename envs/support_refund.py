@@ -20,7 +20,8 @@ database equals the oracle's: the right amount on the right order, nothing else 
 an episode without a valid resolution; else 0). Difficulty: ``easy`` (one policy rule, one item), ``medium``
 (window and non-refundable categories, one item), ``hard`` (2-3 items: partial refunds, escalation limit,
 already refunded orders). Resolution kinds are stratified in blocks, so every prefix of the tasks is
-balanced.
+balanced. Option ``tool_calling``: ``"text"`` (the :mod:`rltk.tools` text protocol) or ``"native"`` (the chat
+template's tool calling; the tools' schemas travel with the task).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from rltk.env import SPLITS, Env, Episode, Message, Policy, Step, Task, draw_task
-from rltk.tools import STOP_STRINGS, ToolCall, ToolEpisode, parse_action
+from rltk.tools import STOP_STRINGS, ToolCall, ToolEpisode, ToolProtocol, protocol_prompt
 
 DIFFICULTIES = ("easy", "medium", "hard")
 REASONS = ("already_refunded", "outside_window", "non_refundable")
@@ -52,9 +53,16 @@ def _data() -> dict[str, Any]:
 
 
 @cache
-def system_prompt() -> str:
-    """The system prompt, the same for every task: tools (:mod:`rltk.tools` protocol), decisions, answers."""
-    return "\n".join(_data()["system"])
+def system_prompt(tool_calling: str = "text") -> str:
+    """The system prompt, the same for every task: tools (:mod:`rltk.tools` protocol), decisions, answers.
+
+    Natively the chat template lists the tools, so the prompt does not.
+    """
+    d = _data()
+    protocol = (
+        "\n".join(d["text_protocol"]) if tool_calling == "text" else protocol_prompt(d["tools"], tool_calling)
+    )
+    return "\n".join(d["system"]).replace("{protocol}", protocol)
 
 
 def parse_resolution(text: str) -> str | None:
@@ -113,7 +121,7 @@ def render_policy(policy: dict[str, Any], category: str = "all") -> str:
     return " ".join(s for s in (f"{category}: refundable {window}.", limit) if s)
 
 
-def _read(messages: list[Message]) -> dict[str, Any]:
+def _read(messages: list[Message], protocol: ToolProtocol) -> dict[str, Any]:
     """What the conversation says: today, the order id, and each successful tool's result by tool name."""
     user = messages[1]["content"]
     facts: dict[str, Any] = {
@@ -122,9 +130,9 @@ def _read(messages: list[Message]) -> dict[str, Any]:
         "results": {},
     }
     for turn, obs in zip(messages[2::2], messages[3::2], strict=False):
-        call = parse_action(turn["content"])
-        if isinstance(call, ToolCall) and obs["content"].startswith("<result>"):
-            facts["results"][call.name] = obs["content"].removeprefix("<result>").removesuffix("</result>")
+        call, result = protocol.parse(turn["content"]), protocol.result(obs["content"])
+        if isinstance(call, ToolCall) and result is not None:
+            facts["results"][call.name] = result
     return facts
 
 
@@ -260,6 +268,7 @@ class SupportRefundEnv(Env):
 
     Args:
         difficulty: ``"easy"``, ``"medium"`` or ``"hard"`` (module docstring).
+        tool_calling: ``"text"`` (the plain-text tool protocol) or ``"native"`` (the chat template's).
 
     """
 
@@ -271,11 +280,13 @@ class SupportRefundEnv(Env):
     stop_strings = STOP_STRINGS
     default_rewards: ClassVar[dict[str, float]] = {"correct": 1.0, "refund_harm": 0.5}
 
-    def __init__(self, difficulty: str = "easy", **options: Any) -> None:
+    def __init__(self, difficulty: str = "easy", tool_calling: str = "text", **options: Any) -> None:
         super().__init__(**options)
         if difficulty not in DIFFICULTIES:
             raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
         self.difficulty = difficulty
+        self.protocol = ToolProtocol(_data()["tools"], tool_calling)
+        self.stop_strings = self.protocol.stop_strings
 
     def tasks(self, split: str, n: int, seed: int = 0) -> list[Task]:
         """``n`` tasks of ``split``; prefix-stable, stratified by kind, splits disjoint by prompt hash."""
@@ -289,7 +300,8 @@ class SupportRefundEnv(Env):
 
             def draw(attempt: int, i: int = i, kind: str = block[i % len(kinds)]) -> Task | None:
                 case = self._sample(random.Random(f"{seed}:{split}:{i}:{attempt}"), kind)
-                return None if case is None else Task(f"{self.name}/{split}/{seed}/{i}", split, *case)
+                task_id = f"{self.name}/{split}/{seed}/{i}"
+                return None if case is None else Task(task_id, split, *case, tools=self.protocol.schemas)
 
             out.append(draw_task(split, seen, draw))
         return out
@@ -338,7 +350,8 @@ class SupportRefundEnv(Env):
             }
         message = rng.choice(d["customer_messages"]).format(order_id=ids[0], reason=rng.choice(d["reasons"]))
         user = d["user"].format(today=today.isoformat(), message=message)
-        messages = [{"role": "system", "content": system_prompt()}, {"role": "user", "content": user}]
+        system = system_prompt(self.protocol.tool_calling)
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         near = (window is not None and days in (window, window + 1)) or (hard and amount and total > limit)
         reference = {"order_id": ids[0], "resolution": resolution, "amount": amount, "orders": orders}
         reference |= {"policy": policy, "today": today.isoformat()}
@@ -362,18 +375,18 @@ class SupportRefundEnv(Env):
 
     def oracle(self, messages: list[Message]) -> str:
         """Look up the order, read the whole policy, act on the decision, then answer (observations only)."""
-        facts = _read(messages)
+        call, facts = self.protocol.call, _read(messages, self.protocol)
         oid, results = facts["order_id"], facts["results"]
         if "lookup_order" not in results:
-            return f"<tool>lookup_order: {oid}</tool>"
+            return call("lookup_order", oid)
         if "get_policy" not in results:
-            return "<tool>get_policy: all</tool>"
+            return call("get_policy", "all")
         order = _parse_order(results["lookup_order"])
         label, cents = decide(order, _parse_policy(results["get_policy"]), facts["today"])
         if label == "refund" and "issue_refund" not in results:
-            return f"<tool>issue_refund: {oid} {cents // 100}.{cents % 100:02d}</tool>"
+            return call("issue_refund", f"{oid} {cents // 100}.{cents % 100:02d}")
         if label == "escalate" and "escalate" not in results:
-            return "<tool>escalate: refund over the limit</tool>"
+            return call("escalate", "refund over the limit")
         return f"<answer>{label}</answer>"
 
     def baselines(self) -> dict[str, Policy]:
@@ -386,31 +399,31 @@ class SupportRefundEnv(Env):
         denies = [r for r, _ in counts.most_common() if r.startswith("deny")]
         top = counts.most_common(1)[0][0]
         return {
-            "always_deny": _constant(denies[0]),
-            "always_refund_full": _constant("refund"),
-            "always_escalate": _constant("escalate"),
-            "most_frequent": _constant(top),
+            "always_deny": _constant(denies[0], self.protocol),
+            "always_refund_full": _constant("refund", self.protocol),
+            "always_escalate": _constant("escalate", self.protocol),
+            "most_frequent": _constant(top, self.protocol),
             "echo": lambda m: m[-1]["content"],
         }
 
 
-def _constant(label: str) -> Policy:
+def _constant(label: str, protocol: ToolProtocol) -> Policy:
     """A scripted policy that resolves every case as ``label``, with the actions that answer needs.
 
     ``refund``: look the order up, refund its full total, answer; ``escalate``: escalate, answer; a deny:
-    answer at once.
+    answer at once. Calls are written as ``protocol`` writes them.
     """
 
     def act(messages: list[Message]) -> str:
-        turn, facts = (len(messages) - 2) // 2, _read(messages)
+        turn, facts = (len(messages) - 2) // 2, _read(messages, protocol)
         oid = facts["order_id"]
         if label == "refund" and turn == 0:
-            return f"<tool>lookup_order: {oid}</tool>"
+            return protocol.call("lookup_order", oid)
         if label == "refund" and turn == 1 and "lookup_order" in facts["results"]:
             total = _parse_order(facts["results"]["lookup_order"])["total"]
-            return f"<tool>issue_refund: {oid} {total // 100}.{total % 100:02d}</tool>"
+            return protocol.call("issue_refund", f"{oid} {total // 100}.{total % 100:02d}")
         if label == "escalate" and turn == 0:
-            return "<tool>escalate: customer wants a refund</tool>"
+            return protocol.call("escalate", "customer wants a refund")
         return f"<answer>{label}</answer>"
 
     return act

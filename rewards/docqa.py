@@ -41,7 +41,9 @@ def doc_answer_cited(
     Args:
         completion: The final assistant turn (``<answer>VALUE [Dnn]</answer>``).
         reference: ``{"answer": gold value as the doc writes it, "support": [doc ids stating it], ...}``.
-        outcome: The env's verdict (unused: the completion is parsed here, the same way).
+        outcome: The env's verdict. The completion is parsed here, the same way; an episode the env saw end
+            without an answer (``answered`` False: with native tool calling, a last turn that also holds a
+            ``<tool_call>``) scores 0.
         wrong_citation_credit: Score in ``[0, 1]`` of a right value under a citation that does not support it.
 
     Returns:
@@ -61,6 +63,6 @@ def doc_answer_cited(
     if not 0.0 <= wrong_citation_credit <= 1.0:
         raise ValueError(f"wrong_citation_credit must be in [0, 1], got {wrong_citation_credit!r}")
     graded = grade_completion(completion, dict(reference))
-    if not graded.value_ok:
+    if not graded.value_ok or outcome.get("answered") is False:
         return 0.0
     return 1.0 if graded.cite_ok else float(wrong_citation_credit)

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 
 Split = Literal["train", "eval", "test"]
 SPLITS: tuple[Split, ...] = ("train", "eval", "test")
-Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant" | "tool", "content": str}
 Policy = Callable[[list[Message]], str]  # conversation so far → next assistant text
 
 
@@ -38,6 +38,9 @@ class Task:
         reference: What the outcome check and the rewards need (gold label, ...). Never shown to the model
             or to the oracle.
         info: Descriptive tags for breakdowns in reports (difficulty, rule id, near-miss flag, ...).
+        tools: JSON schemas (OpenAI function format) of the tools, where the env uses the chat template's
+            native tool calling (:mod:`rltk.tools`): the template renders them with the prompt, and the env's
+            answers are ``tool`` turns. ``None``: no native tools (text protocol, or none at all).
 
     """
 
@@ -46,6 +49,12 @@ class Task:
     messages: list[Message]
     reference: dict[str, Any]
     info: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = None
+
+    @property
+    def observation_role(self) -> str:
+        """The role of the env's answers in the conversation: ``tool`` with native tools, else ``user``."""
+        return "user" if self.tools is None else "tool"
 
 
 @dataclass
@@ -54,7 +63,8 @@ class Step:
 
     Attributes:
         observation: Text the env replies with (a tool result, an error message); rendered as the next
-            ``user`` turn. ``None`` when the episode is over.
+            ``user`` turn (``tool`` turn with native tools: ``Task.observation_role``). ``None`` when the
+            episode is over.
         done: True once the episode has ended (final answer given, or a limit hit).
 
     """
@@ -99,7 +109,7 @@ class Env(ABC):
     name: ClassVar[str]
     description: ClassVar[str]  # one line, shown by `rltk envs list`
     max_turns: ClassVar[int] = 1  # assistant turns per episode at most (tool use: several)
-    stop_strings: ClassVar[tuple[str, ...]] = ()  # a turn ends at these (tool envs: rltk.tools.STOP_STRINGS)
+    stop_strings: tuple[str, ...] = ()  # a turn ends at these (tool envs: their ToolProtocol's, per instance)
     default_rewards: ClassVar[dict[str, float]] = {}  # reward name → weight when a recipe names none
 
     def __init__(self, **options: Any) -> None:
@@ -192,5 +202,5 @@ def run_policy(env: Env, task: Task, policy: Policy) -> Episode:
         messages.append({"role": "assistant", "content": action})
         if step.done:
             break
-        messages.append({"role": "user", "content": step.observation or ""})
+        messages.append({"role": task.observation_role, "content": step.observation or ""})
     return episode

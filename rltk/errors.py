@@ -5,6 +5,7 @@ from __future__ import annotations
 
 def user_errors() -> tuple[type[Exception], ...]:
     """Every exception type that means "the input is wrong" (message names the problem and the fix)."""
+    from rltk.chat import ToolTemplateError
     from rltk.checkpoint import CheckpointError
     from rltk.config import ConfigError
     from rltk.export import ExportError
@@ -21,5 +22,6 @@ def user_errors() -> tuple[type[Exception], ...]:
         RewardError,
         ExportError,
         PromptTooLongError,
+        ToolTemplateError,
         FileNotFoundError,
     )

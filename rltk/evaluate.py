@@ -60,7 +60,8 @@ def greedy_completions(
     out: list[str] = []
     with torch.no_grad():
         for i in range(0, len(tasks), batch_size):
-            prompts = [torch.tensor(render_prompt(tokenizer, t.messages)) for t in tasks[i : i + batch_size]]
+            chunk = tasks[i : i + batch_size]
+            prompts = [torch.tensor(render_prompt(tokenizer, t.messages, tools=t.tools)) for t in chunk]
             samples = sample_turn(model, prompts, 1, params, eos, tokenizer.pad_token_id)
             out.extend(tokenizer.decode(s.token_ids.tolist(), skip_special_tokens=True) for s in samples)
     model.train(was_training)

@@ -24,7 +24,8 @@ Multi-turn envs (``Env.max_turns > 1``, tool use): every rollout plays its own e
 env answers; its observation is appended as tokens the model did not generate (``loss_mask`` 0,
 ``sample_logp`` 0): the turn's closing tokens where the model did not write them (a turn cut at a stop string
 or at ``max_new_tokens``; :func:`rltk.chat.turn_close_ids`), then ``template(history + [user: observation],
-generation prompt) - template(history)`` (:func:`rltk.chat.observation_ids`, checked to be a prefix). The next
+generation prompt) - template(history)`` (:func:`rltk.chat.observation_ids`, checked to be a prefix; with
+native tool calling a ``tool`` turn, and the task's tool schemas rendered throughout). The next
 turn is sampled with ``repeats=1`` from each live rollout's prompt + completion so far, exactly the ids the
 update will see: the model's ids as generated (never re-tokenized, even where a stop string ends mid-token)
 and the env's rendered ids. Each rollout's sequence is contiguous, so sampling (``cumsum(mask) - 1`` over a
@@ -282,14 +283,15 @@ def play_turn(state: RolloutState, sample: TurnSample, ctx: TurnContext, last: b
         return
     closed = bool(ids) and ids[-1] in ctx.eos_ids
     observation = step.observation or ""
-    env_ids = env_answer_ids(ctx.tokenizer, state.messages, observation, ctx.close_ids, closed)
+    role, tools = state.task.observation_role, state.task.tools
+    env_ids = env_answer_ids(ctx.tokenizer, state.messages, observation, ctx.close_ids, closed, role, tools)
     if len(state.token_ids) + len(env_ids) >= state.budget:  # no room left for another model token
         state.stop_reason = "max_tokens"
         return
     state.token_ids += env_ids
     state.loss_mask += [0] * len(env_ids)
     state.sample_logp += [0.0] * len(env_ids)
-    state.messages.append({"role": "user", "content": observation})
+    state.messages.append({"role": role, "content": observation})
 
 
 def generate(
@@ -334,7 +336,8 @@ def generate(
 
     Raises:
         ValueError: For bad sampling arguments, a prompt over the length limit (the message names the task),
-            or (multi-turn) a chat template that does not close assistant turns with an EOS token.
+            (multi-turn) a chat template that does not close assistant turns with an EOS token, or tasks with
+            native tools (``Task.tools``) and a chat template that does not render tools.
 
     """
     turns = env.max_turns if max_turns is None else max_turns
@@ -351,7 +354,7 @@ def generate(
         return []
     prompts = []
     for task in tasks:
-        ids = render_prompt(tokenizer, task.messages)
+        ids = render_prompt(tokenizer, task.messages, tools=task.tools)
         check_prompt_length(task, len(ids), model, max_new_tokens, max_prompt_tokens)
         prompts.append(torch.tensor(ids, dtype=torch.long))
     stop_strings = tuple(getattr(env, "stop_strings", ()))

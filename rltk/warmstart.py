@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedTokenizerBase, get_scheduler
@@ -32,12 +32,21 @@ WARMSTART_SEED_OFFSET = 7919  # demonstrations use train tasks of another seed t
 
 
 def demonstration_ids(
-    tokenizer: PreTrainedTokenizerBase, messages: list[Message], answer: str
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[Message],
+    answer: str,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[list[int], list[int]]:
-    """Token ids of (prompt, assistant answer through its end-of-turn token) under the chat template."""
-    prompt = render_prompt(tokenizer, messages)
+    """Token ids of (prompt, assistant answer through its end-of-turn token) under the chat template.
+
+    ``tools``: the task's tool schemas (``Task.tools``), rendered with the conversation.
+    """
+    prompt = render_prompt(tokenizer, messages, tools=tools)
     full = render_prompt(
-        tokenizer, [*messages, {"role": "assistant", "content": answer}], add_generation_prompt=False
+        tokenizer,
+        [*messages, {"role": "assistant", "content": answer}],
+        add_generation_prompt=False,
+        tools=tools,
     )
     if full[: len(prompt)] != prompt:
         raise ValueError("the chat template does not render the prompt as a prefix of prompt + answer")
@@ -53,8 +62,9 @@ def demonstration_group(tokenizer: PreTrainedTokenizerBase, env: Env, task: Task
 
     A single-turn env gives the oracle's answer through its end-of-turn token. A multi-turn env gives every
     oracle turn, with the env's answers between them laid out exactly as a multi-turn rollout lays them out
-    (``loss_mask`` 0: the template's rest of the turn close, then the observation as a user turn and the
-    generation prompt), so the warm start teaches the whole workflow, not only its first call.
+    (``loss_mask`` 0: the template's rest of the turn close, then the observation as a user turn, or a tool
+    turn with native tools, and the generation prompt), so the warm start teaches the whole workflow, not only
+    its first call.
 
     Raises:
         ValueError: If the oracle does not finish the episode within ``env.max_turns`` turns.
@@ -68,7 +78,7 @@ def demonstration_group(tokenizer: PreTrainedTokenizerBase, env: Env, task: Task
     close = turn_close_ids(tokenizer, [tokenizer.eos_token_id]) if env.max_turns > 1 else []
     for _ in range(env.max_turns):
         action = env.oracle(messages)
-        _, answer = demonstration_ids(tokenizer, messages, action)
+        _, answer = demonstration_ids(tokenizer, messages, action, task.tools)
         ids += answer
         mask += [1] * len(answer)
         turns.append(action)
@@ -77,15 +87,17 @@ def demonstration_group(tokenizer: PreTrainedTokenizerBase, env: Env, task: Task
         if step.done:
             break
         observation = step.observation or ""
-        env_ids = env_answer_ids(tokenizer, messages, observation, close, closed=answer[-1:] == close[:1])
+        closed = answer[-1:] == close[:1]
+        role = task.observation_role
+        env_ids = env_answer_ids(tokenizer, messages, observation, close, closed, role, task.tools)
         ids += env_ids
         mask += [0] * len(env_ids)
-        messages.append({"role": "user", "content": observation})
+        messages.append({"role": role, "content": observation})
     else:
         raise ValueError(
             f"the oracle of env '{env.name}' did not finish task {task.id!r} within max_turns={env.max_turns}"
         )
-    prompt = render_prompt(tokenizer, task.messages)
+    prompt = render_prompt(tokenizer, task.messages, tools=task.tools)
     rollout = Rollout(task, turns, torch.tensor(ids), torch.tensor(mask), torch.zeros(len(ids)))
     return Group(task, torch.tensor(prompt), [rollout], advantages=torch.zeros(1))
 

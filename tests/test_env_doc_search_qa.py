@@ -334,6 +334,8 @@ def test_bad_options() -> None:
         DocSearchQAEnv(dificulty="hard")
     with pytest.raises(ValueError, match="difficulty must be one of"):
         DocSearchQAEnv(difficulty="expert")
+    with pytest.raises(ValueError, match="tool_calling must be one of"):  # native: tests/test_native_tools.py
+        DocSearchQAEnv(tool_calling="json")
     with pytest.raises(ValueError, match="split"):
         DocSearchQAEnv().tasks("dev", 3)
 

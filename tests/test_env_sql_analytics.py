@@ -361,7 +361,11 @@ def test_check_verdict() -> None:
 
 @pytest.mark.parametrize(
     ("options", "match"),
-    [({"difficulty": "extreme"}, "difficulty"), ({"dificulty": "easy"}, "unknown options.*dificulty")],
+    [
+        ({"difficulty": "extreme"}, "difficulty"),
+        ({"dificulty": "easy"}, "unknown options.*dificulty"),
+        ({"tool_calling": "json"}, "tool_calling must be one of"),  # native: tests/test_native_tools.py
+    ],
 )
 def test_bad_options(options: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -358,6 +358,8 @@ def test_bad_options() -> None:
         SupportRefundEnv(dificulty="hard")
     with pytest.raises(ValueError, match="difficulty must be one of"):
         SupportRefundEnv(difficulty="expert")
+    with pytest.raises(ValueError, match="tool_calling must be one of"):  # native: tests/test_native_tools.py
+        SupportRefundEnv(tool_calling="json")
     with pytest.raises(ValueError, match="split"):
         SupportRefundEnv().tasks("dev", 1)
 
