@@ -192,10 +192,15 @@ def draw_task(
     raise RuntimeError(f"could not draw a new task of split {split!r} in {attempts} attempts")
 
 
-def run_policy(env: Env, task: Task, policy: Policy) -> Episode:
-    """Play one episode with a text policy (oracle, baseline, or a model wrapped as a function)."""
+def run_policy(env: Env, task: Task, policy: Policy, transcript: list[Message] | None = None) -> Episode:
+    """Play one episode with a text policy (oracle, baseline, or a model wrapped as a function).
+
+    ``transcript``, if given, receives the whole conversation: the task's messages, then each action and the
+    env's answer to it.
+    """
     episode = env.episode(task)
-    messages = list(task.messages)
+    messages = transcript if transcript is not None else []
+    messages.extend(task.messages)
     for _ in range(env.max_turns):
         action = policy(messages)
         step = episode.step(action)

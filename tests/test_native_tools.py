@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from rltk import forward
 from rltk.batch import collate
 from rltk.chat import observation_ids, render_prompt
-from rltk.env import Env, Message, Task
+from rltk.env import Env, Message, Task, run_policy
 from rltk.errors import user_errors
 from rltk.evaluate import evaluate_policy
 from rltk.reward import Rubric
@@ -89,14 +89,8 @@ def env(request: pytest.FixtureRequest) -> Env:
 
 def play(env: Env, task: Task, policy=None) -> list[Message]:
     """The whole conversation of one episode of ``policy`` (default: the oracle), env answers included."""
-    policy, messages, episode = policy or env.oracle, list(task.messages), env.episode(task)
-    for _ in range(env.max_turns):
-        action = policy(messages)
-        step = episode.step(action)
-        messages.append({"role": "assistant", "content": action})
-        if step.done:
-            break
-        messages.append({"role": task.observation_role, "content": step.observation or ""})
+    messages: list[Message] = []
+    run_policy(env, task, policy or env.oracle, transcript=messages)
     return messages
 
 
