@@ -16,39 +16,40 @@ included (no tags, several values or citations, junk around the citation), score
 Difficulty: ``easy`` (20-25 docs, 1 look-alike, one hop), ``medium`` (35-45 docs, 3 look-alikes, a draft note
 with a wrong value, one hop), ``hard`` (50-60 docs, two hops: "What team is the owner of X on?"; the owner
 line links the person's doc, ``Owner: Dana Whitfield (D19)``, whose look-alikes own X's look-alikes).
-:func:`grade` is the one answer parser, shared by the env's verdict and the reward. Option ``tool_calling``:
-``"text"`` (the :mod:`rltk.tools` text protocol, as above) or ``"native"`` (the chat template's tool calling;
-the tools' schemas travel with the task).
+:func:`rltk_rewards.docqa.grade` is the one answer parser, shared by the env's verdict and the reward;
+:mod:`rltk_envs.doc_corpus` builds each task's wiki and searches it. Option ``tool_calling``: ``"text"`` (the
+:mod:`rltk.tools` text protocol, as above) or ``"native"`` (the chat template's tool calling; the tools'
+schemas travel with the task).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
 from collections import Counter
-from datetime import date, datetime, timedelta
-from decimal import Decimal
 from functools import cache
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
-from rltk.env import SPLITS, Env, Episode, Message, Policy, Task, draw_task, prompt_hash, split_of
-from rltk.tools import (
-    STOP_STRINGS,
-    FinalAnswer,
-    ToolCall,
-    ToolEpisode,
-    ToolProtocol,
-    parse_action,
-    protocol_prompt,
+from rltk_envs.doc_corpus import bm25, build_corpus, lookalikes, tokens
+from rltk_rewards.docqa import Graded, grade, grade_completion
+
+from rltk.env import (
+    SPLITS,
+    Env,
+    Episode,
+    Message,
+    Policy,
+    Task,
+    check_choice,
+    draw_task,
+    prompt_hash,
+    split_of,
 )
+from rltk.tools import STOP_STRINGS, ToolCall, ToolEpisode, ToolProtocol, protocol_prompt
 
 DIFFICULTIES = ("easy", "medium", "hard")
-_ANSWER = re.compile(r"([^\[\]]*)\[\s*D\s*(\d{1,3})\s*\]\s*", re.IGNORECASE)  # linear: no backtracking
-_DATE_FORMATS = ("%Y-%m-%d", "%Y/%m/%d", "%B %d %Y", "%b %d %Y", "%d %B %Y", "%d %b %Y", "%m/%d/%Y")
-_NUMBER = re.compile(r"(?:usd ?|\$ ?)?(\d+(?:\.\d+)?)(?: ?(?:usd|dollars?)\b)?(.*)")
 
 
 @cache
@@ -56,150 +57,9 @@ def _data() -> dict[str, Any]:
     return json.loads((Path(__file__).parent / "data" / "doc_search_qa.json").read_text())
 
 
-def canon(value: str) -> tuple[str, str, str]:
-    """(kind, value, unit): a value with case, whitespace, number and date formats normalized.
-
-    >>> canon("March 4, 2023") == canon("2023-03-04") == canon("4 Mar 2023")
-    True
-    >>> canon("$1,249.00"), canon("12 Weeks")
-    (('num', '1249', ''), ('num', '12', 'week'))
-    """
-    s = re.sub(r"\s*\(D\d+\)$", "", str(value).strip().strip("\"'`*").strip()).rstrip(".").strip().lower()
-    s = " ".join(re.sub(r"(?<=\d),(?=\d{3}\b)", "", s).replace(",", " ").split())
-    for fmt in _DATE_FORMATS if re.fullmatch(r"[a-z0-9/ -]*\d{4}[a-z0-9/ -]*", s) else ():
-        try:
-            return "date", datetime.strptime(s, fmt).date().isoformat(), ""
-        except ValueError:
-            pass
-    m = _NUMBER.fullmatch(s)
-    if m:
-        unit = " ".join(w[:-1] if w.endswith("s") and len(w) > 3 else w for w in m.group(2).split())
-        return "num", f"{Decimal(m.group(1)).normalize():f}", unit
-    return "text", s.strip(" !\"'"), ""
-
-
-def same_value(answer: str, gold: str) -> bool:
-    """Whether ``answer`` is ``gold`` up to format; a number may leave out its unit, not change it."""
-    a, g = canon(answer), canon(gold)
-    return a[:2] == g[:2] and bool(a[1]) and a[2] in (g[2], "")
-
-
-class Graded(NamedTuple):
-    """A judged answer: ``parsed`` (the grammar held), ``value_ok``, ``cite_ok`` (cited doc supports it)."""
-
-    parsed: bool
-    value_ok: bool
-    cite_ok: bool
-    cited: str | None
-
-
-def grade(text: str, reference: dict[str, Any]) -> Graded:
-    """Judge the text inside ``<answer>``: exactly ``VALUE [Dnn]``, one value and one citation at the end.
-
-    >>> ref = {"answer": "$1,249", "support": ["D07"]}
-    >>> grade("1249 USD [d7]", ref)
-    Graded(parsed=True, value_ok=True, cite_ok=True, cited='D07')
-    >>> grade("$1,249 [D07] [D08]", ref).parsed, grade("$1,249 or $1,299 [D07]", ref).value_ok
-    (False, False)
-    """
-    m = _ANSWER.fullmatch(text) if isinstance(text, str) else None
-    if not m or not m.group(1).strip():
-        return Graded(False, False, False, None)
-    cited = f"D{int(m.group(2)):02d}"
-    return Graded(True, same_value(m.group(1), reference["answer"]), cited in reference["support"], cited)
-
-
-def grade_completion(completion: str, reference: dict[str, Any]) -> Graded:
-    """Judge a final assistant turn: it must be one ``<answer>...</answer>`` (text before it is allowed)."""
-    action = parse_action(completion)
-    return (
-        grade(action.text, reference)
-        if isinstance(action, FinalAnswer)
-        else Graded(False, False, False, None)
-    )
-
-
-def _tokens(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
-def bm25(docs: dict[str, str], query: str, k: int, k1: float = 1.2, b: float = 0.75) -> list[str]:
-    """Ids of the ``k`` best BM25 matches of ``query`` (ties by id); docs with no query word left out."""
-    toks = {i: Counter(_tokens(t)) for i, t in docs.items()}
-    lengths = {i: sum(c.values()) for i, c in toks.items()}
-    avg = sum(lengths.values()) / max(1, len(lengths))
-    df = Counter(w for c in toks.values() for w in c)
-    scores = {}
-    for i, tf in toks.items():
-        s = sum(
-            math.log(1 + (len(docs) - df[w] + 0.5) / (df[w] + 0.5))
-            * tf[w] * (k1 + 1) / (tf[w] + k1 * (1 - b + b * lengths[i] / avg))
-            for w in set(_tokens(query)) if w in tf
-        )  # fmt: skip
-        if s > 0:
-            scores[i] = s
-    return sorted(scores, key=lambda i: (-scores[i], i))[:k]
-
-
 def system_prompt(tool_calling: str = "text") -> str:
     """The system message: the task, the tool protocol and the answer grammar (natively, no tool list)."""
     return _data()["system"].format(protocol=protocol_prompt(_data()["tools"], tool_calling))
-
-
-def _fmt_date(d: date, rng: random.Random) -> str:
-    return rng.choice((d.isoformat(), f"{d:%B} {d.day}, {d.year}", f"{d.day} {d:%b} {d.year}"))
-
-
-def _value(rng: random.Random, attr: str, topic: dict[str, Any] | None, people: list[str]) -> str:
-    """A random value of ``attr`` as a doc writes it (``people``: the names an owner is drawn from)."""
-    data = _data()
-    if attr in ("launch", "effective", "start"):
-        lo, hi = data["years"]
-        return _fmt_date(date(lo, 1, 1) + timedelta(days=rng.randrange((hi - lo) * 365)), rng)
-    if attr == "price":
-        n = rng.randint(data["price"]["lo"], data["price"]["hi"])
-        return rng.choice((f"${n:,}", f"${n:,}.00", f"{n:,} USD"))
-    if attr == "limit":
-        assert topic is not None
-        n = rng.randrange(topic["lo"], topic["hi"] + 1, topic["step"])
-        return f"${n:,} {topic['unit']}" if topic["money"] else f"{n} {topic['unit']}"
-    pools = {"owner": people, "team": data["teams"], "role": data["roles"], "location": data["locations"]}
-    pools |= {"category": data["categories"], "scope": data["scope_groups"]}
-    return rng.choice(pools[attr])
-
-
-class _Doc:
-    """One wiki page before ids are dealt: an entity's fields, or a note's body."""
-
-    def __init__(self, family: str, title: str, topic: dict[str, Any] | None = None, body: str = "") -> None:
-        self.family, self.title, self.topic, self.body = family, title, topic, body
-        self.fields: dict[str, str] = {}
-        self.id = ""
-
-
-def _names(rng: random.Random, family: str, n: int, avoid: set[str]) -> tuple[list[str], list[Any]]:
-    """``n`` look-alike names of one family (a shared base) and each one's policy topic (None elsewhere)."""
-    data = _data()
-    for _ in range(1000):
-        if family == "product":
-            base = f"{rng.choice(data['product_prefixes'])} {rng.choice(data['product_nouns'])}"
-            names = [f"{base} {v}".strip() for v in rng.sample(data["product_variants"], n)]
-            topics: list[Any] = [None] * n
-        elif family == "policy":
-            topic = rng.choice(data["policy_topics"])
-            base = topic["topic"]
-            names = [
-                f"{base} Policy" + (f" ({s})" if s else "") for s in rng.sample(data["policy_scopes"], n)
-            ]
-            topics = [topic] * n
-        else:
-            base = rng.choice(data["last_names"])
-            names = [f"{f} {base}" for f in rng.sample(rng.choice(data["first_name_groups"]), n)]
-            topics = [None] * n
-        if base not in avoid:
-            avoid.add(base)
-            return names, topics
-    raise RuntimeError("ran out of names")  # pragma: no cover
 
 
 class DocSearchQAEnv(Env):
@@ -219,8 +79,7 @@ class DocSearchQAEnv(Env):
 
     def __init__(self, difficulty: str = "easy", tool_calling: str = "text", **options: Any) -> None:
         super().__init__(**options)
-        if difficulty not in DIFFICULTIES:
-            raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
+        check_choice("difficulty", difficulty, DIFFICULTIES)
         self.difficulty = difficulty
         self.protocol = ToolProtocol(_data()["tools"], tool_calling)
         self.stop_strings = self.protocol.stop_strings
@@ -229,8 +88,7 @@ class DocSearchQAEnv(Env):
 
     def tasks(self, split: str, n: int, seed: int = 0) -> list[Task]:
         """``n`` tasks of ``split``, kinds stratified; prefix-stable, splits disjoint by prompt hash."""
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        check_choice("split", split, SPLITS)
         kinds = _data()["kinds"][str(self.level["hops"])]
         out: list[Task] = []
         seen: set[str] = set()
@@ -241,7 +99,7 @@ class DocSearchQAEnv(Env):
 
             def draw(attempt: int, i: int = i, family: str = family, attr: str = attr) -> Task | None:
                 rng = random.Random(f"{self.difficulty}:{seed}:{split}:{i}:{attempt}")
-                names, topics = _names(rng, family, 1 + self.level["lookalikes"], set())
+                names, topics = lookalikes(rng, family, 1 + self.level["lookalikes"], set())
                 company = rng.choice(_data()["companies"])
                 question = _data()["questions"][str(self.level["hops"])][attr].format(entity=names[0])
                 messages = [
@@ -250,7 +108,7 @@ class DocSearchQAEnv(Env):
                 ]
                 if split_of(messages) != split or prompt_hash(messages) in seen:
                     return None  # checked before the corpus is built: building it is the costly part
-                reference = self._corpus(rng, family, attr, names, topics)
+                reference = build_corpus(rng, self.level, family, attr, names, topics)
                 if reference is None:
                     return None
                 info = {"difficulty": self.difficulty, "family": family, "attribute": attr}
@@ -261,73 +119,6 @@ class DocSearchQAEnv(Env):
             out.append(draw_task(split, seen, draw))
         return out
 
-    def _corpus(
-        self, rng: random.Random, family: str, attr: str, names: list[str], topics: list[Any]
-    ) -> dict[str, Any] | None:
-        """Build the wiki around the asked entity; None if a search for its name would not list its doc."""
-        data, level, two_hop = _data(), self.level, self.level["hops"] == 2
-        n_docs = rng.randint(*level["docs"])
-        avoid = {names[0].rsplit(" ", 1)[-1] if family == "person" else " ".join(names[0].split()[:2])}
-        avoid |= {t["topic"] for t in topics if t}
-        group = [_Doc(family, name, topic) for name, topic in zip(names, topics, strict=True)]
-        owners = [_Doc("person", p) for p in _names(rng, "person", len(names), avoid)[0]] if two_hop else []
-        people = [d for d in group + owners if d.family == "person"]
-        entities = group + owners
-        used = {d.title for d in entities}
-        while len(entities) < n_docs - level["traps"] - level["notes"]:
-            fam = ("person", "product", "policy")[len(used) % 3] if len(people) > 2 else "person"
-            (name,), (topic,) = _names(rng, fam, 1, set(avoid))  # fillers never look like the asked ones
-            if name not in used:
-                used.add(name)
-                entities.append(_Doc(fam, name, topic))
-                people += [entities[-1]] if fam == "person" else []
-        names_of_people = [p.title for p in people]
-        fields = data["fields"]
-        for doc in entities:
-            for a in fields[doc.family]:
-                doc.fields[a] = _value(rng, a, doc.topic, names_of_people)
-        if two_hop:  # X's owner is the asked person; X's look-alikes are owned by that person's look-alikes
-            for doc, owner in zip(group, owners, strict=True):
-                doc.fields["owner"] = owner.title
-        asked = owners if two_hop else group
-        for doc in asked[1:]:  # look-alikes differ from the asked entity on the asked attribute
-            while same_value(doc.fields[attr], asked[0].fields[attr]):
-                doc.fields[attr] = _value(rng, attr, doc.topic, names_of_people)
-        by_family = {f: [a for a in fields[f] if a not in ("category", "scope", "location")] for f in fields}
-        notes: list[_Doc] = []
-        subjects = [(asked[0], attr), (group[0], "owner")][: level["traps"]]
-        subjects += [(d, rng.choice(by_family[d.family])) for d in rng.sample(entities, level["notes"])]
-        for doc, a in subjects:
-            wrong = doc.fields[a]
-            while same_value(wrong, doc.fields[a]):
-                wrong = _value(rng, a, doc.topic, names_of_people)
-            title = f"{rng.choice(data['note_kinds'])}: {doc.title}"
-            if all(title != x.title for x in notes):
-                notes.append(
-                    _Doc("note", title, body=data["trap_notes"][a].format(entity=doc.title, value=wrong))
-                )
-        docs = entities + notes
-        rng.shuffle(docs)
-        for k, doc in enumerate(docs):
-            doc.id = f"D{k + 1:02d}"
-        ids = {d.title: d.id for d in people}
-        texts = {}
-        for doc in docs:
-            lines = [doc.body] if doc.family == "note" else []
-            for a in rng.sample(list(doc.fields), len(doc.fields)):
-                v = doc.fields[a]
-                lines.append(f"{fields[doc.family][a]}: {v}" + (f" ({ids[v]})" if a == "owner" else ""))
-            texts[doc.id] = "\n".join([doc.title, *lines])
-        if group[0].id not in bm25(texts, names[0], data["top_k"]):
-            return None
-        return {
-            "answer": asked[0].fields[attr],
-            "support": [asked[0].id],
-            "entity": names[0],
-            "attribute": attr,
-            "docs": texts,
-        }
-
     def check(self, task: Task, completion: str) -> dict[str, Any]:
         """Verdict on a final turn: ``correct`` (right value, cited doc supports it), its parts, the cite."""
         return _verdict(grade_completion(completion, task.reference))
@@ -337,7 +128,7 @@ class DocSearchQAEnv(Env):
         docs = task.reference["docs"]
 
         def search(query: str) -> str:
-            if not _tokens(query):
+            if not tokens(query):
                 raise ValueError(f"empty query: write {self.protocol.call('search', 'a few words')}")
             hits = bm25(docs, query, _data()["top_k"])
             return "\n".join(f"{i} {docs[i].split(chr(10), 1)[0]}" for i in hits) or "no matching documents"

@@ -11,7 +11,8 @@ JSON object with exactly the schema's keys and value types, and field-level F1 a
 Difficulty: ``easy`` (2 layouts, 5 fields, all shown, no distractor amounts, no noise); ``medium`` (4 layouts,
 + tax, absent in 30%, subtotal and customer distractors, more number/date formats, broken spacing); ``hard``
 (+ due_date, absent fields, OCR-like noise: ``0``/``O`` and ``1``/``l`` confusions, broken spacing, stray
-``|``/``~``). Layouts are stratified: every block of 4 (easy: 2) tasks holds each layout once.
+``|``/``~``). Layouts are stratified: every block of 4 (easy: 2) tasks holds each layout once. The oracle
+reads the document back with :mod:`rltk_envs.invoice_reader`.
 """
 
 from __future__ import annotations
@@ -25,27 +26,18 @@ from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-from rltk_rewards.invoice import parse_amount, parse_date, score_reply
+from rltk_envs.invoice_reader import read_document
+from rltk_rewards.invoice import score_reply
 
-from rltk.env import SPLITS, Env, Message, Policy, Task, draw_task
+from rltk.env import SPLITS, Env, Message, Policy, Task, check_choice, draw_task
 
 DIFFICULTIES = ("easy", "medium", "hard")
 _TYPES = {"string": "string", "date": '"YYYY-MM-DD"', "currency": '"ISO code"', "number": "number"}
-_SYSTEM = (
-    "Extract the document's fields into one JSON object with exactly these keys:\n{schema}\n"
-    "Write null for a field the document does not show. Reply with the JSON only."
-)
-_CANON = str.maketrans("015i", "olsl")
 
 
 @cache
 def _data() -> dict[str, Any]:
     return json.loads((Path(__file__).parent / "data" / "invoice_extraction.json").read_text())
-
-
-def _canon(text: str) -> str:
-    """Letters only, lower case, OCR look-alikes folded (0→o, 1/i→l, 5→s): what label matching compares."""
-    return re.sub(r"[^a-z]", "", text.lower().translate(_CANON))
 
 
 def _money(cents: int, code: str, style: str, grouping: str) -> str:
@@ -112,16 +104,14 @@ class InvoiceExtractionEnv(Env):
 
     def __init__(self, difficulty: str = "easy", **options: Any) -> None:
         super().__init__(**options)
-        if difficulty not in DIFFICULTIES:
-            raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
+        check_choice("difficulty", difficulty, DIFFICULTIES)
         self.difficulty = difficulty
         self.level = _data()["levels"][difficulty]
         self._constant: str | None = None
 
     def tasks(self, split: str, n: int, seed: int = 0) -> list[Task]:
         """``n`` tasks of ``split``; prefix-stable, disjoint across splits by prompt hash."""
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        check_choice("split", split, SPLITS)
         layouts = self.level["layouts"]
         seen: set[str] = set()
         schema = {k: _data()["schema_types"][k] for k in self.level["fields"]}
@@ -179,7 +169,7 @@ class InvoiceExtractionEnv(Env):
         doc = {"layout": layout, "items": items, "subtotal": subtotal, "rate": rate, "day": day, "due": due}
         schema = ", ".join(f'"{k}": {_TYPES[data["schema_types"][k]]}' for k in fields)
         messages = [
-            {"role": "system", "content": _SYSTEM.format(schema="{" + schema + "}")},
+            {"role": "system", "content": data["system"].format(schema="{" + schema + "}")},
             {"role": "user", "content": self._render(rng, answer, doc)},
         ]
         return messages, answer
@@ -249,7 +239,7 @@ class InvoiceExtractionEnv(Env):
     def oracle(self, messages: list[Message]) -> str:
         """Read the schema keys and the document from the prompt text and write the JSON answer."""
         keys = re.findall(r'"(\w+)":', messages[0]["content"])
-        found = _read(messages[-1]["content"])
+        found = read_document(messages[-1]["content"])
         return json.dumps({k: found.get(k) for k in keys}, ensure_ascii=False)
 
     def baselines(self) -> dict[str, Policy]:
@@ -265,69 +255,3 @@ class InvoiceExtractionEnv(Env):
             "echo_input": lambda m: m[-1]["content"],
             "empty_nulls": lambda m: nulls,
         }
-
-
-@cache
-def _labels() -> list[tuple[str, str]]:
-    """(canonical label, field) pairs, longest first; ``_skip`` marks distractor lines and titles."""
-    data = _data()
-    pairs = [(_canon(lab), key) for key, labs in data["labels"].items() for lab in labs]
-    pairs += [(_canon(lab), "invoice_number") for lab in [*data["receipt_number_labels"], "Invoice"]]
-    pairs += [(_canon(t), "_skip") for titles in data["titles"].values() for t in titles]
-    return sorted(pairs, key=lambda p: -len(p[0]))
-
-
-def _match(line: str) -> tuple[str | None, str]:
-    """(field, text after the label) for the longest label that starts ``line`` and ends a word."""
-    canon = _canon(line)
-    for label, key in _labels():
-        if not canon.startswith(label):
-            continue
-        seen = 0
-        for i, ch in enumerate(line):
-            seen += len(_canon(ch))
-            if seen == len(label):
-                if not line[i + 1 : i + 2].isalpha():
-                    return key, line[i + 1 :]
-                break
-    return None, ""
-
-
-def _numeric(text: str) -> str:
-    """Undo look-alikes inside number tokens (``2O24`` → ``2024``, ``l5`` → ``15``); words stay."""
-    fix = str.maketrans("OolI", "0011")
-    return re.sub(
-        r"[\dOolI]+", lambda m: m.group().translate(fix) if re.search(r"\d", m.group()) else m.group(), text
-    )
-
-
-def _read(doc: str) -> dict[str, Any]:
-    """Parse a rendered document: label-matched lines, and the first unlabelled line as the vendor."""
-    currencies = _data()["currencies"]
-    symbols = sorted(
-        ((c["symbol"], k) for k, c in currencies.items() if c["symbol"]), key=lambda s: -len(s[0])
-    )
-    found: dict[str, Any] = {}
-    for line in doc.splitlines():
-        key, rest = _match(line)
-        value = rest.strip(" :|~#.'\t")
-        if key is None:
-            found.setdefault("vendor", line.strip(" *|~'"))
-        if key is None or not value or key in found or key in ("_skip", "customer", "subtotal"):
-            continue
-        if key in ("vendor", "invoice_number"):
-            found[key] = value if key == "vendor" else value.split()[0]
-        elif key in ("date", "due_date"):
-            found[key] = parse_date(_numeric(value), search=True)
-        else:  # total, tax, currency: the currency is the first code or symbol on these lines
-            code = next((c for c in currencies if re.search(rf"\b{c}\b", value)), None)
-            if code := code or next((k for s, k in symbols if s in value), None):
-                found.setdefault("currency", code)
-            if key != "currency":
-                digits = re.sub(r"\b[A-Z]{3}\b", "", value.split("%")[-1])
-                for symbol, _ in symbols:
-                    digits = digits.replace(symbol, "")
-                found[key] = parse_amount(
-                    re.sub(r"[^\d.,]", "", digits.translate(str.maketrans("OoIl", "0011")))
-                )
-    return found

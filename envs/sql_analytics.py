@@ -12,47 +12,34 @@ Every task generates its own database from its seed; every episode builds it ane
 database written through a read-write connection, then opened ``mode=ro``), so state is never shared. Model
 queries run on that read-only connection with an authorizer (SELECT, reads and functions only: no ATTACH,
 PRAGMA, write or DDL), a VM-step and wall-time budget, and caps on SQL length, value size, rows and
-characters; every failure comes back as an ``<error>`` observation. Questions come from templates in
-``data/sql_analytics.json``: ``difficulty`` ``"easy"`` (one table, a filter, one aggregate), ``"medium"``
-(GROUP BY, HAVING, top-k, ordering), ``"hard"`` (joins) or ``"mixed"`` (all three, stratified). Gold results
-are never empty, never a bare 0, tie-free at a top-k boundary, and never the rows of a UNION of table counts.
+characters (:mod:`rltk_envs.sqlite_sandbox`); every failure comes back as an ``<error>`` observation.
+Questions come from templates in ``data/sql_analytics.json``: ``difficulty`` ``"easy"`` (one table, a filter,
+one aggregate), ``"medium"`` (GROUP BY, HAVING, top-k, ordering), ``"hard"`` (joins) or ``"mixed"`` (all
+three, stratified). Gold results are never empty, never a bare 0, tie-free at a top-k boundary, and never the
+rows of a UNION of table counts.
 Option ``tool_calling``: ``"text"`` (the :mod:`rltk.tools` text protocol, as above) or ``"native"`` (the chat
 template's tool calling: ``run_sql`` is a JSON schema that travels with the task).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 import random
 import re
 import sqlite3
-import time
-import uuid
-from collections import Counter
-from decimal import ROUND_HALF_UP, Decimal
 from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-from rltk.env import SPLITS, Env, Message, Policy, Task, draw_task, prompt_hash, split_of
+from rltk_envs.sqlite_sandbox import SHOW_ROWS, SqlError, open_readonly, run, same_result, show
+
+from rltk.env import SPLITS, Env, Message, Policy, Task, check_choice, draw_task, prompt_hash, split_of
 from rltk.tools import STOP_STRINGS, FinalAnswer, ToolEpisode, ToolProtocol, protocol_prompt
 
 LEVELS = ("easy", "medium", "hard")
 DIFFICULTIES = (*LEVELS, "mixed")
-TOOLS = {"run_sql": "run_sql(query): run one SELECT query and see its rows"}
-MAX_SQL_CHARS, MAX_VALUE_CHARS, VM_STEPS, WALL_S = 2000, 10_000, 2_000_000, 0.5
-SHOW_ROWS, SHOW_CHARS, ANSWER_ROWS = 12, 600, 50
-_ALLOWED = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
-# printf('%.*c', 2e9, 'x') runs for seconds inside one VM step, out of the progress handler's reach
-_DENIED_FUNCTIONS = {"printf", "format", "load_extension"}
+ANSWER_ROWS = 50
 _INT, _TEXT = r"\d+", r".+?"
-_FENCE = re.compile(r"^```(?:sql)?\s*|\s*```$", re.IGNORECASE)
-
-
-class SqlError(Exception):
-    """A query the env refused, or that failed or ran past a limit (its message is the observation)."""
 
 
 @cache
@@ -83,115 +70,18 @@ def _rows(family: str, db_seed: int) -> dict[str, list[tuple]]:
     return out
 
 
-def _authorize(action: int, arg1: str | None, arg2: str | None, *_: Any) -> int:
-    """Allow reads, SELECT, recursive CTEs and functions (less a few); deny everything else."""
-    denied = action not in _ALLOWED or (
-        action == sqlite3.SQLITE_FUNCTION and str(arg2).lower() in _DENIED_FUNCTIONS
-    )
-    return sqlite3.SQLITE_DENY if denied else sqlite3.SQLITE_OK
-
-
 def connect(family: str, db_seed: int, rows: dict[str, list[tuple]] | None = None) -> sqlite3.Connection:
     """Build the task's database in memory and return a guarded read-only connection to it (the only one)."""
-    uri = f"file:/sql_analytics_{uuid.uuid4().hex}?vfs=memdb"
-    rw, rows = sqlite3.connect(uri, uri=True), rows or _rows(family, db_seed)
-    for table in _data()["families"][family]["tables"]:  # the table, then its rows
-        cols = ", ".join(c + (" INTEGER PRIMARY KEY" if spec == "id" else "") for c, spec in table["columns"])
-        rw.execute(f"CREATE TABLE {table['name']} ({cols})")
-        marks = ", ".join("?" * len(table["columns"]))
-        rw.executemany(f"INSERT INTO {table['name']} VALUES ({marks})", rows[table["name"]])
-    rw.commit()
-    ro = sqlite3.connect(f"{uri}&mode=ro", uri=True, check_same_thread=False)
-    rw.close()  # the read-only connection keeps the database alive; it goes with the connection
-    ro.set_authorizer(_authorize)
-    ro.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_CHARS)
-    ro.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, MAX_SQL_CHARS)
-    return ro
-
-
-def run(conn: sqlite3.Connection, sql: str, max_rows: int) -> tuple[list[str], list[tuple]]:
-    """Run one statement within the VM-step and time budget: (column names, up to ``max_rows + 1`` rows)."""
-    sql = _FENCE.sub("", sql.strip()).strip().rstrip(";").strip()
-    if not sql:
-        raise SqlError("empty query: write one SELECT statement")
-    if len(sql) > MAX_SQL_CHARS:
-        raise SqlError(f"query longer than {MAX_SQL_CHARS} characters")
-    budget = {"calls": VM_STEPS // 1000, "deadline": time.monotonic() + WALL_S}
-
-    def tick() -> bool:  # True stops the query
-        budget["calls"] -= 1
-        return budget["calls"] < 0 or time.monotonic() > budget["deadline"]
-
-    conn.set_progress_handler(tick, 1000)
-    try:
-        cur = conn.execute(sql)
-        if cur.description is None:
-            raise SqlError("not a query: write one SELECT statement")
-        return [d[0] for d in cur.description], cur.fetchmany(max_rows + 1)
-    except Exception as exc:  # sqlite errors, values Python cannot decode: all are observations
-        why = "too slow, stopped (use a smaller query)" if "interrupt" in str(exc) else str(exc)
-        raise SqlError(why) from None
-    finally:
-        conn.set_progress_handler(None, 0)
-
-
-def _number(v: float) -> float:
-    """Rounded to 2 decimals, half away from zero like SQLite's ``ROUND`` (after 9, against float noise)."""
-    if not math.isfinite(v):
-        return v
-    return float(Decimal(repr(round(v, 9))).quantize(Decimal("0.01"), ROUND_HALF_UP))
-
-
-def normalize(rows: list[tuple] | list[list]) -> list[tuple]:
-    """Rows with numbers as floats rounded to 2 decimals (blobs as hex), so results compare by value.
-
-    >>> normalize([(112515.625, 3, "a"), (0.1 + 0.2, None, b"x")])
-    [(112515.63, 3.0, 'a'), (0.3, None, '78')]
-    """
-    kinds = {int: _number, float: _number, bytes: bytes.hex}
-    return [tuple(kinds.get(type(v), lambda x: x)(v) for v in row) for row in rows]
-
-
-def same_result(got: list[tuple], gold: list[tuple], ordered: bool) -> bool:
-    """Whether ``got`` equals ``gold`` (normalized rows): as multisets, or as lists where order matters.
-
-    Columns may come in any order (the same permutation for every row).
-
-    >>> same_result([(2, "b"), (1.0, "a")], [("a", 1), ("b", 2)], ordered=False)
-    True
-    >>> same_result([(2, "b"), (1, "a")], [("a", 1), ("b", 2)], ordered=True)
-    False
-    """
-    got, gold = normalize(got), normalize(gold)
-    if len(got) != len(gold) or any(len(r) != len(gold[0]) for r in got):
-        return False
-    for perm in itertools.permutations(range(len(gold[0]))):
-        moved = [tuple(r[i] for i in perm) for r in got]
-        if moved == gold if ordered else Counter(moved) == Counter(gold):
-            return True
-    return False
-
-
-def show(columns: list[str], rows: list[tuple]) -> str:
-    """Rows as compact text: a header, one line per row; at most ``SHOW_ROWS`` rows and ``SHOW_CHARS``."""
-
-    def cell(v: Any) -> str:
-        return "NULL" if v is None else str(round(v, 2) if isinstance(v, float) else v)[:40]
-
-    text = "\n".join([" | ".join(columns)] + [" | ".join(map(cell, row)) for row in rows[:SHOW_ROWS]])
-    text = text if len(text) <= SHOW_CHARS else text[:SHOW_CHARS] + " ... (cut)"
-    if len(rows) > SHOW_ROWS:
-        return f"{text}\n... (more than {SHOW_ROWS} rows)"
-    return text if rows else f"{text}\n(no rows)"
+    tables = {
+        t["name"]: [c + (" INTEGER PRIMARY KEY" if spec == "id" else "") for c, spec in t["columns"]]
+        for t in _data()["families"][family]["tables"]
+    }
+    return open_readonly(tables, rows or _rows(family, db_seed))
 
 
 def system_prompt(tool_calling: str = "text") -> str:
     """The system message: the task, the tool protocol (natively, the template lists the tool), answers."""
-    return (
-        "You answer questions about a SQLite database.\n"
-        + protocol_prompt(TOOLS, tool_calling)
-        + "\nThe answer is one SELECT query whose rows answer the question: <answer>SELECT ...</answer>"
-    )
+    return _data()["system"].format(protocol=protocol_prompt(_data()["tools"], tool_calling))
 
 
 def schema(family: str) -> str:
@@ -252,10 +142,9 @@ class SqlAnalyticsEnv(Env):
 
     def __init__(self, difficulty: str = "mixed", tool_calling: str = "text", **options: Any) -> None:
         super().__init__(**options)
-        if difficulty not in DIFFICULTIES:
-            raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
+        check_choice("difficulty", difficulty, DIFFICULTIES)
         self.difficulty = difficulty
-        self.protocol = ToolProtocol(TOOLS, tool_calling)
+        self.protocol = ToolProtocol(_data()["tools"], tool_calling)
         self.stop_strings = self.protocol.stop_strings
         families = _data()["families"]
         self.pool = [
@@ -267,8 +156,7 @@ class SqlAnalyticsEnv(Env):
 
     def tasks(self, split: str, n: int, seed: int = 0) -> list[Task]:
         """``n`` tasks of ``split``, stratified over (family, template); prefix-stable, disjoint by hash."""
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        check_choice("split", split, SPLITS)
         out: list[Task] = []
         seen: set[str] = set()
         for i in range(n):

@@ -21,30 +21,29 @@ an episode without a valid resolution; else 0). Difficulty: ``easy`` (one policy
 (window and non-refundable categories, one item), ``hard`` (2-3 items: partial refunds, escalation limit,
 already refunded orders). Resolution kinds are stratified in blocks, so every prefix of the tasks is
 balanced. Option ``tool_calling``: ``"text"`` (the :mod:`rltk.tools` text protocol) or ``"native"`` (the chat
-template's tool calling; the tools' schemas travel with the task).
+template's tool calling; the tools' schemas travel with the task). The decision procedure, the tools and the
+episode's order database are in :mod:`rltk_envs.refund_orders`; the answer parser is
+:func:`rltk_rewards.refund.parse_resolution`.
 """
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import json
 import math
 import random
 import re
 from collections import Counter
-from decimal import Decimal
 from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-from rltk.env import SPLITS, Env, Episode, Message, Policy, Step, Task, draw_task
-from rltk.tools import STOP_STRINGS, ToolCall, ToolEpisode, ToolProtocol, protocol_prompt
+from rltk_envs.refund_orders import RefundEpisode, decide, parse_order, parse_policy
+
+from rltk.env import SPLITS, Env, Episode, Message, Policy, Task, check_choice, draw_task
+from rltk.tools import STOP_STRINGS, ToolCall, ToolProtocol, protocol_prompt
 
 DIFFICULTIES = ("easy", "medium", "hard")
-REASONS = ("already_refunded", "outside_window", "non_refundable")
-_RESOLUTION = re.compile(r"(refund|escalate|deny\s*:\s*(" + "|".join(REASONS) + "))", re.IGNORECASE)
-_AMOUNT = re.compile(r"\s*(\S+?)[,\s]+\$?(\d[\d,]*(?:\.\d{1,2})?)\s*")
 
 
 @cache
@@ -65,62 +64,6 @@ def system_prompt(tool_calling: str = "text") -> str:
     return "\n".join(d["system"]).replace("{protocol}", protocol)
 
 
-def parse_resolution(text: str) -> str | None:
-    """The final answer's resolution, normalized (``refund``, ``escalate``, ``deny: <reason>``), or None.
-
-    >>> parse_resolution(" Deny:outside_window. ")
-    'deny: outside_window'
-    >>> parse_resolution("refund or escalate") is None
-    True
-    """
-    if not isinstance(text, str):
-        return None
-    m = _RESOLUTION.fullmatch(text.strip().rstrip(".").strip())
-    if not m:
-        return None
-    return f"deny: {m.group(2).lower()}" if m.group(2) else m.group(1).lower()
-
-
-def money(cents: int) -> str:
-    """``$1,049.99``."""
-    return f"${cents // 100:,}.{cents % 100:02d}"
-
-
-def decide(order: dict[str, Any], policy: dict[str, Any], today: str) -> tuple[str, int]:
-    """The policy's resolution of an order and the amount to refund (cents; 0 unless ``refund``)."""
-    if order["status"] == "refunded":
-        return "deny: already_refunded", 0
-    days = (dt.date.fromisoformat(today) - dt.date.fromisoformat(order["bought"])).days
-    if policy["window"] is not None and days > policy["window"]:
-        return "deny: outside_window", 0
-    amount = sum(cents for _, category, cents in order["items"] if category not in policy["non_refundable"])
-    if amount == 0:
-        return "deny: non_refundable", 0
-    if policy["limit"] is not None and amount > policy["limit"]:
-        return "escalate", 0
-    return "refund", amount
-
-
-def render_order(order_id: str, order: dict[str, Any]) -> str:
-    """What ``lookup_order`` shows."""
-    total = sum(c for *_, c in order["items"])
-    head = f"Order {order_id}, bought {order['bought']}, status {order['status']}, total {money(total)}"
-    return "\n".join([head, *(f"- {name} ({cat}) {money(c)}" for name, cat, c in order["items"])])
-
-
-def render_policy(policy: dict[str, Any], category: str = "all") -> str:
-    """What ``get_policy`` shows: the whole policy, or the rule for one category."""
-    window = f"within {policy['window']} days of purchase" if policy["window"] is not None else "at any time"
-    limit = f"Refunds over {money(policy['limit'])} need escalation." if policy["limit"] is not None else ""
-    if category == "all":
-        nonref = policy["non_refundable"]
-        cats = f"Non-refundable: {', '.join(nonref)}." if nonref else "All categories are refundable."
-        return " ".join(s for s in (f"Refunds {window}.", cats, limit) if s)
-    if category in policy["non_refundable"]:
-        return f"{category}: non-refundable."
-    return " ".join(s for s in (f"{category}: refundable {window}.", limit) if s)
-
-
 def _read(messages: list[Message], protocol: ToolProtocol) -> dict[str, Any]:
     """What the conversation says: today, the order id, and each successful tool's result by tool name."""
     user = messages[1]["content"]
@@ -136,32 +79,6 @@ def _read(messages: list[Message], protocol: ToolProtocol) -> dict[str, Any]:
     return facts
 
 
-def _parse_order(text: str) -> dict[str, Any]:
-    head = re.match(r"Order \S+, bought (\S+), status (\w+), total \$([\d,.]+)", text)
-    items = [
-        [name, cat, _cents(price)] for name, cat, price in re.findall(r"- (.+) \((.+)\) \$([\d,.]+)", text)
-    ]
-    return {"bought": head.group(1), "status": head.group(2), "total": _cents(head.group(3)), "items": items}
-
-
-def _parse_policy(text: str) -> dict[str, Any]:
-    window = re.search(r"within (\d+) days", text)
-    nonref = re.search(r"Non-refundable: ([^.]+)\.", text)
-    limit = re.search(r"over \$([\d,.]+) need escalation", text)
-    return {
-        "window": int(window.group(1)) if window else None,
-        "non_refundable": nonref.group(1).split(", ") if nonref else [],
-        "limit": _cents(limit.group(1)) if limit else None,
-    }
-
-
-def _cents(text: str) -> int:
-    value = Decimal(text.replace(",", ""))
-    if value != value.quantize(Decimal("0.01")) or value <= 0:
-        raise ValueError(f"bad amount {text!r}: write dollars like 19.99")
-    return int(value * 100)
-
-
 def _item(rng: random.Random, non_refundable: list[str], p_non_refundable: float) -> list[Any]:
     """``[name, category, cents]``: in a non-refundable category with probability ``p_non_refundable``."""
     d = _data()
@@ -169,98 +86,6 @@ def _item(rng: random.Random, non_refundable: list[str], p_non_refundable: float
     cat = rng.choice(pool or [c for c in sorted(d["categories"]) if c not in non_refundable])
     dollars = round(math.exp(rng.uniform(*map(math.log, d["price_dollars"]))))
     return [rng.choice(d["categories"][cat]), cat, dollars * 100 + rng.choice(d["price_cents"])]
-
-
-class RefundEpisode(ToolEpisode):
-    """One rollout: tools bound to this episode's own copy of the order database."""
-
-    def __init__(self, task: Task) -> None:
-        ref = task.reference
-        self.orders: dict[str, dict[str, Any]] = copy.deepcopy(ref["orders"])
-        self.refunds: list[tuple[str, int]] = []
-        self.escalations: list[str] = []
-        self.replies: list[str] = []
-        self.expected = copy.deepcopy(ref["orders"])
-        if ref["amount"]:
-            self._apply(self.expected[ref["order_id"]], ref["amount"])
-        tools = {
-            "lookup_order": lambda order_id: render_order(*self._order(order_id)),
-            "get_policy": self._get_policy,
-            "issue_refund": self._issue_refund,
-            "escalate": self._escalate,
-            "reply": self._reply,
-        }
-        super().__init__(task, tools, self._judge)
-
-    def _order(self, order_id: str) -> tuple[str, dict[str, Any]]:
-        key = order_id.strip().upper()
-        if key not in self.orders:
-            raise LookupError(f"no order {order_id.strip()!r}")
-        return key, self.orders[key]
-
-    def _get_policy(self, category: str) -> str:
-        category = category.strip().lower() or "all"
-        if category != "all" and category not in _data()["categories"]:
-            raise LookupError(f"unknown category {category!r}: ask for a category of the order, or all")
-        return render_policy(self.task.reference["policy"], category)
-
-    @staticmethod
-    def _apply(order: dict[str, Any], cents: int) -> None:
-        order["refunded"] += cents
-        total = sum(c for *_, c in order["items"])
-        order["status"] = "refunded" if order["refunded"] >= total else "partially refunded"
-
-    def _issue_refund(self, argument: str) -> str:
-        m = _AMOUNT.fullmatch(argument)
-        if not m:
-            raise ValueError("write the order id and the amount, e.g. A-1234 19.99")
-        key, order = self._order(m.group(1))
-        cents = _cents(m.group(2))
-        left = sum(c for *_, c in order["items"]) - order["refunded"]
-        if cents > left:
-            raise ValueError(f"{money(cents)} is more than the {money(left)} left to refund on {key}")
-        self._apply(order, cents)
-        self.refunds.append((key, cents))
-        return f"refunded {money(cents)} on order {key}"
-
-    def _escalate(self, reason: str) -> str:
-        if not reason.strip():
-            raise ValueError("give a reason")
-        self.escalations.append(reason.strip())
-        return "escalated to a manager"
-
-    def _reply(self, text: str) -> str:
-        self.replies.append(text)
-        return "sent"
-
-    def unfinished_outcome(self) -> dict[str, Any]:
-        """No valid resolution (yet): never correct; ``harmful`` says whether money already moved wrongly."""
-        return {"correct": False, "answered": False, "valid": False, "answer": None, **self._state()}
-
-    def _state(self) -> dict[str, Any]:
-        db_matches = self.orders == self.expected
-        return {
-            "db_matches": db_matches,
-            "harmful": bool(self.refunds) and not db_matches,
-            "refunded": sum(c for _, c in self.refunds),
-            "escalated": bool(self.escalations),
-        }
-
-    def _judge(self, text: str) -> dict[str, Any]:
-        label = parse_resolution(text)
-        acted = {"refund": bool(self.refunds), "escalate": bool(self.escalations)}
-        kind = label.split(":")[0] if label else None
-        valid = kind is not None and all(acted[k] == (k == kind) for k in acted)
-        state = self._state()
-        correct = valid and label == self.task.reference["resolution"] and state["db_matches"]
-        return {"correct": correct, "valid": valid, "answer": label, **state}
-
-    def step(self, action: str) -> Step:
-        """Run one turn (:class:`ToolEpisode`); while unanswered, ``outcome`` follows the state."""
-        step = super().step(action)
-        if not step.done:
-            self.outcome = self.unfinished_outcome()
-        return step
 
 
 class SupportRefundEnv(Env):
@@ -282,16 +107,14 @@ class SupportRefundEnv(Env):
 
     def __init__(self, difficulty: str = "easy", tool_calling: str = "text", **options: Any) -> None:
         super().__init__(**options)
-        if difficulty not in DIFFICULTIES:
-            raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
+        check_choice("difficulty", difficulty, DIFFICULTIES)
         self.difficulty = difficulty
         self.protocol = ToolProtocol(_data()["tools"], tool_calling)
         self.stop_strings = self.protocol.stop_strings
 
     def tasks(self, split: str, n: int, seed: int = 0) -> list[Task]:
         """``n`` tasks of ``split``; prefix-stable, stratified by kind, splits disjoint by prompt hash."""
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        check_choice("split", split, SPLITS)
         kinds = list(_data()["kinds"][self.difficulty])
         out: list[Task] = []
         seen: set[str] = set()
@@ -381,8 +204,8 @@ class SupportRefundEnv(Env):
             return call("lookup_order", oid)
         if "get_policy" not in results:
             return call("get_policy", "all")
-        order = _parse_order(results["lookup_order"])
-        label, cents = decide(order, _parse_policy(results["get_policy"]), facts["today"])
+        order = parse_order(results["lookup_order"])
+        label, cents = decide(order, parse_policy(results["get_policy"]), facts["today"])
         if label == "refund" and "issue_refund" not in results:
             return call("issue_refund", f"{oid} {cents // 100}.{cents % 100:02d}")
         if label == "escalate" and "escalate" not in results:
@@ -420,7 +243,7 @@ def _constant(label: str, protocol: ToolProtocol) -> Policy:
         if label == "refund" and turn == 0:
             return protocol.call("lookup_order", oid)
         if label == "refund" and turn == 1 and "lookup_order" in facts["results"]:
-            total = _parse_order(facts["results"]["lookup_order"])["total"]
+            total = parse_order(facts["results"]["lookup_order"])["total"]
             return protocol.call("issue_refund", f"{oid} {total // 100}.{total % 100:02d}")
         if label == "escalate" and turn == 0:
             return protocol.call("escalate", "customer wants a refund")

@@ -13,20 +13,89 @@ a right value under a wrong citation is often a lucky guess: team and role value
 so reading any person's page and citing it gets the team right about one time in twelve. Raise it (e.g. to
 0.5) to shape a model that finds values but cannot yet cite; keep it below 1 so that citing still pays.
 
-Every function parses with the env's own :func:`~rltk_envs.doc_search_qa.grade_completion` (one parser for
-env and reward). A parse failure (no answer tag, an empty answer, several values or citations, text after
+Every function parses with :func:`grade_completion`, which the env's verdict uses too (one parser for env
+and reward). A parse failure (no answer tag, an empty answer, several values or citations, text after
 the citation, an echo of the prompt, an unfinished turn) scores 0, the range minimum: never above a
 well-formed wrong answer.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from typing import Any
-
-from rltk_envs.doc_search_qa import grade_completion
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, NamedTuple
 
 from rltk.reward import reward_fn
+from rltk.tools import FinalAnswer, parse_action
+
+_ANSWER = re.compile(r"([^\[\]]*)\[\s*D\s*(\d{1,3})\s*\]\s*", re.IGNORECASE)  # linear: no backtracking
+_DATE_FORMATS = ("%Y-%m-%d", "%Y/%m/%d", "%B %d %Y", "%b %d %Y", "%d %B %Y", "%d %b %Y", "%m/%d/%Y")
+_NUMBER = re.compile(r"(?:usd ?|\$ ?)?(\d+(?:\.\d+)?)(?: ?(?:usd|dollars?)\b)?(.*)")
+
+
+def canon(value: str) -> tuple[str, str, str]:
+    """(kind, value, unit): a value with case, whitespace, number and date formats normalized.
+
+    >>> canon("March 4, 2023") == canon("2023-03-04") == canon("4 Mar 2023")
+    True
+    >>> canon("$1,249.00"), canon("12 Weeks")
+    (('num', '1249', ''), ('num', '12', 'week'))
+    """
+    s = re.sub(r"\s*\(D\d+\)$", "", str(value).strip().strip("\"'`*").strip()).rstrip(".").strip().lower()
+    s = " ".join(re.sub(r"(?<=\d),(?=\d{3}\b)", "", s).replace(",", " ").split())
+    for fmt in _DATE_FORMATS if re.fullmatch(r"[a-z0-9/ -]*\d{4}[a-z0-9/ -]*", s) else ():
+        try:
+            return "date", datetime.strptime(s, fmt).date().isoformat(), ""
+        except ValueError:
+            pass
+    m = _NUMBER.fullmatch(s)
+    if m:
+        unit = " ".join(w[:-1] if w.endswith("s") and len(w) > 3 else w for w in m.group(2).split())
+        return "num", f"{Decimal(m.group(1)).normalize():f}", unit
+    return "text", s.strip(" !\"'"), ""
+
+
+def same_value(answer: str, gold: str) -> bool:
+    """Whether ``answer`` is ``gold`` up to format; a number may leave out its unit, not change it."""
+    a, g = canon(answer), canon(gold)
+    return a[:2] == g[:2] and bool(a[1]) and a[2] in (g[2], "")
+
+
+class Graded(NamedTuple):
+    """A judged answer: ``parsed`` (the grammar held), ``value_ok``, ``cite_ok`` (cited doc supports it)."""
+
+    parsed: bool
+    value_ok: bool
+    cite_ok: bool
+    cited: str | None
+
+
+def grade(text: str, reference: dict[str, Any]) -> Graded:
+    """Judge the text inside ``<answer>``: exactly ``VALUE [Dnn]``, one value and one citation at the end.
+
+    >>> ref = {"answer": "$1,249", "support": ["D07"]}
+    >>> grade("1249 USD [d7]", ref)
+    Graded(parsed=True, value_ok=True, cite_ok=True, cited='D07')
+    >>> grade("$1,249 [D07] [D08]", ref).parsed, grade("$1,249 or $1,299 [D07]", ref).value_ok
+    (False, False)
+    """
+    m = _ANSWER.fullmatch(text) if isinstance(text, str) else None
+    if not m or not m.group(1).strip():
+        return Graded(False, False, False, None)
+    cited = f"D{int(m.group(2)):02d}"
+    return Graded(True, same_value(m.group(1), reference["answer"]), cited in reference["support"], cited)
+
+
+def grade_completion(completion: str, reference: dict[str, Any]) -> Graded:
+    """Judge a final assistant turn: it must be one ``<answer>...</answer>`` (text before it is allowed)."""
+    action = parse_action(completion)
+    return (
+        grade(action.text, reference)
+        if isinstance(action, FinalAnswer)
+        else Graded(False, False, False, None)
+    )
 
 
 @reward_fn(range=(0.0, 1.0))

@@ -1,20 +1,116 @@
-"""Rewards for the policy-flagging workflow (``rltk_envs.policy_flagging``).
+"""Rewards for the policy-flagging workflow (``rltk_envs.policy_flagging``), and its one answer parser.
 
 What is rewarded: the flag/clear decision, cost-weighted (:func:`flag_decision`); naming the broken rule on a
 flagged transaction (:func:`flag_rule`); answering in the exact requested format (:func:`answer_format`).
-Every function parses the completion with the env's own :func:`~rltk_envs.policy_flagging.answer_of`
-(one parser for env and rewards). An unparseable completion (empty, a hedge, prose, an echo of the prompt)
-scores the function's range minimum, never above a well-formed wrong answer.
+Every function parses the completion with :func:`answer_of`, which the env's verdict
+(``PolicyFlaggingEnv.check``) uses too: one parser for env and rewards. An unparseable completion (empty, a
+hedge, prose, an echo of the prompt) scores the function's range minimum, never above a well-formed wrong
+answer.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from typing import Any
-
-from rltk_envs.policy_flagging import answer_of
+from typing import Any, NamedTuple
 
 from rltk.reward import reward_fn
+
+_MONEY = r"\$[\d,]+(?:\.\d\d)?"
+_CHECKS = (  # one check line per rule, R1..R4
+    re.compile(rf"R1:\s*{_MONEY}\s+over\s+{_MONEY}\s*\?\s*(yes|no)", re.IGNORECASE),
+    re.compile(r"R2:\s*[^\n?]+?\s+listed\s*\?\s*(yes|no)", re.IGNORECASE),
+    re.compile(r"R3:\s*\d+\s+over\s+\d+\s*\?\s*(yes|no)", re.IGNORECASE),
+    re.compile(
+        rf"R4:\s*{_MONEY}\s+over\s+{_MONEY}\s*,\s*[^\n?]+?\s+watch-listed\s*\?\s*(yes|no)", re.IGNORECASE
+    ),
+)
+_CANONICAL = re.compile(r"FLAG R[1-4]|CLEAR")
+_CANONICAL_DECISION = re.compile(r"FLAG|CLEAR")
+_LOOSE = re.compile(r"(FLAG)(?:\s*[:\-,(]?\s*(R[1-4])\s*\)?)?|(CLEAR)", re.IGNORECASE)
+_LABEL = re.compile(r"^(?:final\s+)?(?:answer|decision)\s*[:\-]\s*", re.IGNORECASE)
+_TAG = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+
+
+class Answer(NamedTuple):
+    """A parsed reply: ``decision`` is ``"FLAG"``/``"CLEAR"`` (None = unparseable), ``exact`` = canonical."""
+
+    decision: str | None
+    rule: str | None
+    exact: bool
+
+
+def parse_answer(text: str, ask_rule: bool = True, checklist: bool = False, n_rules: int = 3) -> Answer:
+    r"""Parse a reply, tolerant of case, whitespace, ``<answer>`` tags, markdown emphasis, end punctuation.
+
+    The whole reply must be the answer: prose, a hedge (both decisions, several rules) or junk around it is a
+    parse failure. ``exact`` is True only for the requested format, ``FLAG R<n>`` or ``CLEAR`` (outer
+    whitespace aside); with ``ask_rule=False``, ``FLAG`` or ``CLEAR``. ``R4`` is a rule id everywhere, named
+    in prompts only at ``difficulty="combined"``. With ``checklist=True`` the reply must be the ``n_rules``
+    check lines (``R1: $<amount> over $<threshold>? yes|no``, ``R2: <country> listed? yes|no``,
+    ``R3: <count> over <limit>? yes|no``, with 4 rules ``R4: $<amount> over $<lower>, <country> watch-listed?
+    yes|no``, in this order) and then the answer on a line of its own; anything else, a missing check line
+    included, is a parse failure. The check lines are not graded: the decision is.
+
+    >>> parse_answer(" flag: r2. ")
+    Answer(decision='FLAG', rule='R2', exact=False)
+    >>> parse_answer("FLAG R4")
+    Answer(decision='FLAG', rule='R4', exact=True)
+    >>> parse_answer("CLEAR")
+    Answer(decision='CLEAR', rule=None, exact=True)
+    >>> parse_answer("FLAG R1 or CLEAR").decision is None
+    True
+    >>> parse_answer("FLAG", ask_rule=False)
+    Answer(decision='FLAG', rule=None, exact=True)
+    >>> parse_answer("R1: $12.00 over $5,000? no\nR2: Iran listed? yes\nR3: 3 over 10? no\nFLAG", False, True)
+    Answer(decision='FLAG', rule=None, exact=True)
+    >>> parse_answer("FLAG", ask_rule=False, checklist=True).decision is None  # the checks are missing
+    True
+    """
+    if not isinstance(text, str):
+        return Answer(None, None, False)
+    if checklist:
+        return _parse_checklist(text, ask_rule, n_rules)
+    tags = _TAG.findall(text)
+    body = tags[0] if len(tags) == 1 else text if not tags else ""
+    body = _LABEL.sub("", body.strip().strip("*_`\"' ")).rstrip(".!;, *_`\"'").strip()
+    m = _LOOSE.fullmatch(body)
+    if not m:
+        return Answer(None, None, False)
+    exact = (_CANONICAL if ask_rule else _CANONICAL_DECISION).fullmatch(text.strip()) is not None
+    if m.group(3):
+        return Answer("CLEAR", None, exact)
+    return Answer("FLAG", m.group(2).upper() if m.group(2) else None, exact)
+
+
+def _parse_checklist(text: str, ask_rule: bool, n_rules: int) -> Answer:
+    """The checklist format of :func:`parse_answer`: ``n_rules`` check lines, then the answer."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    checks = _CHECKS[:n_rules]
+    if len(lines) != len(checks) + 1 or not all(
+        c.fullmatch(line) for c, line in zip(checks, lines, strict=False)
+    ):
+        return Answer(None, None, False)
+    ans = parse_answer(lines[-1], ask_rule)
+    exact = (
+        ans.exact
+        and "\n".join(lines) == text.strip()
+        and all(line.endswith(("? yes", "? no")) for line in lines[:-1])
+    )
+    return Answer(ans.decision, ans.rule, exact)
+
+
+def answer_of(completion: str, reference: Mapping[str, Any]) -> Answer:
+    """Parse a completion in the format its task asked for (``reference["ask_rule"]``/``["checklist"]``).
+
+    ``reference["n_rules"]`` (absent: 3) is the number of check lines a checklist answer must have.
+    """
+    return parse_answer(
+        completion,
+        reference.get("ask_rule", True),
+        reference.get("checklist", False),
+        reference.get("n_rules", 3),
+    )
 
 
 @reward_fn(range=(-1.0, 1.0))

@@ -17,7 +17,7 @@ import hashlib
 import inspect
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -166,6 +166,19 @@ def split_of(messages: list[Message], weights: tuple[int, int, int] = (8, 1, 1))
     if bucket < weights[0]:
         return "train"
     return "eval" if bucket < weights[0] + weights[1] else "test"
+
+
+def check_choice(option: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices``: the check of an env option or a split.
+
+    >>> check_choice("split", "eval", SPLITS)
+    >>> check_choice("difficulty", "expert", ("easy", "hard"))
+    Traceback (most recent call last):
+    ...
+    ValueError: difficulty must be one of ('easy', 'hard'), got 'expert'
+    """
+    if value not in choices:
+        raise ValueError(f"{option} must be one of {choices}, got {value!r}")
 
 
 def draw_task(

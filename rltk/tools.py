@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rltk.env import Episode, Step, Task
+from rltk.env import Episode, Step, Task, check_choice
 
 TOOL_CALLING = ("text", "native")  # the values of a tool env's ``tool_calling`` option
 STOP_STRINGS = ("</tool>", "</answer>")
@@ -269,8 +269,7 @@ class ToolProtocol:
     """
 
     def __init__(self, tools: Mapping[str, str], tool_calling: str = "text") -> None:
-        if tool_calling not in TOOL_CALLING:
-            raise ValueError(f"tool_calling must be one of {TOOL_CALLING}, got {tool_calling!r}")
+        check_choice("tool_calling", tool_calling, TOOL_CALLING)
         self.tools = dict(tools)
         self.tool_calling = tool_calling
         self.native = tool_calling == "native"

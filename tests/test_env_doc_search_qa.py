@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import tiny_overrides
 from env_contract import assert_deterministic, assert_splits_disjoint
-from rltk_envs.doc_search_qa import DocSearchQAEnv, canon, grade, same_value
-from rltk_rewards.docqa import doc_answer_cited
+from rltk_envs.doc_search_qa import DocSearchQAEnv
+from rltk_rewards.docqa import canon, doc_answer_cited, grade, same_value
 
 from rltk.config import load_config
 from rltk.env import Task, run_policy

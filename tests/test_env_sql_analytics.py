@@ -17,14 +17,12 @@ from rltk_envs.sql_analytics import (
     DIFFICULTIES,
     LEVELS,
     SqlAnalyticsEnv,
-    SqlError,
     _patterns,
     connect,
     read_prompt,
-    run,
-    same_result,
     schema,
 )
+from rltk_envs.sqlite_sandbox import SqlError, run, same_result
 from rltk_rewards.outcome import correct
 
 from rltk.config import load_config

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import tiny_overrides
 from env_contract import assert_deterministic, assert_splits_disjoint
-from rltk_envs.support_refund import DIFFICULTIES, REASONS, SupportRefundEnv, parse_resolution
+from rltk_envs.support_refund import DIFFICULTIES, SupportRefundEnv
 from rltk_rewards.outcome import correct
-from rltk_rewards.refund import refund_harm
+from rltk_rewards.refund import REASONS, parse_resolution, refund_harm
 
 from rltk.config import load_config
 from rltk.env import Message, Task, run_policy

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 from env_contract import assert_deterministic, assert_splits_disjoint
-from rltk_envs.policy_flagging import DIFFICULTIES, RULES, PolicyFlaggingEnv, parse_answer
-from rltk_rewards.flagging import answer_format, flag_decision, flag_rule
+from rltk_envs.flagging_prompt import RULES
+from rltk_envs.policy_flagging import DIFFICULTIES, PolicyFlaggingEnv
+from rltk_rewards.flagging import answer_format, flag_decision, flag_rule, parse_answer
 
 from rltk.env import prompt_hash, run_policy, split_of
 from rltk.plugins import get_env, get_reward
