@@ -7,22 +7,19 @@ a title line and ``Label: value`` lines. :func:`bm25` is the search the env's ``
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
 from collections import Counter
 from datetime import date, timedelta
-from functools import cache
-from pathlib import Path
 from typing import Any
 
+from rltk_envs import data
 from rltk_rewards.docqa import same_value
 
 
-@cache
 def _data() -> dict[str, Any]:
-    return json.loads((Path(__file__).parent / "data" / "doc_search_qa.json").read_text())
+    return data("doc_search_qa")
 
 
 def tokens(text: str) -> list[str]:

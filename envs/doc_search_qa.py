@@ -24,14 +24,12 @@ schemas travel with the task).
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter
-from functools import cache
-from pathlib import Path
 from typing import Any, ClassVar
 
+from rltk_envs import data
 from rltk_envs.doc_corpus import bm25, build_corpus, lookalikes, tokens
 from rltk_rewards.docqa import Graded, grade, grade_completion
 
@@ -52,9 +50,8 @@ from rltk.tools import STOP_STRINGS, ToolCall, ToolEpisode, ToolProtocol, protoc
 DIFFICULTIES = ("easy", "medium", "hard")
 
 
-@cache
 def _data() -> dict[str, Any]:
-    return json.loads((Path(__file__).parent / "data" / "doc_search_qa.json").read_text())
+    return data("doc_search_qa")
 
 
 def system_prompt(tool_calling: str = "text") -> str:

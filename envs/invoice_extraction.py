@@ -22,10 +22,9 @@ import json
 import random
 import re
 from collections import Counter
-from functools import cache
-from pathlib import Path
 from typing import Any, ClassVar
 
+from rltk_envs import data
 from rltk_envs.invoice_reader import read_document
 from rltk_rewards.invoice import score_reply
 
@@ -35,9 +34,8 @@ DIFFICULTIES = ("easy", "medium", "hard")
 _TYPES = {"string": "string", "date": '"YYYY-MM-DD"', "currency": '"ISO code"', "number": "number"}
 
 
-@cache
 def _data() -> dict[str, Any]:
-    return json.loads((Path(__file__).parent / "data" / "invoice_extraction.json").read_text())
+    return data("invoice_extraction")
 
 
 def _money(cents: int, code: str, style: str, grouping: str) -> str:

@@ -8,20 +8,18 @@ after undoing look-alikes inside numbers (``2O24`` → ``2024``).
 
 from __future__ import annotations
 
-import json
 import re
 from functools import cache
-from pathlib import Path
 from typing import Any
 
+from rltk_envs import data
 from rltk_rewards.invoice import parse_amount, parse_date
 
 _CANON = str.maketrans("015i", "olsl")
 
 
-@cache
 def _data() -> dict[str, Any]:
-    return json.loads((Path(__file__).parent / "data" / "invoice_extraction.json").read_text())
+    return data("invoice_extraction")
 
 
 def _canon(text: str) -> str:

@@ -21,15 +21,13 @@ and the rewards; :mod:`rltk_envs.flagging_prompt` writes the prompt and reads it
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Callable
 from dataclasses import replace
-from functools import cache
-from pathlib import Path
 from typing import Any, ClassVar
 
+from rltk_envs import data
 from rltk_envs.flagging_prompt import RULES, RULES_COMBINED, SYSTEMS, Rules, flag, render, reply, violations
 from rltk_rewards.flagging import answer_of
 
@@ -38,9 +36,8 @@ from rltk.env import SPLITS, Env, Message, Policy, Task, check_choice, draw_task
 DIFFICULTIES = ("basic", "varied", "combined")
 
 
-@cache
 def _data() -> dict[str, Any]:
-    return json.loads((Path(__file__).parent / "data" / "policy_flagging.json").read_text())
+    return data("policy_flagging")
 
 
 class PolicyFlaggingEnv(Env):

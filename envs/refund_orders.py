@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import json
 import re
 from decimal import Decimal
-from functools import cache
-from pathlib import Path
 from typing import Any
 
+from rltk_envs import data
 from rltk_rewards.refund import parse_resolution
 
 from rltk.env import Step, Task
@@ -25,9 +23,8 @@ from rltk.tools import ToolEpisode
 _AMOUNT = re.compile(r"\s*(\S+?)[,\s]+\$?(\d[\d,]*(?:\.\d{1,2})?)\s*")
 
 
-@cache
 def _data() -> dict[str, Any]:
-    return json.loads((Path(__file__).parent / "data" / "support_refund.json").read_text())
+    return data("support_refund")
 
 
 def money(cents: int) -> str:

@@ -23,14 +23,13 @@ template's tool calling: ``run_sql`` is a JSON schema that travels with the task
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import sqlite3
 from functools import cache
-from pathlib import Path
 from typing import Any, ClassVar
 
+from rltk_envs import data
 from rltk_envs.sqlite_sandbox import SHOW_ROWS, SqlError, open_readonly, run, same_result, show
 
 from rltk.env import SPLITS, Env, Message, Policy, Task, check_choice, draw_task, prompt_hash, split_of
@@ -42,9 +41,8 @@ ANSWER_ROWS = 50
 _INT, _TEXT = r"\d+", r".+?"
 
 
-@cache
 def _data() -> dict[str, Any]:
-    return json.loads((Path(__file__).parent / "data" / "sql_analytics.json").read_text())
+    return data("sql_analytics")
 
 
 def _rows(family: str, db_seed: int) -> dict[str, list[tuple]]:

@@ -29,15 +29,14 @@ episode's order database are in :mod:`rltk_envs.refund_orders`; the answer parse
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import random
 import re
 from collections import Counter
 from functools import cache
-from pathlib import Path
 from typing import Any, ClassVar
 
+from rltk_envs import data
 from rltk_envs.refund_orders import RefundEpisode, decide, parse_order, parse_policy
 
 from rltk.env import SPLITS, Env, Episode, Message, Policy, Task, check_choice, draw_task
@@ -46,9 +45,8 @@ from rltk.tools import STOP_STRINGS, ToolCall, ToolProtocol, protocol_prompt
 DIFFICULTIES = ("easy", "medium", "hard")
 
 
-@cache
 def _data() -> dict[str, Any]:
-    return json.loads((Path(__file__).parent / "data" / "support_refund.json").read_text())
+    return data("support_refund")
 
 
 @cache
