@@ -12,6 +12,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from rltk_envs import money
+
 from rltk.env import Message
 
 RULES = ("R1", "R2", "R3")  # the policy at "basic" and "varied"
@@ -72,28 +74,23 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(re.split(r", | or ", text.strip()))
 
 
-def _money(cents: int, always_cents: bool = True) -> str:
-    dollars = f"${cents // 100:,}"
-    return dollars if (cents % 100 == 0 and not always_cents) else f"{dollars}.{cents % 100:02d}"
-
-
 def render(
     rules: Rules, amount: int, country: str, counts: dict[str, int], merchants: list[str], rng: random.Random
 ) -> str:
     """The user turn: the policy, then the transaction (its id, account and merchant drawn from ``rng``)."""
     lines = [
         "Policy (flag if any rule is broken):",
-        f"R1: amount over {_money(rules.threshold, always_cents=False)}",
+        f"R1: amount over {money(rules.threshold, always_cents=False)}",
         f"R2: destination is {_either(rules.countries)}",
         f"R3: more than {rules.limit} transactions in the last {rules.window}",
     ]
     if rules.watch:
-        lower = _money(rules.lower, always_cents=False)
+        lower = money(rules.lower, always_cents=False)
         lines.append(f"R4: amount over {lower} and destination is {_either(rules.watch)}")
     lines += [
         "",
         f"Transaction TX-{rng.randrange(10**6):06d}",
-        f"Amount: {_money(amount)}",
+        f"Amount: {money(amount)}",
         f"From: acct {rng.randrange(10**4):04d}-{rng.randrange(10**4):04d}",
         f"To: {country}",
         f"Merchant: {rng.choice(merchants)}",
@@ -150,12 +147,12 @@ def checks(messages: list[Message]) -> list[str]:
     """The check lines of a checklist answer (one per rule), read from the prompt text as the oracle does."""
     rules, amount, country, counts = read(messages)
     yn = ["yes" if b else "no" for b in rules.broken(amount, country, counts)]
-    money, threshold, lower = _money(amount), *(_money(c, False) for c in (rules.threshold, rules.lower))
+    shown, threshold, lower = money(amount), *(money(c, False) for c in (rules.threshold, rules.lower))
     lines = [
-        f"R1: {money} over {threshold}? {yn[0]}",
+        f"R1: {shown} over {threshold}? {yn[0]}",
         f"R2: {country} listed? {yn[1]}",
         f"R3: {counts.get(rules.window, 0)} over {rules.limit}? {yn[2]}",
-        f"R4: {money} over {lower}, {country} watch-listed? {yn[-1]}",
+        f"R4: {shown} over {lower}, {country} watch-listed? {yn[-1]}",
     ]
     return lines[: len(yn)]
 

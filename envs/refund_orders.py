@@ -14,7 +14,7 @@ import re
 from decimal import Decimal
 from typing import Any
 
-from rltk_envs import data
+from rltk_envs import data, money
 from rltk_rewards.refund import parse_resolution
 
 from rltk.env import Step, Task
@@ -25,11 +25,6 @@ _AMOUNT = re.compile(r"\s*(\S+?)[,\s]+\$?(\d[\d,]*(?:\.\d{1,2})?)\s*")
 
 def _data() -> dict[str, Any]:
     return data("support_refund")
-
-
-def money(cents: int) -> str:
-    """``$1,049.99``."""
-    return f"${cents // 100:,}.{cents % 100:02d}"
 
 
 def decide(order: dict[str, Any], policy: dict[str, Any], today: str) -> tuple[str, int]:
