@@ -7,7 +7,8 @@ line is flushed and fsynced, so a kill loses at most the line being written; tha
 trailing newline) is dropped when a logger opens the file again. On resume the trainer calls
 :meth:`MetricsLogger.truncate_after` with the restored step so the file holds no steps that will be redone.
 
-Only the main process writes; other ranks get a logger whose methods do nothing.
+Only the main process writes; other ranks get a logger whose methods do nothing. :func:`outcome_metrics`
+turns one step's groups into the env-outcome numbers (accuracy, answer shares, turns) that get logged.
 """
 
 from __future__ import annotations
@@ -20,9 +21,14 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from rltk.durable import fsync_dir
+
+if TYPE_CHECKING:
+    from rltk.batch import Group
 
 REPORTERS = ("jsonl", "wandb")
 # Progress bar stats: (keyword, key in the trainer's metrics, format)
@@ -166,6 +172,28 @@ class MetricsLogger:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def outcome_metrics(groups: list[Group]) -> dict[str, float]:
+    """Accuracy, answer shares and completion stats from the env's outcomes.
+
+    ``answer_share/<answer>`` is the fraction of samples per answer class (the verdict's ``"answer"``, for
+    envs that give one; ``None`` = unparseable): the number to watch for a drift of the answer prior.
+    """
+    rollouts = [r for g in groups for r in g.rollouts]
+    correct = [float(bool(r.outcome.get("correct"))) for r in rollouts if "correct" in r.outcome]
+    m: dict[str, float] = {"reward/mean": float(np.mean([r.reward for r in rollouts])) if rollouts else 0.0}
+    if correct:
+        m["accuracy"] = float(np.mean(correct))
+    answers = [str(r.outcome["answer"]) for r in rollouts if "answer" in r.outcome]
+    for a in sorted(set(answers)):
+        m[f"answer_share/{a}"] = answers.count(a) / len(answers)
+    m["truncated_frac"] = float(np.mean([r.truncated for r in rollouts])) if rollouts else 0.0
+    if rollouts:
+        m["rollout/turns_mean"] = float(np.mean([len(r.turns) for r in rollouts]))
+        for reason in ("max_turns", "max_tokens"):  # rollouts a limit ended (multi-turn)
+            m[f"rollout/stopped_{reason}"] = float(np.mean([r.stop_reason == reason for r in rollouts]))
+    return m
 
 
 class Progress:

@@ -22,11 +22,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from rltk.config import Config
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -223,3 +226,20 @@ def add_lora(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
     )
     return get_peft_model(model, config)
+
+
+def build_policy(cfg: Config) -> PreTrainedModel:
+    """Load the model of ``cfg.model`` and wrap it with LoRA if asked; gradient checkpointing if asked."""
+    model = load_model(cfg.model.name, dtype=cfg.model.dtype)
+    model.config.use_cache = True
+    if cfg.model.lora.enabled:
+        lo = cfg.model.lora
+        model = add_lora(
+            model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=list(lo.target_modules)
+        )
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.model.lora.enabled:
+            model.enable_input_require_grads()
+    model.eval()
+    return model

@@ -33,8 +33,8 @@ from rltk import advantage, checkpoint, evaluate, forward, loss, plugins, rollou
 from rltk.batch import Batch, Group, collate
 from rltk.config import Config, config_to_dict
 from rltk.env import Env, Task
-from rltk.metrics import MetricsLogger, Progress
-from rltk.models import add_lora, load_model, load_tokenizer
+from rltk.metrics import MetricsLogger, Progress, outcome_metrics
+from rltk.models import build_policy, load_tokenizer
 from rltk.reward import Rubric
 
 log = logging.getLogger("rltk")
@@ -391,45 +391,6 @@ class Trainer:
         return float(self.accelerator.reduce(t, reduction="sum").item())
 
 
-def outcome_metrics(groups: list[Group]) -> dict[str, float]:
-    """Accuracy, answer shares and completion stats from the env's outcomes.
-
-    ``answer_share/<answer>`` is the fraction of samples per answer class (the verdict's ``"answer"``, for
-    envs that give one; ``None`` = unparseable): the number to watch for a drift of the answer prior.
-    """
-    rollouts = [r for g in groups for r in g.rollouts]
-    correct = [float(bool(r.outcome.get("correct"))) for r in rollouts if "correct" in r.outcome]
-    m: dict[str, float] = {"reward/mean": float(np.mean([r.reward for r in rollouts])) if rollouts else 0.0}
-    if correct:
-        m["accuracy"] = float(np.mean(correct))
-    answers = [str(r.outcome["answer"]) for r in rollouts if "answer" in r.outcome]
-    for a in sorted(set(answers)):
-        m[f"answer_share/{a}"] = answers.count(a) / len(answers)
-    m["truncated_frac"] = float(np.mean([r.truncated for r in rollouts])) if rollouts else 0.0
-    if rollouts:
-        m["rollout/turns_mean"] = float(np.mean([len(r.turns) for r in rollouts]))
-        for reason in ("max_turns", "max_tokens"):  # rollouts a limit ended (multi-turn)
-            m[f"rollout/stopped_{reason}"] = float(np.mean([r.stop_reason == reason for r in rollouts]))
-    return m
-
-
-def build_policy(cfg: Config) -> PreTrainedModel:
-    """Load the model of ``cfg.model`` and wrap it with LoRA if asked; gradient checkpointing if asked."""
-    model = load_model(cfg.model.name, dtype=cfg.model.dtype)
-    model.config.use_cache = True
-    if cfg.model.lora.enabled:
-        lo = cfg.model.lora
-        model = add_lora(
-            model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=list(lo.target_modules)
-        )
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.model.lora.enabled:
-            model.enable_input_require_grads()
-    model.eval()
-    return model
-
-
 def run_warm_start(trainer: Trainer) -> None:
     """SFT on oracle demonstrations, once per run dir; saved as step 0 so a kill before RL loses nothing."""
     if checkpoint.latest(trainer.run_dir) is not None:
@@ -453,8 +414,6 @@ def run(cfg: Config) -> Trainer:
 __all__ = [
     "StepResult",
     "Trainer",
-    "build_policy",
-    "outcome_metrics",
     "run",
     "run_warm_start",
     "seed_everything",
