@@ -35,7 +35,6 @@ from rltk_rewards.docqa import Graded, grade, grade_completion
 
 from rltk.env import (
     SPLITS,
-    Env,
     Episode,
     Message,
     Policy,
@@ -45,7 +44,7 @@ from rltk.env import (
     prompt_hash,
     split_of,
 )
-from rltk.tools import STOP_STRINGS, ToolCall, ToolEpisode, ToolProtocol, protocol_prompt
+from rltk.tools import ToolCall, ToolEnv, ToolEpisode, ToolProtocol, protocol_prompt
 
 DIFFICULTIES = ("easy", "medium", "hard")
 
@@ -59,7 +58,7 @@ def system_prompt(tool_calling: str = "text") -> str:
     return _data()["system"].format(protocol=protocol_prompt(_data()["tools"], tool_calling))
 
 
-class DocSearchQAEnv(Env):
+class DocSearchQAEnv(ToolEnv):
     """Answer one fact from a generated internal wiki with ``search``/``read`` tools, citing the doc.
 
     Args:
@@ -71,15 +70,12 @@ class DocSearchQAEnv(Env):
     name = "doc_search_qa"
     description = "Answer a fact from an internal wiki with search/read tools, citing the doc: VALUE [D07]."
     max_turns = 4  # search, read, (read the linked owner,) answer
-    stop_strings = STOP_STRINGS
     default_rewards: ClassVar[dict[str, float]] = {"doc_answer_cited": 1.0}
 
     def __init__(self, difficulty: str = "easy", tool_calling: str = "text", **options: Any) -> None:
-        super().__init__(**options)
+        super().__init__(_data()["tools"], tool_calling, **options)
         check_choice("difficulty", difficulty, DIFFICULTIES)
         self.difficulty = difficulty
-        self.protocol = ToolProtocol(_data()["tools"], tool_calling)
-        self.stop_strings = self.protocol.stop_strings
         self.level = _data()["difficulties"][difficulty]
         self._modes: dict[str, str] | None = None
 

@@ -32,8 +32,8 @@ from typing import Any, ClassVar
 from rltk_envs import data
 from rltk_envs.sqlite_sandbox import SHOW_ROWS, SqlError, open_readonly, run, same_result, show
 
-from rltk.env import SPLITS, Env, Message, Policy, Task, check_choice, draw_task, prompt_hash, split_of
-from rltk.tools import STOP_STRINGS, FinalAnswer, ToolEpisode, ToolProtocol, protocol_prompt
+from rltk.env import SPLITS, Message, Policy, Task, check_choice, draw_task, prompt_hash, split_of
+from rltk.tools import FinalAnswer, ToolEnv, ToolEpisode, protocol_prompt
 
 LEVELS = ("easy", "medium", "hard")
 DIFFICULTIES = (*LEVELS, "mixed")
@@ -121,7 +121,7 @@ def question_sql(messages: list[Message]) -> str:
     raise ValueError(f"no template matches {question!r}")
 
 
-class SqlAnalyticsEnv(Env):
+class SqlAnalyticsEnv(ToolEnv):
     """Answer a business question about a seeded SQLite database with one SELECT query (tools: ``run_sql``).
 
     Args:
@@ -135,15 +135,12 @@ class SqlAnalyticsEnv(Env):
         "Answer business questions about a small SQLite database with SQL (run_sql tool, 3 schemas)."
     )
     max_turns = 4
-    stop_strings = STOP_STRINGS
     default_rewards: ClassVar[dict[str, float]] = {"correct": 1.0}
 
     def __init__(self, difficulty: str = "mixed", tool_calling: str = "text", **options: Any) -> None:
-        super().__init__(**options)
+        super().__init__(_data()["tools"], tool_calling, **options)
         check_choice("difficulty", difficulty, DIFFICULTIES)
         self.difficulty = difficulty
-        self.protocol = ToolProtocol(_data()["tools"], tool_calling)
-        self.stop_strings = self.protocol.stop_strings
         families = _data()["families"]
         self.pool = [
             (f, j)

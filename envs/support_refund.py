@@ -39,8 +39,8 @@ from typing import Any, ClassVar
 from rltk_envs import data
 from rltk_envs.refund_orders import RefundEpisode, decide, parse_order, parse_policy
 
-from rltk.env import SPLITS, Env, Episode, Message, Policy, Task, check_choice, draw_task
-from rltk.tools import STOP_STRINGS, ToolCall, ToolProtocol, protocol_prompt
+from rltk.env import SPLITS, Episode, Message, Policy, Task, check_choice, draw_task
+from rltk.tools import ToolCall, ToolEnv, ToolProtocol, protocol_prompt
 
 DIFFICULTIES = ("easy", "medium", "hard")
 
@@ -86,7 +86,7 @@ def _item(rng: random.Random, non_refundable: list[str], p_non_refundable: float
     return [rng.choice(d["categories"][cat]), cat, dollars * 100 + rng.choice(d["price_cents"])]
 
 
-class SupportRefundEnv(Env):
+class SupportRefundEnv(ToolEnv):
     """Resolve a refund request with tools: look up the order, read the policy, refund, deny or escalate.
 
     Args:
@@ -100,15 +100,12 @@ class SupportRefundEnv(Env):
         "Resolve customer refund requests with order/policy tools: refund, deny with a reason, escalate."
     )
     max_turns = 5
-    stop_strings = STOP_STRINGS
     default_rewards: ClassVar[dict[str, float]] = {"correct": 1.0, "refund_harm": 0.5}
 
     def __init__(self, difficulty: str = "easy", tool_calling: str = "text", **options: Any) -> None:
-        super().__init__(**options)
+        super().__init__(_data()["tools"], tool_calling, **options)
         check_choice("difficulty", difficulty, DIFFICULTIES)
         self.difficulty = difficulty
-        self.protocol = ToolProtocol(_data()["tools"], tool_calling)
-        self.stop_strings = self.protocol.stop_strings
 
     def tasks(self, split: str, n: int, seed: int = 0) -> list[Task]:
         """``n`` tasks of ``split``; prefix-stable, stratified by kind, splits disjoint by prompt hash."""

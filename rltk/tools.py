@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rltk.env import Episode, Step, Task, check_choice
+from rltk.env import Env, Episode, Step, Task, check_choice
 
 TOOL_CALLING = ("text", "native")  # the values of a tool env's ``tool_calling`` option
 STOP_STRINGS = ("</tool>", "</answer>")
@@ -293,6 +293,28 @@ class ToolProtocol:
         if observation.startswith("<result>"):
             return observation.removeprefix("<result>").removesuffix("</result>")
         return None
+
+
+class ToolEnv(Env):
+    """Base of a tool-using env: its :class:`ToolProtocol` (``self.protocol``) and its stop strings.
+
+    A subclass passes its tool table and its ``tool_calling`` option up and takes the rest from
+    ``self.protocol`` (tool schemas for ``Task.tools``, how to write and parse a call); its ``episode``
+    returns a :class:`ToolEpisode` running its tools.
+
+    Args:
+        tools: ``{name: one-line doc}``, as :class:`ToolProtocol` takes it.
+        tool_calling: ``"text"`` or ``"native"``.
+        **options: The subclass's unknown options (named by :class:`Env`).
+
+    """
+
+    stop_strings = STOP_STRINGS
+
+    def __init__(self, tools: Mapping[str, str], tool_calling: str = "text", **options: Any) -> None:
+        super().__init__(**options)
+        self.protocol = ToolProtocol(tools, tool_calling)
+        self.stop_strings = self.protocol.stop_strings
 
 
 class ToolEpisode(Episode):
