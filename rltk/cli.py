@@ -1,7 +1,8 @@
 """``rltk``: train | eval | export | envs | rewards.
 
-Every subcommand has ``--help``. Bad input (unknown env or reward, malformed recipe, missing model
-package, corrupt checkpoint) prints one ``error:`` message that names the problem and the fix, exit code 2.
+Every subcommand has ``--help``. Bad input (unknown env or reward, bad env options, malformed recipe,
+missing model package, corrupt checkpoint) prints one ``error:`` message that names the problem and the
+fix, exit code 2.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from rltk.errors import user_errors
 
@@ -22,12 +24,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_main([args.recipe, *args.overrides])
 
 
+def _env_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--env-options`` as a dict; text that is not a JSON object raises :class:`PluginError`."""
+    from rltk.plugins import PluginError
+
+    if args.env_options is None:
+        return {}
+    try:
+        options = json.loads(args.env_options)
+    except json.JSONDecodeError as exc:
+        options = exc
+    if not isinstance(options, dict):
+        why = f"--env-options {args.env_options!r} is not a JSON object"
+        fix = """write a JSON object, e.g. --env-options '{"difficulty": "hard"}'"""
+        raise PluginError("env", args.env, why, fix)
+    return options
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a policy on an env split, beside the env's trivial policies."""
     from rltk import evaluate, plugins
     from rltk.reward import Rubric
 
-    options = json.loads(args.env_options) if args.env_options is not None else {}
+    options = _env_options(args)
     model = tokenizer = None
     precision = contextlib.nullcontext()
     if args.policy == "model":
@@ -43,7 +62,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             from rltk.models import load_model, load_tokenizer
 
             model, tokenizer = load_model(args.model), load_tokenizer(args.model)
-    env = plugins.get_env(args.env)(**options)
+    env = plugins.make_env(args.env, options)
     rubric = Rubric.from_config([], env)
     tasks = env.tasks(args.split, args.n, seed=args.seed)
     results = []

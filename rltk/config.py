@@ -365,16 +365,32 @@ def _check_plugins(cfg: Config, resolve: Resolver, bad: set[str]) -> list[str]:
         if kind == "env" and not cfg.rewards and not getattr(plugin, "default_rewards", None):
             why = f"env '{name}' declares no default_rewards"
             problems.append(problem("rewards", [], why, "list rewards: [{name: ..., weight: 1.0}]"))
+        before = len(problems)
         try:
             params = list(inspect.signature(plugin).parameters.values())[3 if kind == "reward" else 0 :]
         except (TypeError, ValueError):
-            continue
-        if any(p.kind is p.VAR_KEYWORD for p in params):
-            continue
-        accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        for key, value in kwargs.items():
-            if key not in accepted:
-                why = f"not a parameter of {kind} '{name}'"
-                fix = one_of(accepted, key) if accepted else "remove it: it takes none"
-                problems.append(problem(join_path(kw_path, key), value, why, fix))
+            params = []
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            for key, value in kwargs.items():
+                if key not in accepted:
+                    why = f"not a parameter of {kind} '{name}'"
+                    fix = one_of(accepted, key) if accepted else "remove it: it takes none"
+                    problems.append(problem(join_path(kw_path, key), value, why, fix))
+        if kind == "env" and len(problems) == before:
+            problems += _check_env_options(plugin, name, kwargs)
     return problems
+
+
+def _check_env_options(env_cls: Any, name: str, options: dict[str, Any]) -> list[str]:
+    """Build the env once, so that what it rejects is reported with every other problem, not at step 0.
+
+    That catches bad option values (``difficulty: hard`` where it takes basic/varied/combined) and unknown
+    names an env's ``**options`` hides from the signature check.
+    """
+    try:
+        env_cls(**options)
+    except (TypeError, ValueError) as exc:
+        why = f"env '{name}' rejected them: {exc}"
+        return [problem("env.options", options, why, "use options and values the env accepts")]
+    return []

@@ -19,7 +19,7 @@ import importlib
 import importlib.metadata
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from rltk.env import Env
@@ -104,6 +104,30 @@ def get_env(name: str) -> type[Env]:
 
     """
     return _lookup("env", name)
+
+
+def make_env(name: str, options: Mapping[str, Any] | None = None) -> Env:
+    """Look up env ``name`` and build it with ``options`` (a recipe's ``env.options``).
+
+    Raises:
+        PluginError: If the name does not resolve, or the env rejects its options (an unknown option or a bad
+            value; the message is the env's own, which names the valid ones).
+
+    Examples:
+        >>> make_env("policy_flagging", {"difficulty": "hard"})
+        Traceback (most recent call last):
+        ...
+        rltk.plugins.PluginError: env 'policy_flagging': rejected options {'difficulty': 'hard'}: ...
+
+    """
+    cls = get_env(name)
+    options = dict(options or {})
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as exc:
+        raise PluginError(
+            "env", name, f"rejected options {options}: {exc}", "fix env.options (rltk eval: --env-options)"
+        ) from exc
 
 
 def get_reward(name: str) -> RewardFn:

@@ -76,7 +76,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.accelerator.wait_for_everyone()
 
-        self.env: Env = plugins.get_env(cfg.env.name)(**cfg.env.options)
+        self.env: Env = plugins.make_env(cfg.env.name, cfg.env.options)
         self.rubric = Rubric.from_config(cfg.rewards, self.env, timeout_s=cfg.rollout.reward_timeout_s)
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(cfg.model.name)
         seed_everything(cfg.run.seed, -1)  # model init (LoRA A matrices) is seeded, equal on every rank

@@ -36,6 +36,39 @@ def test_unknown_config_key_suggests_closest(capsys: pytest.CaptureFixture[str])
     assert "optim.lr" in err  # every problem at once
 
 
+def test_bad_env_option_value_is_reported_with_the_rest(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = f"run.output_dir={tmp_path}"
+    err = _train_error(capsys, RECIPE, "env.options.difficulty=hard", "optim.lr=-1", out)
+    assert "env.options" in err and "'basic', 'varied', 'combined'" in err and "got 'hard'" in err
+    assert "optim.lr" in err and "Traceback" not in err
+    assert not (tmp_path / "checkpoints").exists()  # nothing started
+
+
+def test_unknown_env_option_behind_kwargs_names_the_valid_ones(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    err = _train_error(capsys, RECIPE, "env.options.dificulty=basic", f"run.output_dir={tmp_path}")
+    assert "unknown options ['dificulty']" in err and "valid: difficulty" in err
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ('{"difficulty": "hard"}', "got 'hard'"),
+        ("{difficulty: hard}", "is not a JSON object"),
+        ("[1]", "is not a JSON object"),
+        ('{"bogus": 1}', "unknown options ['bogus']"),
+    ],
+)
+def test_eval_bad_env_options(capsys: pytest.CaptureFixture[str], options: str, expected: str) -> None:
+    args = ["eval", "--policy", "oracle", "--env", "policy_flagging", "--n", "2", "--env-options", options]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: env 'policy_flagging'") and expected in err
+
+
 def test_malformed_yaml_names_file_and_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("run:\n  steps: [1, 2\nmodel: x\n")
