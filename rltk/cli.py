@@ -47,22 +47,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rltk.reward import Rubric
 
     options = _env_options(args)
+    run_dir = args.policy == "model" and Path(args.model, "config.yaml").is_file()
+    if args.step is not None and not run_dir:
+        print("error: --step needs --model to be an rltk run dir (a run's output_dir)", file=sys.stderr)
+        return 2
+    if run_dir and args.env_options is None:  # a run dir: its own env options by default
+        from rltk.config import load_config
+
+        cfg = load_config(Path(args.model, "config.yaml"), [])
+        options = cfg.env.options if cfg.env.name == args.env else options
+    env = plugins.make_env(args.env, options)  # before the model loads: bad options fail fast
     model = tokenizer = None
     precision = contextlib.nullcontext()
-    if args.policy == "model":
-        if Path(args.model, "config.yaml").is_file():  # a run dir: its env options and precision by default
-            from rltk.export import load_run
-            from rltk.models import autocast
+    if run_dir:
+        from rltk.export import load_run
+        from rltk.models import autocast
 
-            model, tokenizer, cfg = load_run(args.model)
-            if args.env_options is None and cfg.env.name == args.env:
-                options = cfg.env.options
-            precision = autocast(cfg.model.mixed_precision, model.device)
-        else:
-            from rltk.models import load_model, load_tokenizer
+        model, tokenizer, cfg = load_run(args.model, args.step)
+        precision = autocast(cfg.model.mixed_precision, model.device)
+    elif args.policy == "model":
+        from rltk.models import load_model, load_tokenizer
 
-            model, tokenizer = load_model(args.model), load_tokenizer(args.model)
-    env = plugins.make_env(args.env, options)
+        model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     rubric = Rubric.from_config([], env)
     tasks = env.tasks(args.split, args.n, seed=args.seed)
     results = []
@@ -76,7 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     rubric,
                     tasks,
                     args.max_new_tokens,
-                    f"model ({args.model})",
+                    f"model ({args.model}{'' if args.step is None else f' step {args.step}'})",
                     args.batch_size,
                 )
             )
@@ -142,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="greedy accuracy of a model (or oracle/baseline) on an env split")
     p.add_argument(
         "--model", default="smollm2-135m-instruct", help="alias, HF dir, hub id, or an rltk run dir"
+    )
+    p.add_argument(
+        "--step", type=int, default=None, help="a run dir's checkpoint step (default: its newest valid one)"
     )
     p.add_argument("--env", default="policy_flagging", help="env name (rltk envs list)")
     p.add_argument(

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rltk import checkpoint
 from rltk.config import Config, load_config
-from rltk.models import add_lora, load_model, load_tokenizer
+from rltk.models import build_policy, load_tokenizer
 
 
 class ExportError(RuntimeError):
@@ -42,12 +42,7 @@ def load_run(
     else:
         path = run_dir / "checkpoints" / f"step-{step:06d}"
     tokenizer = load_tokenizer(cfg.model.name)
-    model = load_model(cfg.model.name, dtype=cfg.model.dtype)
-    if cfg.model.lora.enabled:
-        lo = cfg.model.lora
-        model = add_lora(
-            model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=list(lo.target_modules)
-        )
+    model = build_policy(cfg, training=False)
     checkpoint.load(path, model=model)
     model.eval()
     return model, tokenizer, cfg

@@ -228,8 +228,17 @@ def add_lora(
     return get_peft_model(model, config)
 
 
-def build_policy(cfg: Config) -> PreTrainedModel:
-    """Load the model of ``cfg.model`` and wrap it with LoRA if asked; gradient checkpointing if asked."""
+def build_policy(cfg: Config, *, training: bool = True) -> PreTrainedModel:
+    """Load the model of ``cfg.model`` and wrap it with LoRA if asked; gradient checkpointing if asked.
+
+    Args:
+        cfg: The run's config.
+        training: False to rebuild a run's policy for eval or export (no gradient checkpointing).
+
+    Returns:
+        The policy in eval mode; the trainer switches it to train mode for updates.
+
+    """
     model = load_model(cfg.model.name, dtype=cfg.model.dtype)
     model.config.use_cache = True
     if cfg.model.lora.enabled:
@@ -237,7 +246,7 @@ def build_policy(cfg: Config) -> PreTrainedModel:
         model = add_lora(
             model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=list(lo.target_modules)
         )
-    if cfg.model.gradient_checkpointing:
+    if training and cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.model.lora.enabled:
             model.enable_input_require_grads()

@@ -153,3 +153,28 @@ def test_eval_of_a_run_dir_uses_the_runs_env_options(
         == 0
     )
     assert seen[-1] == {}  # given explicitly, the options win
+
+
+def test_eval_of_a_run_dir_at_a_step(
+    tiny_model_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rltk import checkpoint
+    from rltk.config import load_config
+    from rltk.trainer import Trainer
+
+    Trainer(load_config(RECIPE, tiny_overrides(tiny_model_dir, tmp_path, steps=2))).train()
+    loaded: list[str] = []
+    real_load = checkpoint.load
+    monkeypatch.setattr(
+        checkpoint, "load", lambda path, **kw: loaded.append(Path(path).name) or real_load(path, **kw)
+    )
+    args = ["eval", "--model", str(tmp_path), "--n", "4", "--max-new-tokens", "3", "--no-baselines"]
+    assert main([*args, "--step", "1"]) == 0
+    assert f"model ({tmp_path} step 1)" in capsys.readouterr().out
+    assert main(args) == 0
+    assert loaded == ["step-000001", "step-000002"]  # the asked step, else the newest
+    assert main([*args, "--step", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint at" in err and "step-000002" in err  # names the valid ones
+    assert main(["eval", "--step", "1", "--n", "2"]) == 2
+    assert "--step needs --model to be an rltk run dir" in capsys.readouterr().err
