@@ -368,9 +368,9 @@ def _check_plugins(cfg: Config, resolve: Resolver, bad: set[str]) -> list[str]:
         before = len(problems)
         try:
             params = list(inspect.signature(plugin).parameters.values())[3 if kind == "reward" else 0 :]
-        except (TypeError, ValueError):
-            params = []
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
+        except (TypeError, ValueError):  # no readable signature: nothing to check the names against
+            params = None
+        if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params):
             accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
             for key, value in kwargs.items():
                 if key not in accepted:
