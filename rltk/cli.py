@@ -32,8 +32,8 @@ def _env_options(args: argparse.Namespace) -> dict[str, Any]:
         return {}
     try:
         options = json.loads(args.env_options)
-    except json.JSONDecodeError as exc:
-        options = exc
+    except json.JSONDecodeError:
+        options = None
     if not isinstance(options, dict):
         why = f"--env-options {args.env_options!r} is not a JSON object"
         fix = """write a JSON object, e.g. --env-options '{"difficulty": "hard"}'"""
