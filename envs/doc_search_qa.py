@@ -69,6 +69,7 @@ class DocSearchQAEnv(ToolEnv):
 
     name = "doc_search_qa"
     description = "Answer a fact from an internal wiki with search/read tools, citing the doc: VALUE [D07]."
+    max_new_tokens = 32  # the longest oracle turn is 21 tokens (digits tokenize one by one)
     max_turns = 4  # search, read, (read the linked owner,) answer
     default_rewards: ClassVar[dict[str, float]] = {"doc_answer_cited": 1.0}
 

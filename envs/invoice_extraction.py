@@ -98,6 +98,7 @@ class InvoiceExtractionEnv(Env):
 
     name = "invoice_extraction"
     description = "Extract vendor, number, dates, currency and amounts from noisy invoices/receipts as JSON."
+    max_new_tokens = 128  # the oracle's JSON takes at most ~95 SmolLM2 tokens
     default_rewards: ClassVar[dict[str, float]] = {"invoice_field_f1": 1.0, "invoice_json_valid": 0.2}
 
     def __init__(self, difficulty: str = "easy", **options: Any) -> None:

@@ -62,6 +62,7 @@ class PolicyFlaggingEnv(Env):
 
     name = "policy_flagging"
     description = "Flag bank transactions breaking a compliance policy (amount, sanctions, velocity, ...)."
+    max_new_tokens = 6  # "FLAG R2" / "CLEAR"
     default_rewards: ClassVar[dict[str, float]] = {
         "flag_decision": 1.0,
         "flag_rule": 0.5,
@@ -88,6 +89,8 @@ class PolicyFlaggingEnv(Env):
         self.balanced_train = bool(balanced_train)
         self.ask_rule = bool(ask_rule)
         self.checklist = bool(checklist)
+        if self.checklist:
+            self.max_new_tokens = 64  # three check lines, then the decision: up to 48 tokens
         self.default_reward_params: dict[str, dict[str, Any]] = {
             "flag_decision": {"miss_cost": float(miss_cost), "false_alarm_cost": float(false_alarm_cost)}
         }

@@ -134,6 +134,7 @@ class SqlAnalyticsEnv(ToolEnv):
     description = (
         "Answer business questions about a small SQLite database with SQL (run_sql tool, 3 schemas)."
     )
+    max_new_tokens = 96  # the longest gold query (a 3-table join) is about 75 tokens
     max_turns = 4
     default_rewards: ClassVar[dict[str, float]] = {"correct": 1.0}
 

@@ -99,6 +99,7 @@ class SupportRefundEnv(ToolEnv):
     description = (
         "Resolve customer refund requests with order/policy tools: refund, deny with a reason, escalate."
     )
+    max_new_tokens = 32  # the longest oracle call (issue_refund with id and amount) is ~24 tokens
     max_turns = 5
     default_rewards: ClassVar[dict[str, float]] = {"correct": 1.0, "refund_harm": 0.5}
 

@@ -59,16 +59,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     env = plugins.make_env(args.env, options)  # before the model loads: bad options fail fast
     model = tokenizer = None
     precision = contextlib.nullcontext()
+    max_new_tokens = env.max_new_tokens
     if run_dir:
         from rltk.export import load_run
         from rltk.models import autocast
 
         model, tokenizer, cfg = load_run(args.model, args.step)
         precision = autocast(cfg.model.mixed_precision, model.device)
+        if cfg.env.name == args.env:  # score it as the trainer's own evals did
+            max_new_tokens = cfg.eval.max_new_tokens
     elif args.policy == "model":
         from rltk.models import load_model, load_tokenizer
 
         model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    if args.max_new_tokens is not None:
+        max_new_tokens = args.max_new_tokens
     rubric = Rubric.from_config([], env)
     tasks = env.tasks(args.split, args.n, seed=args.seed)
     results = []
@@ -81,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     env,
                     rubric,
                     tasks,
-                    args.max_new_tokens,
+                    max_new_tokens,
                     f"model ({args.model}{'' if args.step is None else f' step {args.step}'})",
                     args.batch_size,
                 )
@@ -162,7 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=400, help="number of tasks")
     p.add_argument("--seed", type=int, default=0, help="task seed")
     p.add_argument("--policy", default="model", help="model | oracle | a baseline name of the env")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tokens per assistant turn (default: a run dir's eval.max_new_tokens, else the env's)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-baselines", action="store_true", help="do not print the trivial policies")
     p.add_argument("--out", help="write the results as JSON here")

@@ -109,6 +109,7 @@ class Env(ABC):
     name: ClassVar[str]
     description: ClassVar[str]  # one line, shown by `rltk envs list`
     max_turns: ClassVar[int] = 1  # assistant turns per episode at most (tool use: several)
+    max_new_tokens: int = 16  # tokens one assistant turn needs at most (rltk eval's default; per instance)
     stop_strings: tuple[str, ...] = ()  # a turn ends at these (tool envs: their ToolProtocol's, per instance)
     default_rewards: ClassVar[dict[str, float]] = {}  # reward name → weight when a recipe names none
 

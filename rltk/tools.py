@@ -300,7 +300,8 @@ class ToolEnv(Env):
 
     A subclass passes its tool table and its ``tool_calling`` option up and takes the rest from
     ``self.protocol`` (tool schemas for ``Task.tools``, how to write and parse a call); its ``episode``
-    returns a :class:`ToolEpisode` running its tools.
+    returns a :class:`ToolEpisode` running its tools. Its ``max_new_tokens`` is for the text protocol; with
+    native tool calling ``native_call_tokens`` more per turn.
 
     Args:
         tools: ``{name: one-line doc}``, as :class:`ToolProtocol` takes it.
@@ -310,11 +311,14 @@ class ToolEnv(Env):
     """
 
     stop_strings = STOP_STRINGS
+    native_call_tokens = 32  # what a native call's JSON wrapper adds to a turn (<tool_call>{"name": ...})
 
     def __init__(self, tools: Mapping[str, str], tool_calling: str = "text", **options: Any) -> None:
         super().__init__(**options)
         self.protocol = ToolProtocol(tools, tool_calling)
         self.stop_strings = self.protocol.stop_strings
+        if self.protocol.native:
+            self.max_new_tokens = type(self).max_new_tokens + self.native_call_tokens
 
 
 class ToolEpisode(Episode):

@@ -178,3 +178,26 @@ def test_eval_of_a_run_dir_at_a_step(
     assert "no checkpoint at" in err and "step-000002" in err  # names the valid ones
     assert main(["eval", "--step", "1", "--n", "2"]) == 2
     assert "--step needs --model to be an rltk run dir" in capsys.readouterr().err
+
+
+def test_eval_token_budget_defaults(
+    tiny_model_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run dir is scored as its trainer scored it; a plain model with what the env's answers need."""
+    from rltk import evaluate
+    from rltk.config import load_config
+    from rltk.trainer import Trainer
+
+    budgets: list[int] = []
+    real = evaluate.model_result
+    monkeypatch.setattr(
+        evaluate, "model_result", lambda *a, **kw: budgets.append(a[5]) or real(*a[:5], 2, *a[6:], **kw)
+    )
+    run = [*tiny_overrides(tiny_model_dir, tmp_path, steps=1), "eval.max_new_tokens=5"]
+    Trainer(load_config(RECIPE, run)).train()
+    base = ["eval", "--n", "2", "--no-baselines"]
+    assert main([*base, "--model", str(tmp_path)]) == 0  # the run's eval.max_new_tokens
+    assert main([*base, "--model", str(tmp_path), "--env", "support_refund"]) == 0  # another env: its own
+    assert main([*base, "--model", tiny_model_dir, "--env", "invoice_extraction"]) == 0
+    assert main([*base, "--model", tiny_model_dir, "--max-new-tokens", "3"]) == 0
+    assert budgets == [5, 32, 128, 3]

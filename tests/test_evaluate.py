@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rltk import evaluate, plugins
 from rltk.chat import render_prompt
+from rltk.env import run_policy
 from rltk.reward import Rubric
 
 
@@ -34,3 +36,26 @@ def test_report_table_has_baselines_and_per_rule_accuracy() -> None:
     assert "rule=R1" in table and "constant_clear" in table and "oracle" in table
     flag = next(r for r in results if r.name == "constant_flag")
     assert flag.by_tag["rule=R2"] == 1.0 and flag.by_tag["rule=None"] == 0.0
+
+
+VARIANTS = [
+    ("policy_flagging", {}),
+    ("policy_flagging", {"difficulty": "combined"}),
+    ("policy_flagging", {"checklist": True}),
+    ("invoice_extraction", {"difficulty": "hard"}),
+    ("sql_analytics", {"difficulty": "hard"}),
+    ("sql_analytics", {"tool_calling": "native"}),
+    ("support_refund", {"difficulty": "hard"}),
+    ("support_refund", {"tool_calling": "native"}),
+    ("doc_search_qa", {"difficulty": "hard"}),
+    ("doc_search_qa", {"tool_calling": "native"}),
+]
+
+
+@pytest.mark.parametrize(("name", "options"), VARIANTS)
+def test_every_oracle_turn_fits_the_envs_max_new_tokens(tokenizer, name: str, options: dict) -> None:
+    """``Env.max_new_tokens`` is ``rltk eval``'s default: a smaller one would cut the oracle's own answers."""
+    env = plugins.make_env(name, options)
+    turns = [a for t in env.tasks("eval", 60) for a in run_policy(env, t, env.oracle).actions]
+    longest = max(len(tokenizer(a, add_special_tokens=False).input_ids) for a in turns)
+    assert longest <= env.max_new_tokens, (name, options, longest)
