@@ -66,7 +66,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         model, tokenizer, cfg = load_run(args.model, args.step)
         precision = autocast(cfg.model.mixed_precision, model.device)
-        if cfg.env.name == args.env:  # score it as the trainer's own evals did
+        if cfg.env.name == args.env and cfg.eval.max_new_tokens:  # as the trainer's own evals did
             max_new_tokens = cfg.eval.max_new_tokens
     elif args.policy == "model":
         from rltk.models import load_model, load_tokenizer

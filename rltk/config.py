@@ -223,7 +223,7 @@ class EvalConfig:
 
     split: Literal["train", "eval", "test"] = "eval"
     n: int = _f(400, "> 0")
-    max_new_tokens: int = _f(16, "> 0")
+    max_new_tokens: int = _f(0, ">= 0", "tokens per assistant turn; 0 = the env's Env.max_new_tokens")
     every: int = _f(
         0, ">= 0", "rltk train: eval before RL, every N steps and at the end; 0 = never (use rltk eval)"
     )

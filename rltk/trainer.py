@@ -164,6 +164,11 @@ class Trainer:
             self.metrics.close()
         log.info("rank %d/%d final weights sha256 %s", self.rank, self.world, self.weights_digest()[:16])
 
+    @property
+    def eval_max_new_tokens(self) -> int:
+        """Tokens per assistant turn in evals: ``eval.max_new_tokens``, or the env's when that is 0."""
+        return self.cfg.eval.max_new_tokens or self.env.max_new_tokens
+
     def held_out_eval(self, step: int) -> evaluate.EvalResult | None:
         """Held-out greedy pass@1 of the policy, logged at ``step`` as ``eval/*`` beside the trivial policy.
 
@@ -176,8 +181,9 @@ class Trainer:
         if self.accelerator.is_main_process:
             start = time.perf_counter()
             tasks = self.env.tasks(cfg.split, cfg.n, seed=0)
+            budget = self.eval_max_new_tokens
             result = evaluate.model_result(
-                self.policy, self.tokenizer, self.env, self.rubric, tasks, cfg.max_new_tokens, f"step {step}"
+                self.policy, self.tokenizer, self.env, self.rubric, tasks, budget, f"step {step}"
             )
             trivial = evaluate.best_of(evaluate.baseline_results(self.env, self.rubric, tasks), "")
             self.metrics.log(

@@ -28,7 +28,7 @@ RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
 def model_row(trainer: Trainer, tasks: list, name: str) -> EvalResult:
     """Greedy accuracy of the trainer's current policy on ``tasks``."""
     answers = evaluate.greedy_completions(
-        trainer.policy, trainer.tokenizer, tasks, trainer.cfg.eval.max_new_tokens, batch_size=50
+        trainer.policy, trainer.tokenizer, tasks, trainer.eval_max_new_tokens, batch_size=50
     )
     return evaluate.score(trainer.env, trainer.rubric, tasks, answers, name)
 

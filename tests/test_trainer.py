@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import tiny_overrides
 from safetensors.torch import load_file
@@ -217,3 +218,12 @@ def test_maxrl_with_answer_balancing_runs_and_logs_answer_shares(tiny_model_dir:
     assert "advantage/balance_removed" in row and torch.isfinite(torch.tensor(row["loss"]))
     shares = {k: v for k, v in row.items() if k.startswith("answer_share/")}
     assert shares and abs(sum(shares.values()) - 1) < 1e-6, shares
+
+
+@pytest.mark.parametrize(("setting", "expected"), [("0", 6), ("9", 9)])
+def test_eval_token_budget_is_the_envs_unless_set(
+    tiny_model_dir: str, tmp_path: Path, setting: str, expected: int
+) -> None:
+    cfg = load_config(RECIPE, [*tiny_overrides(tiny_model_dir, tmp_path), f"eval.max_new_tokens={setting}"])
+    trainer = Trainer(cfg)
+    assert trainer.env.max_new_tokens == 6 and trainer.eval_max_new_tokens == expected
