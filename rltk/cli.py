@@ -1,8 +1,8 @@
 """``rltk``: train | eval | export | envs | rewards.
 
 Every subcommand has ``--help``. Bad input (unknown env or reward, bad env options, malformed recipe,
-missing model package, corrupt checkpoint) prints one ``error:`` message that names the problem and the
-fix, exit code 2.
+missing model package, corrupt checkpoint, damaged export) prints one ``error:`` message that names the
+problem and the fix, exit code 2.
 """
 
 from __future__ import annotations
@@ -47,6 +47,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rltk.reward import Rubric
 
     options = _env_options(args)
+    if args.policy == "model" and Path(args.model, "SHA256SUMS").is_file():  # an rltk export
+        from rltk.export import check_export
+
+        check_export(args.model)  # before anything loads: a damaged weight would run silently
     run_dir = args.policy == "model" and Path(args.model, "config.yaml").is_file()
     if args.step is not None and not run_dir:
         print("error: --step needs --model to be an rltk run dir (a run's output_dir)", file=sys.stderr)
@@ -112,11 +116,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Merge a run's checkpoint into a plain HF directory and verify it outside rltk."""
-    from rltk.export import export
+    """Merge a run's checkpoint into a plain HF directory and verify it, or ``--check`` an export."""
+    from rltk.export import SUMS, check_export, export
 
+    if args.check is not None:
+        if args.run_dir is not None or args.out is not None or args.step is not None or args.no_verify:
+            print(
+                "error: --check DIR stands alone: rltk export --check DIR "
+                "(no RUN_DIR, --out, --step or --no-verify)",
+                file=sys.stderr,
+            )
+            return 2
+        names = check_export(args.check)
+        print(f"{args.check}: all {len(names)} files match {SUMS}: {', '.join(names)}")
+        return 0
+    if args.run_dir is None or args.out is None:
+        print(
+            "error: rltk export needs RUN_DIR and --out: rltk export RUN_DIR --out NEW_DIR (or --check DIR)",
+            file=sys.stderr,
+        )
+        return 2
     out = export(args.run_dir, args.out, step=args.step, check=not args.no_verify)
     print(f"exported to {out}" + ("" if args.no_verify else " (verified with plain transformers)"))
+    print(f"check it later with: rltk export --check {out}   (or sha256sum -c {SUMS} inside it)")
     return 0
 
 
@@ -152,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="greedy accuracy of a model (or oracle/baseline) on an env split")
     p.add_argument(
-        "--model", default="smollm2-135m-instruct", help="alias, HF dir, hub id, or an rltk run dir"
+        "--model",
+        default="smollm2-135m-instruct",
+        help="alias, HF dir, hub id, or an rltk run dir (an rltk export's SHA256SUMS is checked first)",
     )
     p.add_argument(
         "--step", type=int, default=None, help="a run dir's checkpoint step (default: its newest valid one)"
@@ -178,11 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the results as JSON here")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="merge a run's checkpoint into a plain HF directory")
-    p.add_argument("run_dir", help="the run's output_dir")
-    p.add_argument("--out", required=True, help="new directory to write")
+    p = sub.add_parser(
+        "export",
+        help="merge a run's checkpoint into a plain HF directory (or --check one against its SHA256SUMS)",
+        usage="rltk export RUN_DIR --out OUT [--step STEP] [--no-verify]\n       rltk export --check DIR",
+    )
+    p.add_argument("run_dir", nargs="?", help="the run's output_dir (required unless --check)")
+    p.add_argument("--out", help="new directory to write (required with RUN_DIR)")
     p.add_argument("--step", type=int, help="checkpoint step (default: newest valid)")
     p.add_argument("--no-verify", action="store_true", help="skip loading the export in a fresh process")
+    p.add_argument(
+        "--check",
+        metavar="DIR",
+        help="instead of exporting: re-hash every file of the export DIR against its SHA256SUMS "
+        "(exit 2 naming each changed, missing or added file)",
+    )
     p.set_defaults(func=cmd_export)
 
     for name, func, what in (
