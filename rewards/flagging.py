@@ -113,7 +113,7 @@ def answer_of(completion: str, reference: Mapping[str, Any]) -> Answer:
     )
 
 
-@reward_fn(range=(-1.0, 1.0))
+@reward_fn(range=lambda miss_cost, false_alarm_cost: (-max(miss_cost, false_alarm_cost, 0.0), 1.0))
 def flag_decision(
     completion: str,
     reference: Mapping[str, Any],
@@ -123,9 +123,8 @@ def flag_decision(
 ) -> float:
     """Cost-weighted decision: 1 if right, ``-miss_cost`` if a flag is missed, ``-false_alarm_cost`` if false.
 
-    The range is ``[-max(miss_cost, false_alarm_cost), 1]``; the declared ``reward_range`` ``(-1, 1)`` is the
-    one for the default costs (scores are not clamped to it: the costs are the point). Unparseable → the
-    range minimum, ``-max(miss_cost, false_alarm_cost)``.
+    The declared range is ``[-max(miss_cost, false_alarm_cost), 1]`` for the call's costs (``reward_range``,
+    for the defaults, is ``(-1, 1)``). Unparseable → the range minimum, ``-max(miss_cost, false_alarm_cost)``.
 
     Args:
         completion: The model's final answer.

@@ -36,7 +36,7 @@ def parse_resolution(text: str) -> str | None:
     return f"deny: {m.group(2).lower()}" if m.group(2) else m.group(1).lower()
 
 
-@reward_fn(range=(-1.0, 0.0))
+@reward_fn(range=lambda penalty: (min(-penalty, 0.0), 0.0))
 def refund_harm(
     completion: str, reference: Mapping[str, Any], outcome: Mapping[str, Any], penalty: float = 1.0
 ) -> float:
@@ -45,7 +45,8 @@ def refund_harm(
     Harmful: a refund the oracle would not have made (outside policy, a wrong amount, another order), or no
     valid resolution at all (an answer that does not parse, a hedge, an answer that contradicts the actions
     taken, or none before the turn limit): a parse failure scores the range minimum, so that no malformed
-    episode scores above a well-formed wrong one. The declared range is for ``penalty=1``.
+    episode scores above a well-formed wrong one. The declared range is ``[-penalty, 0]`` (``reward_range``,
+    for the default, is ``(-1, 0)``).
 
     >>> refund_harm("<answer>deny: outside_window</answer>", {}, {"valid": True, "harmful": False})
     0.0

@@ -35,6 +35,10 @@ where GRPO weighs it ``p(1-p)`` (or ``sqrt(p(1-p))`` with std scaling), symmetri
 Rewards outside ``[0, 1]`` are refused. (On the quickstart it did not stop the swing of the answer prior;
 neither does SFT at the same lr: ``docs/rl_findings.md``.)
 
+Failed rollouts (a reward or the env failed, :class:`rltk.batch.Failure`) carry a NaN reward: every estimator
+computes over the rollouts that remain, gives the failed ones advantage 0, and a group left with fewer than 2
+is dropped (``advantage/groups_failed``), as if the failed rollouts had never been sampled.
+
 Dynamic sampling (DAPO): a group whose rewards all agree (``std ≈ 0``, ``torch.isclose(std, 0)`` as TRL's
 ``frac_reward_zero_std``) carries no learning signal, so it is dropped when ``cfg.dynamic_sampling``.
 Without dynamic sampling it is kept with advantages ``≈ 0``.
@@ -60,6 +64,7 @@ move.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -90,9 +95,11 @@ class AdvantageResult:
 
     Attributes:
         groups: The groups kept (all of them unless dynamic sampling dropped some), with ``advantages`` set.
-        metrics: ``advantage/groups_dropped``, ``advantage/groups_kept``, ``advantage/mean_abs``
+        metrics: ``advantage/groups_dropped`` (for any reason), ``advantage/groups_failed`` (fewer than 2
+            rollouts left after failures), ``advantage/groups_kept``, ``advantage/mean_abs``
             (mean ``|A_i|`` over the kept completions), ``reward/group_std_mean`` (mean group reward std over
-            all groups, before dropping), ``reward/frac_zero_std`` (fraction of groups with zero std).
+            the groups with 2 or more scored rollouts, before dynamic sampling), ``reward/frac_zero_std``
+            (the fraction of those with zero std).
 
     """
 
@@ -168,18 +175,22 @@ def balance_answers(groups: list[Group]) -> float:
         return 0.0
     if any(g.advantages is None or g.advantages.dim() != 1 for g in groups):
         raise ValueError("balance_answers needs sequence-level [G] advantages on every group")
-    answers = [r.outcome.get("answer") for g in groups for r in g.rollouts]
+    # A failed rollout (NaN reward) is not in the batch as far as the estimate goes: leave it out entirely.
+    kept = [[i for i, r in enumerate(g.rollouts) if not math.isnan(r.reward)] for g in groups]
+    answers = [g.rollouts[i].outcome.get("answer") for g, idx in zip(groups, kept, strict=True) for i in idx]
     classes = sorted({a for a in answers if a is not None}, key=str)
-    adv = torch.cat([g.advantages.double() for g in groups])  # [N]
+    adv = torch.cat([g.advantages.double()[idx] for g, idx in zip(groups, kept, strict=True)])  # [N]
     if len(classes) < 2 or not float(adv.norm()):
         return 0.0
     onehot = torch.tensor([[a == c for c in classes] for a in answers], dtype=torch.float64)  # [N, m]
     w = onehot[:, 1:] - onehot[:, :1]  # [N, m-1]
-    sizes = [len(g.rollouts) for g in groups]
+    sizes = [len(idx) for idx in kept]
     w = torch.cat([block - block.mean(0, keepdim=True) for block in w.split(sizes)])  # centred per group
     fix = w @ (torch.linalg.pinv(w.T @ w) @ (w.T @ adv))  # [N] the component along the class priors
-    for g, part in zip(groups, (adv - fix).split(sizes), strict=True):
-        g.advantages = part.to(torch.float32)  # [G]
+    for g, idx, part in zip(groups, kept, (adv - fix).split(sizes), strict=True):
+        advantages = torch.zeros(len(g.rollouts), dtype=torch.float32)  # [G]
+        advantages[idx] = part.to(torch.float32)
+        g.advantages = advantages
     return float(fix.norm() ** 2 / adv.norm() ** 2)
 
 
@@ -244,8 +255,11 @@ def compute(groups: list[Group], cfg: AdvantageConfig) -> AdvantageResult:
 
     kept: list[Group] = []
     stds: list[float] = []
-    n_zero_std = 0
+    n_zero_std = n_failed = 0
     for group in groups:
+        if int((~torch.isnan(group.rewards)).sum()) < 2:  # failures left no pair to compare
+            n_failed += 1
+            continue
         std = group_std(group.rewards)
         zero_std = bool(torch.isclose(std, torch.zeros_like(std))) or bool(torch.isnan(std))
         stds.append(0.0 if torch.isnan(std) else float(std))
@@ -262,9 +276,10 @@ def compute(groups: list[Group], cfg: AdvantageConfig) -> AdvantageResult:
     metrics = {
         "advantage/balance_removed": removed,
         "advantage/groups_dropped": float(n - len(kept)),
+        "advantage/groups_failed": float(n_failed),
         "advantage/groups_kept": float(len(kept)),
         "advantage/mean_abs": abs_sum / abs_count if abs_count else 0.0,
-        "reward/group_std_mean": sum(stds) / n if n else 0.0,
-        "reward/frac_zero_std": n_zero_std / n if n else 0.0,
+        "reward/group_std_mean": sum(stds) / len(stds) if stds else 0.0,
+        "reward/frac_zero_std": n_zero_std / len(stds) if stds else 0.0,
     }
     return AdvantageResult(groups=kept, metrics=metrics)

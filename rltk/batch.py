@@ -7,11 +7,37 @@ keeping them here avoids import cycles between stages.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from rltk.env import Task
+
+FailureKind = Literal["raised", "timeout", "crashed", "invalid"]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a rollout could not be scored: a bug in a reward or in the env, not a score.
+
+    A rollout with a failure leaves the update entirely (no policy-gradient, KL or entropy term, not counted
+    in the loss normaliser) and its group's baseline; the run stops when failures pass
+    ``rollout.max_reward_error_rate`` (:class:`rltk.failures.FailureGuard`).
+
+    Attributes:
+        source: The reward's name in the rubric, or ``"env"`` (an episode step or check that raised or hung).
+        kind: ``"raised"`` (an exception), ``"timeout"`` (killed at its deadline), ``"crashed"`` (its worker
+            process died), ``"invalid"`` (a value that is not a finite real within the declared range).
+        detail: What happened, e.g. ``"KeyError('label')"`` or ``"returned 7.0, outside (0.0, 1.0)"``.
+
+    """
+
+    source: str
+    kind: FailureKind
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.kind}: {self.detail}"
 
 
 @dataclass
@@ -30,7 +56,10 @@ class Rollout:
         scores: Per reward name: its score, or ``None`` where the task makes it not applicable.
         reward: The rubric's weighted sum of ``scores``.
         truncated: True if a length or turn limit ended the rollout, or cut its last turn.
-        stop_reason: ``"done"`` (the env ended the episode), ``"max_turns"`` or ``"max_tokens"``.
+        stop_reason: ``"done"`` (the env ended the episode), ``"max_turns"``, ``"max_tokens"`` or
+            ``"env_failed"`` (an episode step raised or hung: ``failures`` says which).
+        failures: What could not be scored (a reward or the env failed); non-empty = the rollout is left out
+            of the update and of its group's baseline, and ``reward`` is NaN.
 
     """
 
@@ -44,6 +73,12 @@ class Rollout:
     reward: float = 0.0
     truncated: bool = False
     stop_reason: str = "done"
+    failures: list[Failure] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        """True when a reward or the env failed on this rollout (it is left out of the update)."""
+        return bool(self.failures)
 
 
 @dataclass
@@ -87,6 +122,7 @@ class Batch:
     old_logp: torch.Tensor | None = None  # [P*G, Lc] policy log-probs before the update (PPO ratio)
     ref_logp: torch.Tensor | None = None  # [P*G, Lc] reference log-probs (KL)
     sample_logp: torch.Tensor | None = None  # [P*G, Lc] log-probs at sampling time (mismatch metric)
+    keep: torch.Tensor | None = None  # [P*G] bool, False = a failed rollout (no loss term, not counted)
 
     @property
     def num_prompts(self) -> int:
@@ -124,7 +160,9 @@ def collate(groups: list[Group], pad_id: int) -> Batch:
         pad_id: Token id used for padding (masked out everywhere).
 
     Returns:
-        The batch; ``sample_logp`` is filled from the rollouts, ``old_logp``/``ref_logp`` are left ``None``.
+        The batch; ``sample_logp`` and ``keep`` are filled from the rollouts, ``old_logp``/``ref_logp`` are
+        left ``None``. A failed rollout (``rollout.failed``) gets ``keep`` False and an all-zero
+        ``loss_mask``.
 
     """
     if not groups:
@@ -144,7 +182,8 @@ def collate(groups: list[Group], pad_id: int) -> Batch:
         k = len(r.token_ids)
         completion_ids[j, :k] = r.token_ids
         completion_mask[j, :k] = 1
-        loss_mask[j, :k] = r.loss_mask.float()
+        if not r.failed:
+            loss_mask[j, :k] = r.loss_mask.float()
         sample_logp[j, :k] = r.sample_logp.float()
     advs = []
     for gr in groups:
@@ -168,4 +207,5 @@ def collate(groups: list[Group], pad_id: int) -> Batch:
         advantages=advantages,
         group_size=g,
         sample_logp=sample_logp,
+        keep=torch.tensor([not r.failed for r in rollouts], dtype=torch.bool),  # [P*G]
     )

@@ -62,7 +62,7 @@ def step_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
 
 
-def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
     """``(step, dir)`` of every ``step-N`` directory under ``root``, newest first (valid or not)."""
     if not root.is_dir():
         return []
@@ -112,6 +112,12 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def _is_peft(model: torch.nn.Module) -> bool:
     peft = sys.modules.get("peft")  # a PeftModel cannot exist unless peft was imported
     return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def nonfinite_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``model`` that hold a NaN or an inf."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def _save_model(model: torch.nn.Module, target: Path) -> str:
@@ -201,7 +207,7 @@ def _remove(path: Path) -> None:
 def _prune(root: Path, current: int, keep_last_n: int) -> None:
     """Keep ``current`` plus the ``keep_last_n - 1`` newest valid older checkpoints; delete older ones."""
     kept = 1
-    for step, path in _step_dirs(root):
+    for step, path in step_dirs(root):
         if step >= current:
             continue
         if not (path / MANIFEST).exists():
@@ -245,9 +251,17 @@ def save(
     Returns:
         The checkpoint directory on the main process, else None.
 
+    Raises:
+        CheckpointError: The model holds a NaN or an inf; nothing is written (older checkpoints stay).
+
     """
     if not is_main_process:
         return None
+    if bad := nonfinite_tensors(_unwrap(model)):
+        raise CheckpointError(
+            f"refusing to save step {step}: non-finite values in {', '.join(bad[:3])}"
+            f"{f' and {len(bad) - 3} more tensors' if len(bad) > 3 else ''}; the earlier checkpoints are kept"
+        )
     states = rng_states if rng_states is not None else [rng_state()]  # before anything can draw
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -332,7 +346,7 @@ def verify(path: str | Path) -> list[str]:
 
 def latest(run_dir: str | Path) -> Path | None:
     """Return the newest valid checkpoint in ``<run_dir>/checkpoints`` (warns about invalid newer ones)."""
-    for _, path in _step_dirs(Path(run_dir) / "checkpoints"):
+    for _, path in step_dirs(Path(run_dir) / "checkpoints"):
         if problems := verify(path):
             logger.warning("skipping invalid checkpoint %s: %s", path, "; ".join(problems))
         else:
@@ -370,7 +384,7 @@ def _load_weights(model: torch.nn.Module, model_dir: Path, kind: str) -> None:
 
 
 def _load_error(path: Path, detail: str) -> CheckpointError:
-    others = [str(p) for _, p in _step_dirs(path.parent) if p != path and not verify(p)]
+    others = [str(p) for _, p in step_dirs(path.parent) if p != path and not verify(p)]
     if not path.is_dir():
         return CheckpointError(f"there is no checkpoint at {path}; valid ones there: {others or 'none'}")
     alternatives = f"resume from an earlier valid one: {', '.join(others)}" if others else "start over"

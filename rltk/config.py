@@ -51,6 +51,9 @@ class RunConfig:
     report_to: list[Literal["jsonl", "wandb"]] = field(default_factory=lambda: ["jsonl"])
     threads: int = _f(0, ">= 0", "0 = torch default")
     resume: Literal["auto", "never"] = "auto"
+    dist_timeout_s: float = _f(
+        600.0, "> 0", "seconds a rank waits for the others in a collective, then fails naming the stalled one"
+    )
 
 
 @dataclass
@@ -96,6 +99,7 @@ class RewardConfig:
     name: str = _f("", "nonempty", "a registered reward name or pkg.module:function")
     weight: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
+    isolated: bool = _f(True, "", "false runs a cheap pure reward in the trainer (no hard kill on a hang)")
 
 
 @dataclass
@@ -109,7 +113,11 @@ class RolloutConfig:
     temperature: float = _f(1.0, "> 0")
     top_p: float = _f(1.0, "(0, 1]")
     top_k: int = _f(0, ">= 0", "0 = off")
-    reward_timeout_s: float = _f(10.0, "> 0")
+    reward_timeout_s: float = _f(10.0, "> 0", "a reward call past it is killed and its rollout fails")
+    reward_workers: int = _f(2, ">= 0", "processes running isolated rewards; 0 = all in the trainer")
+    max_reward_error_rate: float = _f(0.05, "[0, 1)", "failed rollouts allowed over the window, per source")
+    reward_error_window: int = _f(256, "> 0", "recent rollouts the failure rate is taken over")
+    env_timeout_s: float = _f(30.0, "> 0", "an episode step or check past it fails its rollout")
     max_turns: int = _f(0, ">= 0", "assistant turns per rollout; 0 = the env's max_turns")
     max_rollout_tokens: int = _f(0, ">= 0", "model + env tokens per rollout; 0 = the model's context")
 

@@ -1,18 +1,20 @@
-"""The errors rltk raises for bad input; the CLI prints them without a traceback."""
+"""The errors rltk raises for bad input or a run that must stop; the CLI prints them without a traceback."""
 
 from __future__ import annotations
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    """Every exception type that means "the input is wrong" (message names the problem and the fix)."""
+    """Every exception type that means "the input is wrong" or "the run must stop" (message names the fix)."""
     from rltk.chat import ToolTemplateError
     from rltk.checkpoint import CheckpointError
     from rltk.config import ConfigError
     from rltk.export import ExportError
+    from rltk.failures import NonFiniteError
     from rltk.models import ModelError
     from rltk.plugins import PluginError
     from rltk.reward import RewardError
     from rltk.rollout import PromptTooLongError
+    from rltk.rundir import RunDirBusyError
 
     return (
         ConfigError,
@@ -23,5 +25,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         ExportError,
         PromptTooLongError,
         ToolTemplateError,
+        NonFiniteError,
+        RunDirBusyError,
         FileNotFoundError,
     )

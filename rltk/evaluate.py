@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +68,8 @@ def greedy_completions(
     return out
 
 
-def score(env: Env, rubric: Rubric, tasks: list[Task], answers: list[str], name: str) -> EvalResult:
-    """Judge single-turn ``answers`` with the env and the rubric."""
+def judge(env: Env, rubric: Rubric, tasks: list[Task], answers: list[str]) -> list[Rollout]:
+    """Single-turn ``answers`` as rollouts judged by the env and scored by the rubric, one per task."""
     groups = []
     for task, answer in zip(tasks, answers, strict=True):
         episode = env.episode(task)
@@ -77,7 +77,12 @@ def score(env: Env, rubric: Rubric, tasks: list[Task], answers: list[str], name:
         rollout = Rollout(task, [answer], _EMPTY, _EMPTY, _EMPTY.float(), outcome=episode.outcome)
         groups.append(Group(task, _EMPTY, [rollout]))
     rubric.score(groups)
-    return summarize(name, [g.rollouts[0] for g in groups])
+    return [g.rollouts[0] for g in groups]
+
+
+def score(env: Env, rubric: Rubric, tasks: list[Task], answers: list[str], name: str) -> EvalResult:
+    """Judge single-turn ``answers`` with the env and the rubric."""
+    return summarize(name, judge(env, rubric, tasks, answers))
 
 
 def model_result(
@@ -95,9 +100,22 @@ def model_result(
     Multi-turn episodes are played by the rollout engine (greedy, one rollout per task), with the env's
     ``max_turns`` and stop strings, exactly as in training.
     """
+    return summarize(name, model_rollouts(model, tokenizer, env, rubric, tasks, max_new_tokens, batch_size))
+
+
+def model_rollouts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    env: Env,
+    rubric: Rubric,
+    tasks: list[Task],
+    max_new_tokens: int,
+    batch_size: int = 32,
+) -> list[Rollout]:
+    """The judged greedy rollouts behind :func:`model_result`, one per task in the order of ``tasks``."""
     if env.max_turns <= 1:
         answers = greedy_completions(model, tokenizer, tasks, max_new_tokens, batch_size)
-        return score(env, rubric, tasks, answers, name)
+        return judge(env, rubric, tasks, answers)
     groups: list[Group] = []
     for i in range(0, len(tasks), batch_size):
         groups += generate(
@@ -110,7 +128,7 @@ def model_result(
             temperature=0.0,
         )
     rubric.score(groups)
-    return summarize(name, [g.rollouts[0] for g in groups])
+    return [g.rollouts[0] for g in groups]
 
 
 def evaluate_policy(env: Env, rubric: Rubric, tasks: list[Task], policy: Policy, name: str) -> EvalResult:
@@ -134,13 +152,22 @@ def summarize(name: str, rollouts: list[Rollout]) -> EvalResult:
             if isinstance(value, (str, bool, int)) or value is None:
                 tags[f"{key}={value}"].append(ok)
     n = len(rollouts)
+    scored = [r for r in rollouts if not r.failed]  # a failed rollout's reward is NaN: no score
     return EvalResult(
         name=name,
         n=n,
         accuracy=sum(correct) / max(1, n),
-        mean_reward=sum(r.reward for r in rollouts) / max(1, n),
+        mean_reward=sum(r.reward for r in scored) / max(1, len(scored)),
         by_tag={k: sum(v) / len(v) for k, v in sorted(tags.items()) if 0 < len(v) < n},
     )
+
+
+def for_summary(rollout: Rollout) -> Rollout:
+    """``rollout`` less the tensors, turns and prompt that :func:`summarize` does not read: cheap to send."""
+    t = rollout.task
+    task = Task(t.id, t.split, [], {}, t.info)
+    empty = {"token_ids": _EMPTY, "loss_mask": _EMPTY, "sample_logp": _EMPTY.float()}
+    return replace(rollout, task=task, turns=[], **empty)
 
 
 def baseline_results(env: Env, rubric: Rubric, tasks: list[Task]) -> list[EvalResult]:

@@ -90,6 +90,9 @@ def normalizer_for(
         seq_mean:   Σ_{ranks} Σ_{micro-batches} N_seq
         dr_grpo:    Σ_{ranks} Σ_{micro-batches} N_seq · max_completion_length
 
+    ``N_seq`` counts the rows ``batch.keep`` keeps: a failed rollout is not in the batch, as far as the loss
+    can tell (its ``loss_mask`` is all zero too).
+
     With this normalizer, the gradients of the micro-batch losses *summed over micro-batches and ranks*
     are the full-batch gradient. A data-parallel wrapper that *averages* gradients over ``W`` ranks (torch
     DDP, accelerate) divides that sum by ``W``: compensate once, either by passing ``normalizer / W`` to
@@ -118,12 +121,13 @@ def normalizer_for(
         raise ValueError("aggregation 'dr_grpo' needs max_completion_length > 0")
     local = 0.0
     for b in batches:
+        rows = float(b.keep.sum()) if b.keep is not None else float(b.completion_ids.shape[0])
         if aggregation == "token_mean":
             local += float(b.loss_mask.sum())
         elif aggregation == "seq_mean":
-            local += float(b.completion_ids.shape[0])
+            local += rows
         else:  # dr_grpo
-            local += float(b.completion_ids.shape[0]) * float(max_completion_length)
+            local += rows * float(max_completion_length)
     return float(all_reduce(local)) if all_reduce is not None else local
 
 

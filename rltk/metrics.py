@@ -129,8 +129,15 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=step)
 
-    def truncate_after(self, step: int) -> None:
-        """Drop lines with ``step`` > ``step`` (and torn or unreadable lines), atomically (temp + rename)."""
+    def truncate_after(self, step: int, until: float | None = None) -> None:
+        """Drop lines past ``step`` (and torn or unreadable ones), atomically (temp + rename).
+
+        Args:
+            step: The last step to keep (-1 keeps nothing: a run starting anew).
+            until: If given, lines of ``step`` itself logged after this unix time are dropped too (what a
+                resumed run logs again after its checkpoint's ``saved_at``).
+
+        """
         if not self.active:
             return
         self._file.close()
@@ -141,11 +148,10 @@ class MetricsLogger:
                     record = json.loads(line) if line.endswith(b"\n") else None
                 except ValueError:
                     record = None
-                if (
-                    isinstance(record, dict)
-                    and isinstance(record.get("step"), int)
-                    and record["step"] <= step
-                ):
+                if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+                    continue
+                late = until is not None and record["step"] == step and record.get("time", 0.0) > until
+                if record["step"] <= step and not late:
                     kept.append(line)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         with open(tmp, "wb") as f:
@@ -182,7 +188,8 @@ def outcome_metrics(groups: list[Group]) -> dict[str, float]:
     """
     rollouts = [r for g in groups for r in g.rollouts]
     correct = [float(bool(r.outcome.get("correct"))) for r in rollouts if "correct" in r.outcome]
-    m: dict[str, float] = {"reward/mean": float(np.mean([r.reward for r in rollouts])) if rollouts else 0.0}
+    scored = [r.reward for r in rollouts if not r.failed]  # a failed rollout's reward is NaN: no score
+    m: dict[str, float] = {"reward/mean": float(np.mean(scored)) if scored else 0.0}
     if correct:
         m["accuracy"] = float(np.mean(correct))
     answers = [str(r.outcome["answer"]) for r in rollouts if "answer" in r.outcome]
@@ -191,7 +198,7 @@ def outcome_metrics(groups: list[Group]) -> dict[str, float]:
     m["truncated_frac"] = float(np.mean([r.truncated for r in rollouts])) if rollouts else 0.0
     if rollouts:
         m["rollout/turns_mean"] = float(np.mean([len(r.turns) for r in rollouts]))
-        for reason in ("max_turns", "max_tokens"):  # rollouts a limit ended (multi-turn)
+        for reason in ("max_turns", "max_tokens", "env_failed"):  # rollouts a limit (or the env) ended
             m[f"rollout/stopped_{reason}"] = float(np.mean([r.stop_reason == reason for r in rollouts]))
     return m
 

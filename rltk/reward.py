@@ -1,41 +1,47 @@
 """Stage 2, reward: score every rollout with a weighted rubric of reward functions, safely.
 
     groups ──▶ Rubric.score ──▶ rollout.scores[name] (float | None), rollout.reward (weighted sum), metrics
+                          └──▶ rollout.failures (a reward bug) ──▶ FailureGuard (stop past the allowed rate)
 
 A reward is a plain function ``fn(completion, reference, outcome, **params) -> float | None`` decorated with
-:func:`reward_fn`, which records its range. ``completion`` is the final assistant turn, ``reference`` the
-task's gold data, ``outcome`` the env's verdict. ``None`` means "not applicable to this task" and is left out
-of the weighted sum and of the reward's mean/std.
+:func:`reward_fn`, which records its range (a fixed pair, or a function of the params). ``completion`` is the
+final assistant turn, ``reference`` the task's gold data, ``outcome`` the env's verdict. ``None`` means "not
+applicable to this task" (decided by the task) and is left out of the weighted sum and of the reward's
+mean/std.
 
-Rewards are user code run on untrusted model output, so each call is guarded: an exception or a call that
-runs past ``timeout_s`` scores ``None`` for that sample and is counted (``reward/<name>/errors``,
-``/timeouts``), with one log warning per reward per step. A reward that fails on every sample of a step
-raises :class:`RewardError`: a broken plugin must not silently train on nothing.
-
-The timeout uses ``SIGALRM`` (``signal.setitimer(ITIMER_REAL)``), so it works only on the main thread of a
-POSIX process; elsewhere (another thread, Windows) rewards run without a timeout, and a warning says so once.
-A call stuck inside C code (a huge regex, a blocking syscall) is interrupted only when it returns to Python.
+Rewards are user code run on untrusted model output. Each call runs in a worker process with a hard
+deadline (:mod:`rltk.workers`; ``isolated: false`` runs a cheap pure reward in the trainer under a SIGALRM
+deadline instead, :mod:`rltk.deadline`). A call that raises, times out, crashes its worker, or returns
+anything but ``None`` or a finite real within the range declared for its params (:func:`as_score`) is a
+**reward bug, not a score**: the rollout gets a :class:`~rltk.batch.Failure`, its ``reward`` is NaN, and it
+leaves the update and its group's baseline (advantage.py, batch.py). Scoring it 0 instead would train on the
+bug: for a reward in (−1, 0) a crash would score the best value. Dropping failures optimises the reward
+*given no failure*, so :class:`FailureGuard` stops the run when they pass ``rollout.max_reward_error_rate``
+over recent rollouts, or a quarter of one step's.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import logging
 import math
-import numbers
-import signal
-import threading
-import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+import numpy as np
+
 from rltk import plugins
+from rltk.batch import Failure
+from rltk.deadline import CallTimeout, call_with_timeout, can_alarm
+from rltk.workers import Call, CallResult, WorkerPool
 
 if TYPE_CHECKING:
-    from rltk.batch import Group
+    from rltk.batch import Group, Rollout
     from rltk.env import Env
 
 logger = logging.getLogger(__name__)
@@ -51,40 +57,76 @@ class RewardFn(Protocol):
 
 
 class RewardError(RuntimeError):
-    """A reward failed on every sample of a step, or a rubric is misconfigured."""
+    """Rewards failed on too many rollouts, or a rubric is misconfigured."""
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+Range = tuple[float, float]
 
 
-def reward_fn(range: tuple[float, float]) -> Callable[[F], F]:
-    """Mark a function as a reward with its score range ``(lo, hi)``; otherwise a no-op.
+def _check_range(value: Any) -> Range:
+    lo, hi = (float(x) for x in value)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+        raise ValueError(f"reward range must be finite (lo, hi) with lo <= hi, got {value!r}")
+    return lo, hi
 
-    A parse failure of the model's output should score ``lo``. Where the range depends on params, declare it
-    for the defaults and document the dependence on the function.
+
+def reward_fn(range: Range | Callable[..., Range]) -> Callable[[F], F]:
+    """Mark a function as a reward with its score range; otherwise a no-op.
+
+    A parse failure of the model's output should score the range minimum. Where the range depends on the
+    reward's params (a cost), pass a function of those params: it is called with every param after
+    ``(completion, reference, outcome)``, defaults filled in, and returns ``(lo, hi)``. Scores outside the
+    range declared for the call's params are reward bugs (:func:`as_score`).
 
     Args:
-        range: ``(lo, hi)`` with ``lo <= hi``, both finite.
+        range: ``(lo, hi)`` with ``lo <= hi``, both finite; or ``fn(**params) -> (lo, hi)``.
 
     Returns:
-        A decorator that sets ``fn.reward_range`` and returns ``fn`` unchanged.
+        A decorator that sets ``fn.reward_range`` (the range at the default params) and returns ``fn``.
 
     >>> @reward_fn(range=(0.0, 1.0))
     ... def exact(completion, reference, outcome):
     ...     return float(completion == reference["answer"])
     >>> exact.reward_range
     (0.0, 1.0)
+    >>> @reward_fn(range=lambda cost: (-cost, 1.0))
+    ... def decision(completion, reference, outcome, cost=2.0):
+    ...     return 1.0 if completion == reference["answer"] else -cost
+    >>> decision.reward_range, declared_range(decision, {"cost": 5.0})
+    ((-2.0, 1.0), (-5.0, 1.0))
 
     """
-    lo, hi = (float(x) for x in range)
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
-        raise ValueError(f"reward range must be finite (lo, hi) with lo <= hi, got {range!r}")
+    spec = range if callable(range) else _check_range(range)
 
     def mark(fn: F) -> F:
-        fn.reward_range = (lo, hi)  # type: ignore[attr-defined]
+        fn.reward_range_of = spec  # type: ignore[attr-defined]
+        fn.reward_range = declared_range(fn, {})  # type: ignore[attr-defined]
         return fn
 
     return mark
+
+
+def declared_range(fn: Callable[..., Any], params: Mapping[str, Any]) -> Range | None:
+    """The range ``fn`` declares for ``params`` (see :func:`reward_fn`); ``None`` if it declares none.
+
+    Raises:
+        ValueError: The range function rejects the params, or returns no finite ``(lo, hi)``.
+
+    """
+    spec = getattr(fn, "reward_range_of", None) or getattr(fn, "reward_range", None)
+    if spec is None or not callable(spec):
+        return None if spec is None else _check_range(spec)
+    bound = inspect.signature(fn).bind_partial("", {}, {}, **params)
+    bound.apply_defaults()
+    named = dict(list(bound.arguments.items())[3:])
+    extra = next(
+        (named.pop(p.name) for p in bound.signature.parameters.values() if p.kind == p.VAR_KEYWORD), {}
+    )
+    try:
+        return _check_range(spec(**named, **extra))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"its declared range does not hold for params {dict(params)}: {e}") from None
 
 
 @dataclass
@@ -96,6 +138,10 @@ class RubricItem:
         fn: The reward function.
         weight: Its weight in ``rollout.reward``.
         params: Keyword arguments passed on every call (validated against ``fn``'s signature).
+        isolated: Run in a worker process with a hard deadline (default). ``False`` runs it in the trainer
+            under a SIGALRM deadline, which cannot stop a call stuck in C code: only for cheap pure rewards
+            (``benchmarks/reward_ipc.py`` measures what the worker costs).
+        range: The range ``fn`` declares for ``params`` (``None``: undeclared), set on construction.
 
     """
 
@@ -103,6 +149,8 @@ class RubricItem:
     fn: Callable[..., float | None]
     weight: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
+    isolated: bool = True
+    range: Range | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if not math.isfinite(float(self.weight)):
@@ -110,6 +158,10 @@ class RubricItem:
         self.weight = float(self.weight)
         self.params = dict(self.params)
         check_params(self.name, self.fn, self.params)
+        try:
+            self.range = declared_range(self.fn, self.params)
+        except ValueError as e:
+            raise ValueError(f"reward '{self.name}': {e}") from None
 
 
 def check_params(name: str, fn: Callable[..., Any], params: Mapping[str, Any]) -> None:
@@ -143,57 +195,62 @@ def check_params(name: str, fn: Callable[..., Any], params: Mapping[str, Any]) -
         ) from None
 
 
-class RewardTimeout(TimeoutError):
-    """A reward call ran past the rubric's ``timeout_s``."""
+RANGE_TOL = 1e-6
+"""A score may pass its declared range by this much, relative to the range's width (at least 1): rounding."""
+
+UNDECLARED_LIMIT = 1e6
+"""A reward without a declared range must score within ``±UNDECLARED_LIMIT`` (beyond it, float32 statistics
+of a group overflow); declare the range with :func:`reward_fn` to check it exactly."""
 
 
-class _Timeout(BaseException):
-    """Raised by the SIGALRM handler; a BaseException so a reward's ``except Exception`` cannot swallow it."""
+class InvalidScore(ValueError):
+    """A reward returned something that is not a score: not a finite real, or outside its declared range."""
 
 
-def _can_alarm() -> bool:
-    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+def as_score(value: Any, declared: Range | None) -> float | None:
+    """Check a reward's return value: ``None`` (not applicable) or a finite real within ``declared``.
 
+    ``int``, ``float`` and numpy integer/floating scalars are scores; ``bool`` is not (``True`` is not a
+    number a reward means), nor is anything else.
 
-def call_with_timeout(
-    fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any], timeout_s: float
-) -> Any:
-    """Call ``fn(*args, **kwargs)``; raise :class:`RewardTimeout` after ``timeout_s`` (main thread only).
+    Raises:
+        InvalidScore: Naming the value and what was expected.
 
-    Off the main thread (or without ``setitimer``) the call runs unguarded. An outer ``ITIMER_REAL`` timer
-    (e.g. a test timeout) is suspended during the call and restored afterwards, less the time spent here
-    (if it fell due meanwhile, it fires right after).
+    >>> as_score(1, (0.0, 1.0)), as_score(None, (0.0, 1.0))
+    (1.0, None)
+    >>> as_score(7.0, (0.0, 1.0))
+    Traceback (most recent call last):
+    ...
+    rltk.reward.InvalidScore: returned 7.0, outside its declared range (0.0, 1.0)
+    >>> as_score(True, None)
+    Traceback (most recent call last):
+    ...
+    rltk.reward.InvalidScore: returned True (bool); a reward returns a finite float or None
+
     """
-    if not _can_alarm():
-        return fn(*args, **kwargs)
-
-    def on_alarm(signum: int, frame: Any) -> None:
-        raise _Timeout
-
-    start = time.monotonic()
-    old_handler = signal.signal(signal.SIGALRM, on_alarm)
-    prev_delay, prev_interval = 0.0, 0.0
-    try:
-        prev_delay, prev_interval = signal.setitimer(signal.ITIMER_REAL, timeout_s)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except _Timeout:
-        raise RewardTimeout(f"took longer than {timeout_s:g} s") from None
-    finally:
-        signal.signal(signal.SIGALRM, old_handler)
-        if prev_delay > 0:
-            left = max(prev_delay - (time.monotonic() - start), 1e-3)
-            signal.setitimer(signal.ITIMER_REAL, left, prev_interval)
-
-
-def _as_score(value: Any) -> float | None:
     if value is None:
         return None
-    if not isinstance(value, numbers.Real) or not math.isfinite(value):  # bool and numpy scalars pass
-        raise TypeError(f"returned {value!r}; a reward must return a finite float or None")
-    return float(value)
+    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+    if not real:
+        raise InvalidScore(
+            f"returned {value!r} ({type(value).__name__}); a reward returns a finite float or None"
+        )
+    score = float(value)
+    if not math.isfinite(score):
+        raise InvalidScore(f"returned {value!r}; a reward returns a finite float or None")
+    if declared is None:
+        if abs(score) > UNDECLARED_LIMIT:
+            raise InvalidScore(
+                f"returned {score:g}, beyond ±{UNDECLARED_LIMIT:g} (declare its range with @reward_fn)"
+            )
+        return score
+    lo, hi = declared
+    tol = RANGE_TOL * max(1.0, hi - lo)
+    if not lo - tol <= score <= hi + tol:
+        raise InvalidScore(f"returned {score!r}, outside its declared range {declared}")
+    return score
 
 
 def _get(cfg: Any, key: str, default: Any) -> Any:
@@ -202,16 +259,28 @@ def _get(cfg: Any, key: str, default: Any) -> Any:
     return getattr(cfg, key, default)
 
 
+def _call_reward(
+    fn: Callable[..., Any],
+    params: Mapping[str, Any],
+    completion: str,
+    reference: Mapping[str, Any],
+    outcome: Mapping[str, Any],
+) -> Any:
+    """``fn(completion, reference, outcome, **params)`` with read-only views of the task's data."""
+    return fn(completion, MappingProxyType(dict(reference)), MappingProxyType(dict(outcome)), **params)
+
+
 class Rubric:
     """A weighted set of rewards with safe execution.
 
     Args:
         items: The rewards; names must be unique.
-        timeout_s: Per-call limit in seconds (main thread only, see the module docstring).
+        timeout_s: Per-call deadline in seconds.
+        workers: Worker processes for isolated rewards (0 runs every reward in the trainer, SIGALRM-guarded).
 
     """
 
-    def __init__(self, items: Iterable[RubricItem], timeout_s: float = 10.0) -> None:
+    def __init__(self, items: Iterable[RubricItem], timeout_s: float = 10.0, workers: int = 2) -> None:
         self.items = list(items)
         if not self.items:
             raise ValueError("a rubric needs at least one reward")
@@ -221,11 +290,17 @@ class Rubric:
             raise ValueError(f"reward names must be unique in a rubric, repeated: {dup}")
         if not (timeout_s > 0 and math.isfinite(timeout_s)):
             raise ValueError(f"reward timeout_s must be a finite number > 0, got {timeout_s!r}")
+        if workers < 0:
+            raise ValueError(f"reward workers must be >= 0, got {workers!r}")
         self.timeout_s = float(timeout_s)
+        self.workers = int(workers)
+        self._pool: Any = None
         self._warned_no_timeout = False
 
     @classmethod
-    def from_config(cls, reward_cfgs: Sequence[Any], env: Env, timeout_s: float = 10.0) -> Rubric:
+    def from_config(
+        cls, reward_cfgs: Sequence[Any], env: Env, timeout_s: float = 10.0, workers: int = 2
+    ) -> Rubric:
         """Build from the recipe's ``rewards:`` list (objects or dicts with ``name``, ``weight``, ``params``).
 
         An empty list means ``env.default_rewards`` (name → weight). Params an env supplies in
@@ -248,79 +323,118 @@ class Rubric:
             if not name:
                 raise ValueError(f"every reward needs a name, got {cfg!r}")
             params = {**env_params.get(name, {}), **(_get(cfg, "params", None) or {})}
-            items.append(RubricItem(name, plugins.get_reward(name), _get(cfg, "weight", 1.0), params))
-        return cls(items, timeout_s=timeout_s)
+            fn = plugins.get_reward(name)
+            items.append(RubricItem(name, fn, _get(cfg, "weight", 1.0), params, _get(cfg, "isolated", True)))
+        return cls(items, timeout_s=timeout_s, workers=workers)
+
+    def close(self) -> None:
+        """Stop the worker processes (idempotent; a later :meth:`score` starts them again)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def _call_all(self, rollouts: Sequence[Rollout]) -> dict[str, list[CallResult]]:
+        """Every item's call on every rollout: isolated ones in one batch through the pool, others here."""
+        args = [(r.turns[-1] if r.turns else "", r.task.reference, r.outcome) for r in rollouts]
+        isolated = [it for it in self.items if it.isolated and self.workers > 0]
+        results: dict[str, list[CallResult]] = {}
+        if isolated and args:
+            if self._pool is None:
+                fns = [functools.partial(_call_reward, it.fn, it.params) for it in isolated]
+                self._pool = WorkerPool(fns, workers=self.workers)
+            calls = [Call(k, a, {}) for k in range(len(isolated)) for a in args]
+            done = self._pool.run(calls, self.timeout_s)
+            for k, it in enumerate(isolated):
+                results[it.name] = list(done[k * len(args) : (k + 1) * len(args)])
+        here = [it for it in self.items if it.name not in results]
+        if here and args and not can_alarm() and not self._warned_no_timeout:
+            logger.warning("rewards run in the trainer off the main thread: no reward timeout is enforced")
+            self._warned_no_timeout = True
+        for it in here:
+            results[it.name] = [self._call_here(it, a) for a in args]
+        return results
+
+    def _call_here(
+        self, item: RubricItem, args: tuple[str, Mapping[str, Any], Mapping[str, Any]]
+    ) -> CallResult:
+        try:
+            call = functools.partial(_call_reward, item.fn, item.params)
+            return CallResult(call_with_timeout(call, args, {}, self.timeout_s))
+        except CallTimeout as e:
+            return CallResult(failure="timeout", detail=str(e))
+        except (Exception, SystemExit) as e:  # KeyboardInterrupt propagates
+            return CallResult(failure="raised", detail=repr(e))
 
     def score(self, groups: Sequence[Group]) -> dict[str, float]:
-        """Score every rollout: set ``rollout.scores[name]`` and ``rollout.reward``; return metrics.
+        """Score every rollout: set ``scores``, ``reward`` and, for a reward bug, ``failures``; metrics.
 
-        Metrics per reward: ``reward/<name>/mean`` and ``/std`` over the samples where it applied (left out
-        when it applied to none), ``/errors``, ``/timeouts``, ``/not_applicable`` (counts); and
-        ``reward/total/mean``, ``reward/total/std``.
-
-        Raises:
-            RewardError: A reward failed (raised or timed out) on every sample of this step.
-
+        A rollout the env failed on (a ``"env"`` failure) is not scored. A failed rollout's ``reward`` is
+        NaN. Metrics per reward: ``reward/<name>/mean`` and ``/std`` over the samples it scored (left out
+        when none), ``/failed`` (calls that failed, of any kind), ``/errors`` (raised or crashed),
+        ``/timeouts``, ``/invalid`` (not a finite real within the declared range), ``/not_applicable``;
+        and ``reward/total/mean``, ``reward/total/std`` over the rollouts that did not fail.
         """
         rollouts = [r for g in groups for r in g.rollouts]
-        if rollouts and not self._warned_no_timeout and not _can_alarm():
-            logger.warning("rewards run off the main thread: no reward timeout is enforced")
-            self._warned_no_timeout = True
-        metrics: dict[str, float] = {}
-        for r in rollouts:
+        for r in rollouts:  # scoring again starts afresh; what the env said stays
             r.scores = {}
+            r.failures = [f for f in r.failures if f.source == "env"]
+        live = [r for r in rollouts if not r.failed]
+        results = self._call_all(live)
+        metrics: dict[str, float] = {}
         for item in self.items:
             values: list[float] = []
-            errors = timeouts = not_applicable = 0
-            first: BaseException | None = None
-            for r in rollouts:
-                args = (
-                    r.turns[-1] if r.turns else "",
-                    MappingProxyType(dict(r.task.reference)),
-                    MappingProxyType(dict(r.outcome)),
-                )
-                score: float | None = None
-                try:
-                    score = _as_score(call_with_timeout(item.fn, args, item.params, self.timeout_s))
-                except RewardTimeout as e:
-                    timeouts += 1
-                    first = first or e
-                except Exception as e:
-                    errors += 1
-                    first = first or e
+            kinds: Counter[str] = Counter()
+            for r, res in zip(live, results[item.name], strict=True):
+                score, failure = None, None
+                if res.failure is not None:
+                    failure = Failure(item.name, res.failure, res.detail)
                 else:
-                    if score is None:
-                        not_applicable += 1
-                    else:
-                        values.append(score)
+                    try:
+                        score = as_score(res.value, item.range)
+                    except InvalidScore as e:
+                        failure = Failure(item.name, "invalid", str(e))
+                if failure is not None:
+                    r.failures.append(failure)
+                    kinds[failure.kind] += 1
+                elif score is None:
+                    kinds["not_applicable"] += 1
+                else:
+                    values.append(score)
                 r.scores[item.name] = score
-            failed = errors + timeouts
-            if rollouts and failed == len(rollouts):
-                raise RewardError(
-                    f"reward '{item.name}' failed on all {failed} samples of this step "
-                    f"({errors} errors, {timeouts} timeouts); first: {first!r}"
-                ) from first
+            metrics.update(_item_metrics(item.name, values, kinds))
+            failed = sum(kinds[k] for k in ("raised", "crashed", "timeout", "invalid"))
             if failed:
+                first = next(f for r in live for f in r.failures if f.source == item.name)
                 logger.warning(
-                    "reward '%s' failed on %d/%d samples this step (%d errors, %d timeouts over %g s); "
-                    "first: %r; those samples score None",
-                    item.name, failed, len(rollouts), errors, timeouts, self.timeout_s, first,
+                    "reward '%s' failed on %d/%d rollouts this step (%s); they leave the update. First: %s",
+                    item.name, failed, len(live), dict(kinds), first,
                 )  # fmt: skip
-            key = f"reward/{item.name}"
-            if values:
-                mean = sum(values) / len(values)
-                metrics[f"{key}/mean"] = mean
-                metrics[f"{key}/std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-            metrics[f"{key}/errors"] = float(errors)
-            metrics[f"{key}/timeouts"] = float(timeouts)
-            metrics[f"{key}/not_applicable"] = float(not_applicable)
         weights = {it.name: it.weight for it in self.items}
         totals = []
         for r in rollouts:
-            r.reward = float(sum(weights[n] * s for n, s in r.scores.items() if s is not None))
-            totals.append(r.reward)
+            r.reward = (
+                math.nan
+                if r.failed
+                else float(sum(weights[n] * s for n, s in r.scores.items() if s is not None))
+            )
+            if not r.failed:
+                totals.append(r.reward)
         if totals:
-            mean = sum(totals) / len(totals)
-            metrics["reward/total/mean"] = mean
-            metrics["reward/total/std"] = math.sqrt(sum((v - mean) ** 2 for v in totals) / len(totals))
+            metrics["reward/total/mean"] = float(np.mean(totals))
+            metrics["reward/total/std"] = float(np.std(totals))
         return metrics
+
+
+def _item_metrics(name: str, values: list[float], kinds: Mapping[str, int]) -> dict[str, float]:
+    key = f"reward/{name}"
+    out = {
+        f"{key}/failed": float(sum(kinds.get(k, 0) for k in ("raised", "crashed", "timeout", "invalid"))),
+        f"{key}/errors": float(kinds.get("raised", 0) + kinds.get("crashed", 0)),
+        f"{key}/timeouts": float(kinds.get("timeout", 0)),
+        f"{key}/invalid": float(kinds.get("invalid", 0)),
+        f"{key}/not_applicable": float(kinds.get("not_applicable", 0)),
+    }
+    if values:
+        out[f"{key}/mean"] = float(np.mean(values))
+        out[f"{key}/std"] = float(np.std(values))
+    return out

@@ -12,8 +12,10 @@ import argparse
 import logging
 import os
 import sys
+import time
+from pathlib import Path
 
-from rltk import plugins
+from rltk import distributed, plugins
 from rltk.config import load_config
 from rltk.errors import user_errors
 
@@ -34,10 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, validate (every error at once), train. Returns the process exit code."""
+    """Parse, validate (every error at once), train. Returns the process exit code.
+
+    Under a launcher, a failed collective (a rank stalled past ``run.dist_timeout_s``, or gone) ends this
+    rank with one ``error:`` line naming the rank(s) it waited for, instead of a traceback.
+    """
+    started = time.time()
+    distributed.die_with_parent()
     args = build_parser().parse_args(argv)
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(message)s")
+    cfg = None
     try:
         cfg = load_config(args.recipe, args.overrides, resolve=plugins.resolve)
         from rltk.trainer import run  # heavy imports after the config is known to be valid
@@ -45,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg)
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if cfg is None or world == 1 or not distributed.is_collective_failure(exc):
+            raise
+        run_dir, timeout = Path(cfg.run.output_dir), cfg.run.dist_timeout_s
+        why = distributed.explain_failure(run_dir, int(rank), world, timeout, started, exc)
+        print(f"error: {why}", file=sys.stderr)
         return 2
     return 0
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -29,10 +30,11 @@ import yaml
 from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
-from rltk import advantage, checkpoint, evaluate, forward, loss, plugins, rollout
+from rltk import advantage, checkpoint, distributed, evaluate, forward, loss, plugins, rollout, rundir
 from rltk.batch import Batch, Group, collate
 from rltk.config import Config, config_to_dict
 from rltk.env import Env, Task
+from rltk.failures import FailureGuard, NonFiniteGuard
 from rltk.metrics import MetricsLogger, Progress, outcome_metrics
 from rltk.models import build_policy, load_tokenizer
 from rltk.reward import Rubric
@@ -65,19 +67,22 @@ class Trainer:
         self.algo = cfg.algorithm.resolved()
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        self.accelerator = accelerator or Accelerator(
-            cpu=not torch.cuda.is_available(), mixed_precision=cfg.model.mixed_precision
-        )
+        self.accelerator = accelerator or distributed.make_accelerator(cfg)
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.run_dir = Path(cfg.run.output_dir)
         log.info("rank %d of world size %d on %s", self.rank, self.world, self.accelerator.device)
-        if self.accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.accelerator.wait_for_everyone()
+        self.lock = self.lock_run_dir()
+        # after the lock: a run refused here must not overwrite the live run's heartbeats
+        self.heartbeat = distributed.Heartbeat(self.run_dir, self.rank)
+        self.heartbeat.beat(0, "setup")
 
         self.env: Env = plugins.make_env(cfg.env.name, cfg.env.options)
-        self.rubric = Rubric.from_config(cfg.rewards, self.env, timeout_s=cfg.rollout.reward_timeout_s)
+        self.rubric = Rubric.from_config(
+            cfg.rewards, self.env, timeout_s=cfg.rollout.reward_timeout_s, workers=cfg.rollout.reward_workers
+        )
+        self.failure_guard = FailureGuard(cfg.rollout.max_reward_error_rate, cfg.rollout.reward_error_window)
+        self.nonfinite_guard = NonFiniteGuard()
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(cfg.model.name)
         seed_everything(cfg.run.seed, -1)  # model init (LoRA A matrices) is seeded, equal on every rank
         self.model = build_policy(cfg)
@@ -99,6 +104,7 @@ class Trainer:
             self.snapshot_reference()
         self.train_tasks = self.env.tasks("train", self.train_pool_size(), seed=cfg.run.seed)
         self.start_step = 0
+        self.resumed_from: Path | None = None
         self.metrics = MetricsLogger(
             self.run_dir,
             cfg.run.report_to,
@@ -106,8 +112,7 @@ class Trainer:
             is_main_process=self.accelerator.is_main_process,
             rank=self.rank,
         )
-        if cfg.run.resume == "auto":
-            self.resume()
+        self.resume()
         if self.accelerator.is_main_process:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
@@ -121,16 +126,35 @@ class Trainer:
         """The model without DDP wrapping (what generation and saving use)."""
         return self.accelerator.unwrap_model(self.model)
 
+    def lock_run_dir(self) -> rundir.RunDirLock | None:
+        """Create the run dir and lock it (main process); every rank fails alike if another run holds it."""
+        lock, busy = None, None
+        if self.accelerator.is_main_process:
+            try:
+                lock = rundir.RunDirLock(self.run_dir)
+            except rundir.RunDirBusyError as exc:
+                busy = exc
+        if self._all_reduce_sum(float(busy is not None)):
+            raise busy or rundir.RunDirBusyError(f"run dir {self.run_dir} is in use by another run (rank 0)")
+        return lock
+
     def resume(self) -> None:
-        """Resume from the newest valid checkpoint of the run dir, if any."""
-        path = checkpoint.latest(self.run_dir)
+        """Resume from the newest valid checkpoint (``run.resume=auto``), or start at step 0.
+
+        Either way ``metrics.jsonl`` keeps only what was logged up to that point, so no step is logged twice.
+        A run dir whose checkpoints are all damaged stops with :class:`~rltk.checkpoint.CheckpointError`
+        (:func:`rltk.rundir.resume_point`), leaving them as they are.
+        """
+        path = rundir.resume_point(self.run_dir) if self.cfg.run.resume == "auto" else None
         if path is None:
+            self.metrics.truncate_after(-1)
             return
         state = checkpoint.load(path, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler)
         if "reference" in state["extra"]:
             self.reference = state["extra"]["reference"]
         self.start_step = int(state["step"])
-        self.metrics.truncate_after(self.start_step)
+        self.resumed_from = path
+        self.metrics.truncate_after(self.start_step, until=float(state["saved_at"]))
         log.info("resumed from %s at step %d", path, self.start_step)
 
     def tasks_for_step(self, step: int) -> list[Task]:
@@ -162,6 +186,9 @@ class Trainer:
         finally:
             progress.close()
             self.metrics.close()
+            self.rubric.close()
+            if self.lock is not None:
+                self.lock.release()
         log.info("rank %d/%d final weights sha256 %s", self.rank, self.world, self.weights_digest()[:16])
 
     @property
@@ -173,18 +200,27 @@ class Trainer:
         """Held-out greedy pass@1 of the policy, logged at ``step`` as ``eval/*`` beside the trivial policy.
 
         The tasks are ``eval.n`` of ``eval.split`` with seed 0, the set ``rltk eval`` scores, so the figures
-        compare. Whole episodes for multi-turn envs (:func:`rltk.evaluate.model_result`). The main process
-        evaluates while the other ranks wait. Returns the result there, ``None`` on other ranks.
+        compare. Whole episodes for multi-turn envs (:func:`rltk.evaluate.model_result`). Each rank plays
+        ``tasks[rank::world]``, so no rank waits past ``run.dist_timeout_s`` while another evaluates alone;
+        the main process puts the judged rollouts back in task order and scores them as one set. Returns the
+        result there, ``None`` on other ranks.
         """
         cfg = self.cfg.eval
         result = None
-        if self.accelerator.is_main_process:
-            start = time.perf_counter()
-            tasks = self.env.tasks(cfg.split, cfg.n, seed=0)
-            budget = self.eval_max_new_tokens
-            result = evaluate.model_result(
-                self.policy, self.tokenizer, self.env, self.rubric, tasks, budget, f"step {step}"
-            )
+        self.heartbeat.beat(step, "eval")
+        start = time.perf_counter()
+        tasks = self.env.tasks(cfg.split, cfg.n, seed=0)
+        mine = evaluate.model_rollouts(
+            self.policy,
+            self.tokenizer,
+            self.env,
+            self.rubric,
+            tasks[self.rank :: self.world],
+            self.eval_max_new_tokens,
+        )
+        judged = distributed.gather_shards([evaluate.for_summary(r) for r in mine], self.accelerator)
+        if judged is not None:
+            result = evaluate.summarize(f"step {step}", judged)
             trivial = evaluate.best_of(evaluate.baseline_results(self.env, self.rubric, tasks), "")
             self.metrics.log(
                 step,
@@ -218,6 +254,7 @@ class Trainer:
 
     def save(self, step: int) -> None:
         """Write a checkpoint of the current state (main process writes, all ranks wait)."""
+        self.heartbeat.beat(step, "save")
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             checkpoint.save(
@@ -241,6 +278,7 @@ class Trainer:
         t0 = time.perf_counter()
 
         # rollout: G samples per task, prompt prefilled once per group
+        self.heartbeat.beat(step, "rollout")
         groups = rollout.generate(
             self.policy,
             self.tokenizer,
@@ -254,11 +292,14 @@ class Trainer:
             top_k=cfg.rollout.top_k,
             max_turns=cfg.rollout.max_turns or None,
             max_rollout_tokens=cfg.rollout.max_rollout_tokens or None,
+            env_timeout_s=cfg.rollout.env_timeout_s,
         )
         t_gen = time.perf_counter() - t0
 
-        # reward: rubric over the env's outcome
+        # reward: rubric over the env's outcome; failed rollouts leave the update (and can stop the run)
+        self.heartbeat.beat(step, "reward")
         m: dict[str, float] = dict(self.rubric.score(groups))
+        m.update(self.check_failures(groups))
         m.update(outcome_metrics(groups))
 
         # advantage: group-relative; dynamic sampling may drop zero-variance groups
@@ -266,8 +307,9 @@ class Trainer:
         m.update(adv.metrics)
 
         # update: forward (shared prompt) + loss, micro-batches of whole groups
+        self.heartbeat.beat(step, "update")
         t1 = time.perf_counter()
-        m.update(self.update(adv.groups))
+        m.update(self.update(adv.groups, step))
         t_train = time.perf_counter() - t1
 
         elapsed = time.perf_counter() - t0
@@ -287,69 +329,116 @@ class Trainer:
         )
         return StepResult(metrics=m, groups=groups)
 
-    def update(self, groups: list[Group]) -> dict[str, float]:
-        """Optimizer step(s) on the kept groups; returns loss metrics.
+    def check_failures(self, groups: list[Group]) -> dict[str, float]:
+        """Count this step's failed rollouts per source over all ranks; stop the run past the allowed rate.
+
+        Raises:
+            rltk.reward.RewardError: From :class:`~rltk.failures.FailureGuard`, naming the source.
+
+        """
+        rollouts = [r for g in groups for r in g.rollouts]
+        sources = [it.name for it in self.rubric.items] + ["env"]
+        local = [float(len(rollouts)), float(sum(r.failed for r in rollouts))]
+        local += [float(sum(any(f.source == s for f in r.failures) for r in rollouts)) for s in sources]
+        n, failed, *per_source = self._all_reduce_sums(local)
+        examples = [(f, r.turns[-1] if r.turns else "") for r in rollouts for f in r.failures]
+        counts = {s: int(k) for s, k in zip(sources, per_source, strict=True) if k}
+        self.failure_guard.check(int(n), counts, examples)
+        return {"rollout/failed_frac": failed / max(1.0, n)}
+
+    def update(self, groups: list[Group], step: int) -> dict[str, float]:
+        """Optimizer step(s) of RL step ``step`` on the kept groups; returns loss metrics.
 
         The loss normaliser is one global count (all micro-batches, all ranks), so the summed micro-batch
-        gradients are the full-batch gradient; DDP averages over ranks, hence ``backward(loss * world)``.
-        A rank left without groups (dynamic sampling) still runs a zero-loss backward so DDP's gradient
-        all-reduce has every rank.
+        gradients are the full-batch gradient (:meth:`backward`). An optimizer step whose loss or gradient
+        norm is not finite is skipped on every rank (:meth:`optimizer_step`).
         """
-        cfg, algo = self.cfg, self.algo
-        per_mb = cfg.optim.groups_per_micro_batch
-        pad = self.tokenizer.pad_token_id
-        batches = [collate(groups[i : i + per_mb], pad) for i in range(0, len(groups), per_mb)]
-        normalizer = loss.normalizer_for(
-            batches, algo.aggregation, cfg.rollout.max_new_tokens, all_reduce=self._all_reduce_sum
-        )
+        batches, normalizer = self.micro_batches(groups)
         if normalizer <= 0:  # no rank kept a group: nothing to learn from this step
             self.scheduler.step()
             return {"update/skipped": 1.0}
-        batches = [b.to(self.accelerator.device) for b in batches]
         self.model.train()
         sums: dict[str, float] = {}
-        for _ in range(algo.updates_per_batch):
-            sums = {"loss": 0.0, "loss/tokens": 0.0}
-            weighted: dict[str, float] = {}
-            for i, batch in enumerate(batches):
-                last = i == len(batches) - 1
-                with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
-                    if batch.ref_logp is None and algo.beta > 0:
-                        batch.ref_logp = self.reference_logprobs(batch)
-                    scores = forward.completion_scores(
-                        self.model,
-                        batch,
-                        temperature=cfg.rollout.temperature,
-                        mode=algo.shared_prompt,
-                        entropy=True,  # logged always; differentiable only for an entropy bonus
-                        entropy_grad=algo.entropy_coef > 0,
-                    )
-                    logp = scores.logp  # [P*G, Lc]
-                    if batch.old_logp is None and algo.updates_per_batch > 1:
-                        batch.old_logp = logp.detach()  # later passes are off-policy by one update
-                    result = loss.policy_loss(logp, batch, algo, normalizer, entropy=scores.entropy)
-                    self.accelerator.backward(result.loss * self.world)
-                tokens = result.metrics.pop("loss/tokens")
-                sums["loss/tokens"] += tokens
-                sums["loss"] += result.metrics.pop("loss/value")
-                for k, v in result.metrics.items():
-                    weighted[k] = weighted.get(k, 0.0) + v * tokens
-                if batch.sample_logp is not None and tokens:
-                    gap = (logp.detach() - batch.sample_logp).abs() * batch.loss_mask
-                    weighted["mismatch/logp_abs_mean"] = weighted.get("mismatch/logp_abs_mean", 0.0) + float(
-                        gap.sum()
-                    )
-            if not batches:  # this rank has nothing but must join the gradient all-reduce
-                zero = sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
-                self.accelerator.backward(zero)
-            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            sums.update({k: v / max(1.0, sums["loss/tokens"]) for k, v in weighted.items()})
-            sums["grad_norm"] = float(grad_norm)
+        for _ in range(self.algo.updates_per_batch):
+            sums = self.backward(batches, normalizer)
+            sums.update(self.optimizer_step(step, sums["loss"]))
         self.scheduler.step()
         self.model.eval()
         return sums
+
+    def micro_batches(self, groups: list[Group]) -> tuple[list[Batch], float]:
+        """This rank's micro-batches of whole groups (on the device) and the step's global loss normaliser."""
+        per_mb, pad = self.cfg.optim.groups_per_micro_batch, self.tokenizer.pad_token_id
+        batches = [collate(groups[i : i + per_mb], pad) for i in range(0, len(groups), per_mb)]
+        normalizer = loss.normalizer_for(
+            batches, self.algo.aggregation, self.cfg.rollout.max_new_tokens, all_reduce=self._all_reduce_sum
+        )
+        return [b.to(self.accelerator.device) for b in batches], normalizer
+
+    def backward(self, batches: list[Batch], normalizer: float) -> dict[str, float]:
+        """Accumulate the gradient of the whole step's loss over ``batches``; returns the loss metrics.
+
+        DDP averages gradients over ranks, hence ``backward(loss * world)``. A rank left without groups
+        (dynamic sampling, failures) still runs a zero-loss backward so DDP's gradient all-reduce has every
+        rank.
+        """
+        cfg, algo = self.cfg, self.algo
+        sums = {"loss": 0.0, "loss/tokens": 0.0}
+        weighted: dict[str, float] = {}
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+                if batch.ref_logp is None and algo.beta > 0:
+                    batch.ref_logp = self.reference_logprobs(batch)
+                scores = forward.completion_scores(
+                    self.model,
+                    batch,
+                    temperature=cfg.rollout.temperature,
+                    mode=algo.shared_prompt,
+                    entropy=True,  # logged always; differentiable only for an entropy bonus
+                    entropy_grad=algo.entropy_coef > 0,
+                )
+                logp = scores.logp  # [P*G, Lc]
+                if batch.old_logp is None and algo.updates_per_batch > 1:
+                    batch.old_logp = logp.detach()  # later passes are off-policy by one update
+                result = loss.policy_loss(logp, batch, algo, normalizer, entropy=scores.entropy)
+                self.accelerator.backward(result.loss * self.world)
+            tokens = result.metrics.pop("loss/tokens")
+            sums["loss/tokens"] += tokens
+            sums["loss"] += result.metrics.pop("loss/value")
+            for k, v in result.metrics.items():
+                weighted[k] = weighted.get(k, 0.0) + v * tokens
+            if batch.sample_logp is not None and tokens:
+                gap = (logp.detach() - batch.sample_logp).abs() * batch.loss_mask
+                weighted["mismatch/logp_abs_mean"] = weighted.get("mismatch/logp_abs_mean", 0.0) + float(
+                    gap.sum()
+                )
+        if not batches:  # this rank has nothing but must join the gradient all-reduce
+            zero = sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
+            self.accelerator.backward(zero)
+        sums.update({k: v / max(1.0, sums["loss/tokens"]) for k, v in weighted.items()})
+        return sums
+
+    def optimizer_step(self, step: int, loss_value: float) -> dict[str, float]:
+        """Clip and apply the accumulated gradient, unless the loss or its norm is not finite on any rank.
+
+        A skipped step leaves the weights and the optimizer state as they were; three in a row stop the run
+        (:class:`~rltk.failures.NonFiniteGuard`). The verdict is all-reduced, so every rank skips alike.
+        """
+        params = self.model.parameters()
+        grad_norm = float(self.accelerator.clip_grad_norm_(params, self.cfg.optim.max_grad_norm))
+        bad = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+        apply = self.nonfinite_guard.check(step + 1, finite=not self._all_reduce_sum(float(bad)))
+        if apply:
+            self.optimizer.step()
+        else:
+            log.warning("step %d: non-finite loss (%s) or gradient norm (%s); optimizer step skipped",
+                        step + 1, loss_value, grad_norm)  # fmt: skip
+        self.optimizer.zero_grad(set_to_none=True)
+        out = {"update/nonfinite_skipped": float(not apply)}
+        if apply:
+            out["grad_norm"] = grad_norm
+        return out
 
     def snapshot_reference(self) -> None:
         """Freeze the current trainable weights as the KL reference (the policy at the start of RL).
@@ -391,18 +480,22 @@ class Trainer:
                 return run()
 
     def _all_reduce_sum(self, value: float) -> float:
+        return self._all_reduce_sums([value])[0]
+
+    def _all_reduce_sums(self, values: list[float]) -> list[float]:
         if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
-        return float(self.accelerator.reduce(t, reduction="sum").item())
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(t, reduction="sum").tolist()
 
 
 def run_warm_start(trainer: Trainer) -> None:
     """SFT on oracle demonstrations, once per run dir; saved as step 0 so a kill before RL loses nothing."""
-    if checkpoint.latest(trainer.run_dir) is not None:
+    if trainer.resumed_from is not None:
         return
     from rltk.warmstart import warm_start
 
+    trainer.heartbeat.beat(0, "warmstart")
     warm_start(trainer)
     trainer.snapshot_reference()
     trainer.save(0)

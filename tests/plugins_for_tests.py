@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import re
+import zlib
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -68,3 +70,31 @@ class CounterToolEnv(Env):
         if len(results) < len(numbers):
             return f"<tool>add: {numbers[len(results)]}</tool>"
         return f"<answer>{results[-1]}</answer>"
+
+
+@reward_fn(range=(0.0, 1.0))
+def fails_often(
+    completion: str, reference: Mapping[str, Any], outcome: Mapping[str, Any], share: float = 0.5
+) -> float:
+    """A buggy reward: divides by zero on about ``share`` of completions (by a hash of the text), else 1.
+
+    >>> fails_often("x", {}, {}, share=0.0)
+    1.0
+    """
+    if zlib.crc32(completion.encode()) % 1000 < share * 1000:
+        return 1 / 0
+    return 1.0
+
+
+@reward_fn(range=(0.0, 1.0))
+def hangs_sometimes(
+    completion: str, reference: Mapping[str, Any], outcome: Mapping[str, Any], share: float = 0.1
+) -> float:
+    """A buggy reward: stuck in C code (no signal can interrupt it) on about ``share`` of completions, else 1.
+
+    >>> hangs_sometimes("x", {}, {}, share=0.0)
+    1.0
+    """
+    if zlib.crc32(completion.encode()) % 1000 < share * 1000:
+        sum(itertools.repeat(0))
+    return 1.0

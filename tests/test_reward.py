@@ -1,4 +1,5 @@
-"""The reward stage: weights, None exclusion, errors and timeouts counted, RewardError, param validation."""
+"""The reward stage: weights, None exclusion, failures (errors, timeouts, invalid values) counted and taken
+out of the update, the failure guard's RewardError, param validation."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from rltk_envs.policy_flagging import PolicyFlaggingEnv
 from rltk.batch import Group, Rollout
 from rltk.config import RewardConfig
 from rltk.env import Task
+from rltk.failures import FailureGuard
 from rltk.plugins import PluginError, get_reward
 from rltk.reward import RewardError, Rubric, RubricItem, reward_fn
 
@@ -136,17 +138,27 @@ def flaky(completion: str, reference: Mapping[str, Any], outcome: Mapping[str, A
     return 1.0
 
 
-def test_raising_reward_is_counted_and_excluded(caplog: pytest.LogCaptureFixture) -> None:
-    rubric = Rubric([RubricItem("flaky", flaky, 2.0), RubricItem("fmt", get_reward("answer_format"), 1.0)])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_raising_reward_fails_its_rollouts(caplog: pytest.LogCaptureFixture, workers: int) -> None:
+    rubric = Rubric(
+        [RubricItem("flaky", flaky, 2.0), RubricItem("fmt", get_reward("answer_format"), 1.0)],
+        workers=workers,
+    )
     groups = oracle_groups()
     with caplog.at_level(logging.WARNING, logger="rltk.reward"):
         m = rubric.score(groups)
+    rubric.close()
     n_clear = sum(r.task.reference["label"] == "CLEAR" for r in rollouts(groups))
-    assert m["reward/flaky/errors"] == n_clear and m["reward/flaky/mean"] == 1.0
+    assert m["reward/flaky/errors"] == m["reward/flaky/failed"] == n_clear and m["reward/flaky/mean"] == 1.0
     for r in rollouts(groups):
         clear = r.task.reference["label"] == "CLEAR"
         assert r.scores["flaky"] == (None if clear else 1.0)
-        assert r.reward == (1.0 if clear else 3.0)
+        assert r.failed == clear  # a failure is not a score of 0: the rollout leaves the update
+        assert math.isnan(r.reward) if clear else r.reward == 3.0
+        if clear:
+            assert [(f.source, f.kind) for f in r.failures] == [("flaky", "raised")]
+            assert "boom on clear" in r.failures[0].detail
+    assert m["reward/total/mean"] == 3.0  # over the rollouts that did not fail
     warnings = [rec for rec in caplog.records if rec.levelno == logging.WARNING]
     assert len(warnings) == 1  # one per reward per step, not one per sample
     assert "flaky" in warnings[0].getMessage() and "boom on clear" in warnings[0].getMessage()
@@ -170,7 +182,7 @@ def test_hanging_reward_times_out() -> None:
                 return 5.0
         return 1.0
 
-    rubric = Rubric([RubricItem("hangs", hangs_on_flag)], timeout_s=0.2)
+    rubric = Rubric([RubricItem("hangs", hangs_on_flag)], timeout_s=0.2, workers=0)  # SIGALRM, in-process
     groups = oracle_groups(n=4, g=1)
     n_flag = sum(r.task.reference["label"] == "FLAG" for r in rollouts(groups))
     assert n_flag == 2
@@ -190,7 +202,9 @@ def test_outer_timer_is_restored() -> None:
     old = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
     try:
         signal.setitimer(signal.ITIMER_REAL, 100.0)
-        Rubric([RubricItem("fmt", get_reward("answer_format"))], timeout_s=0.2).score(oracle_groups(2, 1))
+        Rubric([RubricItem("fmt", get_reward("answer_format"), isolated=False)], timeout_s=0.2).score(
+            oracle_groups(2, 1)
+        )
         left, _ = signal.getitimer(signal.ITIMER_REAL)
         assert 90.0 < left <= 100.0
         assert signal.getsignal(signal.SIGALRM) is not old
@@ -205,7 +219,7 @@ def test_no_timeout_off_the_main_thread(caplog: pytest.LogCaptureFixture) -> Non
         time.sleep(0.3)
         return 1.0
 
-    rubric = Rubric([RubricItem("slow", slow)], timeout_s=0.2)
+    rubric = Rubric([RubricItem("slow", slow)], timeout_s=0.2, workers=0)
     out: dict[str, float] = {}
     with caplog.at_level(logging.WARNING, logger="rltk.reward"):
         t = threading.Thread(target=lambda: out.update(rubric.score(oracle_groups(1, 1))))
@@ -215,20 +229,45 @@ def test_no_timeout_off_the_main_thread(caplog: pytest.LogCaptureFixture) -> Non
     assert any("no reward timeout" in rec.getMessage() for rec in caplog.records)
 
 
-def test_all_failing_reward_raises() -> None:
+def guard_step(rubric: Rubric, groups: list[Group], guard: FailureGuard) -> None:
+    """What the trainer does with one step's scores: count failures per source, let the guard decide."""
+    rubric.score(groups)
+    rs = rollouts(groups)
+    counts = {it.name: sum(any(f.source == it.name for f in r.failures) for r in rs) for it in rubric.items}
+    guard.check(len(rs), counts, [(f, r.turns[-1]) for r in rs for f in r.failures])
+
+
+def test_failing_reward_stops_the_run_naming_it() -> None:
     def broken(completion: str, reference: Mapping[str, Any], outcome: Mapping[str, Any]) -> float:
         return reference["missing_key"]
 
-    rubric = Rubric([RubricItem("fmt", get_reward("answer_format")), RubricItem("broken", broken)])
-    with pytest.raises(RewardError, match=r"'broken'.*KeyError\('missing_key'\)"):
-        rubric.score(oracle_groups(2, 2))
+    rubric = Rubric([RubricItem("fmt", get_reward("answer_format")), RubricItem("broken", broken)], workers=0)
+    with pytest.raises(RewardError, match=r"'broken' failed on 4 of 4 rollouts.*KeyError\('missing_key'\)"):
+        guard_step(rubric, oracle_groups(2, 2), FailureGuard(0.05, 256))
 
     def sleeps(completion: str, reference: Mapping[str, Any], outcome: Mapping[str, Any]) -> float:
         time.sleep(5)
         return 1.0
 
-    with pytest.raises(RewardError, match=r"'sleeps'.*timeouts"):
-        Rubric([RubricItem("sleeps", sleeps)], timeout_s=0.2).score(oracle_groups(1, 2))
+    with pytest.raises(RewardError, match=r"'sleeps'.*timeout"):
+        guard_step(Rubric([RubricItem("sleeps", sleeps)], timeout_s=0.2, workers=0), oracle_groups(1, 2),
+                   FailureGuard(0.05, 256))  # fmt: skip
+
+
+def test_guard_rates_per_step_and_over_the_window() -> None:
+    lenient = FailureGuard(max_rate=0.99, window=10**6)
+    lenient.check(32, {"r": 8}, [])  # a quarter of one step is the most allowed
+    with pytest.raises(RewardError, match=r"'r' failed on 9 of 32 rollouts \(28.1% > 25% of one step"):
+        lenient.check(32, {"r": 9}, [])
+    guard = FailureGuard(max_rate=0.05, window=64)
+    guard.check(32, {"r": 2}, [])  # 2 failures: not yet a rate
+    with pytest.raises(RewardError, match=r"4 of 64 rollouts \(6.2% > rollout.max_reward_error_rate"):
+        guard.check(32, {"r": 2}, [])
+    aging = FailureGuard(max_rate=0.05, window=64)
+    for failed in ({"r": 2}, {}, {}, {"r": 2}):  # the first two failures leave the 64-rollout window
+        aging.check(32, failed, [])
+    with pytest.raises(RewardError, match="the env"):
+        aging.check(32, {"env": 9}, [])
 
 
 def test_bad_return_values_and_read_only_reference() -> None:
@@ -240,9 +279,72 @@ def test_bad_return_values_and_read_only_reference() -> None:
         return 1.0
 
     groups = make_groups([["CLEAR", "FLAG R1"]] * 4)
-    m = Rubric([RubricItem("bad_value", bad_value)]).score(groups)
-    assert m["reward/bad_value/errors"] == 4 and m["reward/bad_value/mean"] == 0.5
+    m = Rubric([RubricItem("bad_value", bad_value)], workers=0).score(groups)
+    assert m["reward/bad_value/invalid"] == 4 and m["reward/bad_value/errors"] == 0
+    assert m["reward/bad_value/mean"] == 0.5
     labels = [g.task.reference["label"] for g in groups]
-    with pytest.raises(RewardError, match=r"mutates.*TypeError"):
-        Rubric([RubricItem("bad_value", bad_value), RubricItem("mutates", mutates)]).score(groups)
+    m = Rubric([RubricItem("bad_value", bad_value), RubricItem("mutates", mutates)], workers=0).score(groups)
+    assert m["reward/mutates/errors"] == 8
+    assert all(
+        any(f.source == "mutates" and "TypeError" in f.detail for f in r.failures) for r in rollouts(groups)
+    )
     assert [g.task.reference["label"] for g in groups] == labels
+
+
+@pytest.mark.parametrize(
+    ("value", "detail"),
+    [
+        (7.0, "outside its declared range"),
+        (-0.5, "outside its declared range"),
+        (True, "bool"),
+        ("1.0", "str"),
+        (math.nan, "finite"),
+        (math.inf, "finite"),
+        (1e308, "outside"),
+        ([1.0], "list"),
+    ],
+)
+def test_invalid_values_are_failures(value: Any, detail: str) -> None:
+    @reward_fn(range=(0.0, 1.0))
+    def returns(completion: str, reference: Mapping[str, Any], outcome: Mapping[str, Any]) -> Any:
+        return value
+
+    groups = oracle_groups(1, 2)
+    Rubric([RubricItem("r", returns)], workers=0).score(groups)
+    for r in rollouts(groups):
+        assert [(f.source, f.kind) for f in r.failures] == [("r", "invalid")] and detail in r.failures[
+            0
+        ].detail
+        assert r.scores["r"] is None and math.isnan(r.reward)
+
+
+def test_values_within_tolerance_and_numpy_scalars_are_scores() -> None:
+    import numpy as np
+
+    for value, want in ((1.0 + 1e-9, 1.0 + 1e-9), (np.float64(0.25), 0.25), (np.int64(1), 1.0), (0, 0.0)):
+
+        @reward_fn(range=(0.0, 1.0))
+        def returns(completion: str, reference: Mapping[str, Any], outcome: Mapping[str, Any]) -> Any:
+            return value  # noqa: B023 (called right away)
+
+        groups = oracle_groups(1, 2)
+        Rubric([RubricItem("r", returns)], workers=0).score(groups)
+        assert [r.reward for r in rollouts(groups)] == [want, want] and not rollouts(groups)[0].failed
+
+
+def test_undeclared_range_caps_the_magnitude() -> None:
+    groups = oracle_groups(1, 2)
+    Rubric([RubricItem("huge", lambda c, r, o: 1e30)], workers=0).score(groups)
+    assert all(f.kind == "invalid" and "declare its range" in f.detail for f in rollouts(groups)[0].failures)
+
+
+def test_range_follows_the_params() -> None:
+    env = PolicyFlaggingEnv()
+    tasks = [t for t in env.tasks("eval", 40) if t.reference["label"] == "FLAG"][:1]
+    groups = make_groups([["CLEAR", "garbage"]], tasks)  # a miss and a parse failure: both -miss_cost
+    rubric = Rubric.from_config([{"name": "flag_decision", "params": {"miss_cost": 5.0}}], env, workers=0)
+    assert rubric.items[0].range == (-5.0, 1.0)
+    rubric.score(groups)
+    assert [r.reward for r in rollouts(groups)] == [-5.0, -5.0]  # the most penalised rollouts are scores
+    refund = Rubric.from_config([{"name": "refund_harm", "params": {"penalty": 3.0}}], env, workers=0)
+    assert refund.items[0].range == (-3.0, 0.0)
