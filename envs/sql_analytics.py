@@ -8,11 +8,11 @@ ORDER BY, a join of two or three tables). They may explore the data with ``<tool
 from the env's verdict): the answer's result rows equal the gold query's rows, as multisets (column order
 free), and in order where the question asks for an order; numbers are compared rounded to 2 decimals.
 
-Every task generates its own database from its seed; every episode builds it anew in memory (a ``memdb``
-database written through a read-write connection, then opened ``mode=ro``), so state is never shared. Model
-queries run on that read-only connection with an authorizer (SELECT, reads and functions only: no ATTACH,
-PRAGMA, write or DDL), a VM-step and wall-time budget, and caps on SQL length, value size, rows and
-characters (:mod:`rltk_envs.sqlite_sandbox`); every failure comes back as an ``<error>`` observation.
+Every task generates its own database from its seed; every episode gets its own copy, built in memory in a
+separate worker process (:mod:`rltk_envs.sqlite_sandbox`), so state is never shared. Model queries run there
+read-only, with an authorizer (SELECT, reads and a short list of functions: no ATTACH, PRAGMA, write or DDL),
+a VM-step, wall-time and memory budget, and caps on SQL length, value size, rows and characters; every
+failure comes back as an ``<error>`` observation.
 Questions come from templates in ``data/sql_analytics.json``: ``difficulty`` ``"easy"`` (one table, a filter,
 one aggregate), ``"medium"`` (GROUP BY, HAVING, top-k, ordering), ``"hard"`` (joins) or ``"mixed"`` (all
 three, stratified). Gold results are never empty, never a bare 0, tie-free at a top-k boundary, and never the
@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import random
 import re
-import sqlite3
 from functools import cache
 from typing import Any, ClassVar
 
 from rltk_envs import data
-from rltk_envs.sqlite_sandbox import SHOW_ROWS, SqlError, open_readonly, run, same_result, show
+from rltk_envs.sqlite_sandbox import SHOW_ROWS, Database, SqlError, same_result, show
 
 from rltk.env import SPLITS, Message, Policy, Task, check_choice, draw_task, prompt_hash, split_of
 from rltk.tools import FinalAnswer, ToolEnv, ToolEpisode, protocol_prompt
@@ -68,13 +67,13 @@ def _rows(family: str, db_seed: int) -> dict[str, list[tuple]]:
     return out
 
 
-def connect(family: str, db_seed: int, rows: dict[str, list[tuple]] | None = None) -> sqlite3.Connection:
-    """Build the task's database in memory and return a guarded read-only connection to it (the only one)."""
+def connect(family: str, db_seed: int, rows: dict[str, list[tuple]] | None = None) -> Database:
+    """The task's database: a sandboxed read-only copy of its own (built on the first query)."""
     tables = {
         t["name"]: [c + (" INTEGER PRIMARY KEY" if spec == "id" else "") for c, spec in t["columns"]]
         for t in _data()["families"][family]["tables"]
     }
-    return open_readonly(tables, rows or _rows(family, db_seed))
+    return Database(tables, rows or _rows(family, db_seed))
 
 
 def system_prompt(tool_calling: str = "text") -> str:
@@ -186,12 +185,9 @@ class SqlAnalyticsEnv(ToolEnv):
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         if split_of(messages) != split:
             return None
-        conn = connect(family, db_seed, rows)
-        try:
-            sql, distinct = tpl["sql"].format(**params), tpl.get("distinct", "SELECT 1").format(**params)
-            gold, keys = run(conn, sql, ANSWER_ROWS)[1], [r[0] for r in run(conn, distinct, 10)[1]]
-        finally:
-            conn.close()
+        sql, distinct = tpl["sql"].format(**params), tpl.get("distinct", "SELECT 1").format(**params)
+        with connect(family, db_seed, rows) as db:
+            gold, keys = db.run(sql, ANSWER_ROWS)[1], [r[0] for r in db.run(distinct, 10)[1]]
         counts = [(len(r),) for r in rows.values()]
         if (
             not 0 < len(gold) <= 20
@@ -209,19 +205,23 @@ class SqlAnalyticsEnv(ToolEnv):
 
     def episode(self, task: Task) -> ToolEpisode:
         """A tool episode on this rollout's own freshly built database."""
-        conn = connect(task.reference["family"], task.reference["db_seed"])
+        db = connect(task.reference["family"], task.reference["db_seed"])
 
         def run_sql(query: str) -> str:
             try:
-                return show(*run(conn, query, SHOW_ROWS))
+                return show(*db.run(query, SHOW_ROWS))
             except SqlError as exc:
                 raise ValueError(str(exc)) from None  # ToolEpisode answers "<error>run_sql failed: ...>"
 
-        return ToolEpisode(task, {"run_sql": run_sql}, lambda text: self._judge(task, conn, text), 1000)
+        def judge(text: str) -> dict[str, Any]:
+            with db:  # the answer ends the episode: free its database in the worker now
+                return self._judge(task, db, text)
 
-    def _judge(self, task: Task, conn: sqlite3.Connection, query: str) -> dict[str, Any]:
+        return ToolEpisode(task, {"run_sql": run_sql}, judge, 1000)
+
+    def _judge(self, task: Task, db: Database, query: str) -> dict[str, Any]:
         try:
-            rows = run(conn, query, ANSWER_ROWS)[1]
+            rows = db.run(query, ANSWER_ROWS)[1]
         except SqlError as exc:
             return {"correct": False, "error": str(exc)}
         ok = len(rows) <= ANSWER_ROWS and same_result(rows, task.reference["gold"], task.reference["ordered"])
@@ -232,11 +232,8 @@ class SqlAnalyticsEnv(ToolEnv):
         action = self.protocol.parse(completion)
         if not isinstance(action, FinalAnswer):
             return {"correct": False, "error": "no <answer>...</answer>"}
-        conn = connect(task.reference["family"], task.reference["db_seed"])
-        try:
-            return self._judge(task, conn, action.text)
-        finally:
-            conn.close()
+        with connect(task.reference["family"], task.reference["db_seed"]) as db:
+            return self._judge(task, db, action.text)
 
     def oracle(self, messages: list[Message]) -> str:
         """Map the question to its SQL by template; on half the prompts, preview it with ``run_sql`` first.

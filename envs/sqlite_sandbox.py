@@ -1,50 +1,176 @@
-"""A guarded SQLite sandbox for untrusted queries: a read-only in-memory database, budgets, result compare.
+"""A guarded SQLite sandbox for untrusted queries, run in a worker process; results compared by value.
 
-:func:`open_readonly` builds a database in memory (a ``memdb`` database written through a read-write
-connection, then opened ``mode=ro``) and returns the only connection to it, with an authorizer (SELECT,
-reads and functions only: no ATTACH, PRAGMA, write or DDL) and caps on SQL length and value size. :func:`run`
-runs one statement within a VM-step and wall-time budget; every refusal or failure is a :class:`SqlError`
-whose message can go back to the model. :func:`same_result` compares result rows by value, :func:`show`
-writes them as compact text.
+A :class:`Database` is a handle on an in-memory database held by one small worker process
+(:mod:`rltk_envs.sqlite_worker`), shared by every database of this process and started on first use.
+:meth:`Database.run` sends one statement and waits for its rows; every refusal or failure is a
+:class:`SqlError` whose message can go back to the model. :func:`same_result` compares result rows by
+value, :func:`show` writes them as compact text.
+
+Why a separate process: in the trainer, one model-written query could allocate hundreds of MB (a sort, a
+window or a UNION over wide rows) and SQLite's own memory cap, ``hard_heap_limit``, is process-wide: shared
+by every live in-memory database, so a bomb in one rollout would fail the queries of the others. The worker
+instead runs under ``RLIMIT_AS`` (its own address space only), writes no file and dies with the trainer;
+it answers one query at a time, so each query has the whole cap. The parent adds a deadline the worker cannot
+overrun (some SQLite work happens inside one VM step, out of the progress handler's reach): past
+``WALL_S + DEADLINE_MARGIN_S`` it kills the worker. After a kill, a crash or a failed allocation, the next
+query starts a fresh worker, and every handle resends its tables and rows when the worker lacks them (the
+parent keeps them), so other episodes' results never change.
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import math
+import os
+import pickle
 import re
-import sqlite3
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
 import time
-import uuid
-from collections import Counter
+import weakref
+from collections import Counter, OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from decimal import ROUND_HALF_UP, Decimal
+from queue import SimpleQueue
 from typing import Any
 
-MAX_SQL_CHARS, MAX_VALUE_CHARS, VM_STEPS, WALL_S = 2000, 10_000, 2_000_000, 0.5
+from rltk_envs import sqlite_worker as worker
+
+MAX_SQL_CHARS, WALL_S = worker.MAX_SQL_CHARS, worker.WALL_S
+DEADLINE_MARGIN_S = 0.1  # the parent's deadline: the worker's budget, plus scheduling and pickling
+BUILD_TIMEOUT_S = 30.0  # starting a worker and building a database take milliseconds; this is generous
+MAX_DATABASES = 128  # held by the worker at once (least recently used dropped first, rebuilt on demand)
 SHOW_ROWS, SHOW_CHARS = 12, 600
-_ALLOWED = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
-# printf('%.*c', 2e9, 'x') runs for seconds inside one VM step, out of the progress handler's reach
-_DENIED_FUNCTIONS = {"printf", "format", "load_extension"}
 _FENCE = re.compile(r"^```(?:sql)?\s*|\s*```$", re.IGNORECASE)
+_WORKER_ERRORS = (EOFError, OSError, pickle.UnpicklingError, ValueError)  # died, or answered nonsense
 
 
 class SqlError(Exception):
     """A query the sandbox refused, or that failed or ran past a limit (its message is the observation)."""
 
 
-def _authorize(action: int, arg1: str | None, arg2: str | None, *_: Any) -> int:
-    """Allow reads, SELECT, recursive CTEs and functions (less a few); deny everything else."""
-    denied = action not in _ALLOWED or (
-        action == sqlite3.SQLITE_FUNCTION and str(arg2).lower() in _DENIED_FUNCTIONS
-    )
-    return sqlite3.SQLITE_DENY if denied else sqlite3.SQLITE_OK
+class _Worker:
+    """This process's worker: started on demand, stopped after a timeout, a crash or a failed allocation.
+
+    Requests are serialized by a lock. Handles that are closed or collected are queued in ``forgotten`` (a
+    deque: a finalizer may run in any thread, even inside a request) and dropped with the next request.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.home = ""
+        self.loaded: OrderedDict[int, None] = OrderedDict()  # the worker's databases, least recent first
+        self.forgotten: deque[int] = deque()
+
+    def query(self, db: Database, sql: str, max_rows: int) -> tuple[list[str], list[tuple]]:
+        """Run ``sql`` on ``db`` (building it in the worker first if needed): (columns, rows)."""
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:  # none yet, or it died between requests
+                self.stop()
+                self._start()
+            drop = self._drop_list(making_room=db.key not in self.loaded)
+            if db.key not in self.loaded:
+                try:
+                    self._call(("build", drop, db.key, db.tables, db.rows), BUILD_TIMEOUT_S)
+                except (TimeoutError, *_WORKER_ERRORS) as exc:
+                    self.stop()
+                    raise RuntimeError("the SQLite worker failed to build a database") from exc
+                self.loaded[db.key], drop = None, []
+            self.loaded.move_to_end(db.key)
+            try:
+                reply = self._call(("query", drop, db.key, sql, max_rows), WALL_S + DEADLINE_MARGIN_S)
+            except TimeoutError:
+                self.stop()
+                raise SqlError(worker.TOO_SLOW) from None
+            except _WORKER_ERRORS:
+                self.stop()
+                raise SqlError(worker.OUT_OF_MEMORY) from None
+            if reply[0] == "rows":
+                return reply[1], reply[2]
+            if reply[2]:  # a failed allocation: start the next query on a fresh worker
+                self.stop()
+            raise SqlError(reply[1])
+
+    def _drop_list(self, making_room: bool) -> list[int]:
+        """The databases to drop: the forgotten handles', and the least recent ones when making room."""
+        drop = []
+        while self.forgotten:
+            key = self.forgotten.popleft()
+            if self.loaded.pop(key, False) is None:
+                drop.append(key)
+        while making_room and len(self.loaded) >= MAX_DATABASES:
+            drop.append(self.loaded.popitem(last=False)[0])
+        return drop
+
+    def _call(self, request: tuple, timeout: float) -> Any:
+        """Send one request and wait ``timeout`` seconds for its reply."""
+        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        worker.send(self.proc.stdin.fileno(), request)
+        return worker.receive(self.proc.stdout.fileno(), time.monotonic() + timeout)
+
+    def _start(self) -> None:
+        """Start a worker in a fresh empty folder, from a thread that lives exactly as long as the worker.
+
+        ``PR_SET_PDEATHSIG`` fires when the *thread* that started the child ends, so a worker started from a
+        short-lived thread (a pool's, say) would die with it, in the middle of another episode's query.
+        """
+        self.home = tempfile.mkdtemp(prefix="rltk_sql_")
+        env = {**os.environ, "TMPDIR": self.home, "SQLITE_TMPDIR": self.home}
+        cmd = [sys.executable, "-I", worker.__file__, str(os.getpid())]
+        started: SimpleQueue[subprocess.Popen[bytes] | Exception] = SimpleQueue()
+
+        def host() -> None:
+            try:
+                pipe = subprocess.PIPE
+                proc = subprocess.Popen(
+                    cmd, stdin=pipe, stdout=pipe, stderr=subprocess.DEVNULL, cwd=self.home, env=env, bufsize=0
+                )
+            except Exception as exc:  # handed to the caller, which raises it
+                started.put(exc)
+                return
+            started.put(proc)
+            proc.wait()
+
+        threading.Thread(target=host, name="sqlite-worker-host", daemon=True).start()
+        proc = started.get()
+        if isinstance(proc, Exception):
+            raise proc
+        self.proc = proc
+        self.loaded.clear()
+
+    def stop(self) -> None:
+        """Kill the worker (if any) and remove its folder; the next request starts a fresh one."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            for pipe in (self.proc.stdin, self.proc.stdout):
+                if pipe is not None:
+                    pipe.close()
+            shutil.rmtree(self.home, ignore_errors=True)
+        self.proc = None
+        self.loaded.clear()
+
+    def after_fork(self) -> None:
+        """In a forked child: leave the parent's worker alone (its pipes are the parent's); start anew."""
+        self.__init__()
 
 
-def open_readonly(
-    tables: Mapping[str, Sequence[str]], rows: Mapping[str, Sequence[tuple]]
-) -> sqlite3.Connection:
-    """Build a database in memory and return a guarded read-only connection to it (the only one).
+_WORKER = _Worker()
+atexit.register(_WORKER.stop)
+os.register_at_fork(after_in_child=_WORKER.after_fork)
+
+
+class Database:
+    """A read-only in-memory database for untrusted queries, held by the worker process.
+
+    The handle keeps the tables and rows, so a fresh worker can rebuild the database; it is built on the
+    first query. Close it (or use it as a context manager) to free the worker's copy at once; otherwise that
+    happens when the handle is collected, or when the worker needs room.
 
     Args:
         tables: ``{table name: column definitions}`` (``"id INTEGER PRIMARY KEY"``, ``"name"``), created in
@@ -52,45 +178,37 @@ def open_readonly(
         rows: ``{table name: rows}``, inserted into each table after it is created.
 
     """
-    uri = f"file:/sqlite_sandbox_{uuid.uuid4().hex}?vfs=memdb"
-    rw = sqlite3.connect(uri, uri=True)
-    for name, columns in tables.items():  # the table, then its rows
-        rw.execute(f"CREATE TABLE {name} ({', '.join(columns)})")
-        marks = ", ".join("?" * len(columns))
-        rw.executemany(f"INSERT INTO {name} VALUES ({marks})", rows[name])
-    rw.commit()
-    ro = sqlite3.connect(f"{uri}&mode=ro", uri=True, check_same_thread=False)
-    rw.close()  # the read-only connection keeps the database alive; it goes with the connection
-    ro.set_authorizer(_authorize)
-    ro.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_CHARS)
-    ro.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, MAX_SQL_CHARS)
-    return ro
 
+    _keys = itertools.count()
 
-def run(conn: sqlite3.Connection, sql: str, max_rows: int) -> tuple[list[str], list[tuple]]:
-    """Run one statement within the VM-step and time budget: (column names, up to ``max_rows + 1`` rows)."""
-    sql = _FENCE.sub("", sql.strip()).strip().rstrip(";").strip()
-    if not sql:
-        raise SqlError("empty query: write one SELECT statement")
-    if len(sql) > MAX_SQL_CHARS:
-        raise SqlError(f"query longer than {MAX_SQL_CHARS} characters")
-    budget = {"calls": VM_STEPS // 1000, "deadline": time.monotonic() + WALL_S}
+    def __init__(self, tables: Mapping[str, Sequence[str]], rows: Mapping[str, Sequence[tuple]]) -> None:
+        self.tables, self.rows = dict(tables), dict(rows)  # plain dicts: the worker unpickles plain data only
+        self.key = next(self._keys)
+        weakref.finalize(self, _WORKER.forgotten.append, self.key)
 
-    def tick() -> bool:  # True stops the query
-        budget["calls"] -= 1
-        return budget["calls"] < 0 or time.monotonic() > budget["deadline"]
+    def run(self, sql: str, max_rows: int) -> tuple[list[str], list[tuple]]:
+        """Run one statement within the step, time and memory budgets: (columns, up to ``max_rows + 1`` rows).
 
-    conn.set_progress_handler(tick, 1000)
-    try:
-        cur = conn.execute(sql)
-        if cur.description is None:
-            raise SqlError("not a query: write one SELECT statement")
-        return [d[0] for d in cur.description], cur.fetchmany(max_rows + 1)
-    except Exception as exc:  # sqlite errors, values Python cannot decode: all are observations
-        why = "too slow, stopped (use a smaller query)" if "interrupt" in str(exc) else str(exc)
-        raise SqlError(why) from None
-    finally:
-        conn.set_progress_handler(None, 0)
+        Raises:
+            SqlError: The query was refused, failed, or ran past a limit (the message says which).
+
+        """
+        sql = _FENCE.sub("", sql.strip()).strip().rstrip(";").strip()
+        if not sql:
+            raise SqlError("empty query: write one SELECT statement")
+        if len(sql) > MAX_SQL_CHARS:
+            raise SqlError(f"query longer than {MAX_SQL_CHARS} characters")
+        return _WORKER.query(self, sql, max_rows)
+
+    def close(self) -> None:
+        """Free the worker's copy (a later query would rebuild it)."""
+        _WORKER.forgotten.append(self.key)
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 def _number(v: float) -> float:

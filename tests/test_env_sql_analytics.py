@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import json
 import re
-import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,7 +21,7 @@ from rltk_envs.sql_analytics import (
     read_prompt,
     schema,
 )
-from rltk_envs.sqlite_sandbox import SqlError, run, same_result
+from rltk_envs.sqlite_sandbox import Database, SqlError, same_result
 from rltk_rewards.outcome import correct
 
 from rltk.config import load_config
@@ -110,9 +109,8 @@ def test_every_question_matches_exactly_one_template_and_gold_is_sound(env: SqlA
         gold = task.reference["gold"]
         assert 0 < len(gold) <= 20 and all(v is not None for row in gold for v in row)
         assert gold != [[0]]
-        conn = connect(task.reference["family"], task.reference["db_seed"])  # the gold is reproducible
-        assert same_result(run(conn, task.reference["sql"], 50)[1], gold, ordered=True)
-        conn.close()
+        with connect(task.reference["family"], task.reference["db_seed"]) as db:  # the gold is reproducible
+            assert same_result(db.run(task.reference["sql"], 50)[1], gold, ordered=True)
 
 
 def test_prompt_shows_schema_and_question_only(eval_tasks: list[Task], tokenizer) -> None:
@@ -132,7 +130,7 @@ def test_prompt_shows_schema_and_question_only(eval_tasks: list[Task], tokenizer
 
 
 @pytest.fixture
-def conn() -> sqlite3.Connection:
+def conn() -> Database:
     c = connect("logistics", 7)
     yield c
     c.close()
@@ -160,16 +158,10 @@ def conn() -> sqlite3.Connection:
         "SELECT printf('%.*c', 2000000000, 'x')",
     ],
 )
-def test_writes_ddl_attach_and_pragma_are_refused(conn: sqlite3.Connection, sql: str) -> None:
+def test_writes_ddl_attach_and_pragma_are_refused(conn: Database, sql: str) -> None:
     with pytest.raises(SqlError):
-        run(conn, sql, 10)
-    assert run(conn, "SELECT COUNT(*) FROM shipments", 10)[1][0][0] > 0  # nothing changed
-
-
-def test_the_connection_is_read_only_even_without_the_authorizer(conn: sqlite3.Connection) -> None:
-    conn.set_authorizer(None)
-    with pytest.raises(sqlite3.OperationalError, match="readonly"):
-        conn.execute("DELETE FROM shipments")
+        conn.run(sql, 10)
+    assert conn.run("SELECT COUNT(*) FROM shipments", 10)[1][0][0] > 0  # nothing changed
 
 
 @pytest.mark.parametrize(
@@ -181,10 +173,10 @@ def test_the_connection_is_read_only_even_without_the_authorizer(conn: sqlite3.C
         "SELECT a.id FROM shipments a, shipments b, shipments c, shipments d ORDER BY a.weight - d.days",
     ],
 )
-def test_runaway_queries_are_cut(conn: sqlite3.Connection, sql: str) -> None:
+def test_runaway_queries_are_cut(conn: Database, sql: str) -> None:
     start = time.monotonic()
     with pytest.raises(SqlError, match="too slow"):
-        run(conn, sql, 10)
+        conn.run(sql, 10)
     assert time.monotonic() - start < 2.0
 
 
@@ -194,6 +186,7 @@ def test_runaway_queries_are_cut(conn: sqlite3.Connection, sql: str) -> None:
         "SELECT length(randomblob(1000000000))",
         "SELECT zeroblob(100000000)",
         "SELECT replace(hex(zeroblob(4000)), '0', hex(zeroblob(4000)))",
+        "WITH RECURSIVE w(s) AS (SELECT 'ab' UNION ALL SELECT s || s FROM w) SELECT max(length(s)) FROM w",
         "SELECT 1; SELECT 2",
         "SELECT 1 /* " + "x" * 3000 + " */",
         "",
@@ -202,9 +195,9 @@ def test_runaway_queries_are_cut(conn: sqlite3.Connection, sql: str) -> None:
         "SELECT char(55296)",
     ],
 )
-def test_oversized_values_several_statements_and_junk_are_errors(conn: sqlite3.Connection, sql: str) -> None:
+def test_oversized_values_several_statements_and_junk_are_errors(conn: Database, sql: str) -> None:
     with pytest.raises(SqlError):
-        run(conn, sql, 10)
+        conn.run(sql, 10)
 
 
 def test_tool_results_are_capped_and_errors_are_observations() -> None:
@@ -214,7 +207,7 @@ def test_tool_results_are_capped_and_errors_are_observations() -> None:
     big = episode.step("<tool>run_sql: SELECT * FROM shipments a, shipments b</tool>").observation
     assert big.startswith("<result>id | warehouse_id") and "more than 12 rows" in big
     assert big.count("\n") <= 14 and len(big) < 700
-    wide = episode.step("<tool>run_sql: SELECT hex(zeroblob(3000))</tool>").observation
+    wide = episode.step(f"<tool>run_sql: SELECT '{'x' * 1500}' AS wide</tool>").observation
     assert len(wide) < 200
     for bad in (
         "<tool>run_sql: DROP TABLE shipments</tool>",
@@ -229,13 +222,13 @@ def test_episodes_do_not_share_state() -> None:
     env = SqlAnalyticsEnv()
     task = env.tasks("eval", 1)[0]
     a, b = env.episode(task), env.episode(task)
-    assert a.tools["run_sql"] is not b.tools["run_sql"]  # each episode has its own database connection
+    assert a.tools["run_sql"] is not b.tools["run_sql"]  # each episode has its own database
     first = re.findall(r"^(\w+)\(", read_prompt(task.messages)[0], re.M)[0]
     query = f"<tool>run_sql: SELECT COUNT(*) FROM {first}</tool>"
     before = b.step(query).observation
     assert a.step(f"<answer>{task.reference['sql']}</answer>").done and a.outcome["correct"]
     del a
-    gc.collect()  # the first episode's in-memory database is gone with its connection
+    gc.collect()  # the first episode's database is dropped from the worker with its handle
     assert b.step(query).observation == before and before.startswith("<result>")
 
 
