@@ -73,10 +73,18 @@ class Trainer:
         self.run_dir = Path(cfg.run.output_dir)
         log.info("rank %d of world size %d on %s", self.rank, self.world, self.accelerator.device)
         self.lock = self.lock_run_dir()
-        # after the lock: a run refused here must not overwrite the live run's heartbeats
+        try:
+            self.build()
+        except BaseException:  # a run refused at set-up leaves the run dir (and its lock) as it found it
+            self.close()
+            raise
+
+    def build(self) -> None:
+        """Everything after the lock: env, rubric, model, optimizer, tasks, metrics; then resume."""
+        cfg = self.cfg
+        # after the lock: a run refused there must not overwrite the live run's heartbeats
         self.heartbeat = distributed.Heartbeat(self.run_dir, self.rank)
         self.heartbeat.beat(0, "setup")
-
         self.env: Env = plugins.make_env(cfg.env.name, cfg.env.options)
         self.rubric = Rubric.from_config(
             cfg.rewards, self.env, timeout_s=cfg.rollout.reward_timeout_s, workers=cfg.rollout.reward_workers
@@ -115,6 +123,18 @@ class Trainer:
         self.resume()
         if self.accelerator.is_main_process:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+    def close(self) -> None:
+        """Close the metrics, stop the reward workers and release the run dir (idempotent).
+
+        Also after a failed :meth:`build`, which may have stopped before creating some of them.
+        """
+        if hasattr(self, "metrics"):
+            self.metrics.close()
+        if hasattr(self, "rubric"):
+            self.rubric.close()
+        if self.lock is not None:
+            self.lock.release()
 
     # ----------------------------------------------------------------------------------------- set-up
     def train_pool_size(self) -> int:
@@ -185,10 +205,7 @@ class Trainer:
                     self.save(step + 1)
         finally:
             progress.close()
-            self.metrics.close()
-            self.rubric.close()
-            if self.lock is not None:
-                self.lock.release()
+            self.close()
         log.info("rank %d/%d final weights sha256 %s", self.rank, self.world, self.weights_digest()[:16])
 
     @property
