@@ -126,19 +126,10 @@ def check_export(path: str | Path) -> list[str]:
     return have
 
 
-def _non_finite(model: PreTrainedModel) -> list[str]:
-    """Names of the floating tensors of ``model`` that hold a NaN or an infinity."""
-    return [
-        name
-        for name, tensor in model.state_dict().items()
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
-    ]
-
-
 def _valid_steps(run_dir: Path) -> list[int]:
     """Steps of the checkpoints of ``run_dir`` whose files match their manifest, oldest first."""
-    dirs = (run_dir / "checkpoints").glob("step-*")
-    return sorted(int(p.name[5:]) for p in dirs if p.name[5:].isdigit() and not checkpoint.verify(p))
+    found = checkpoint.step_dirs(run_dir / "checkpoints")
+    return sorted(step for step, path in found if not checkpoint.verify(path))
 
 
 def _non_finite_error(run_dir: Path, step: int | None, out: Path, names: list[str]) -> ExportError:
@@ -196,7 +187,7 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None, check:
     model = model.to(torch.float32)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    if names := _non_finite(model):
+    if names := checkpoint.nonfinite_tensors(model):
         raise _non_finite_error(run_dir, step, out, names)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
