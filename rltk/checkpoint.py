@@ -120,6 +120,15 @@ def nonfinite_tensors(model: torch.nn.Module) -> list[str]:
     return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
+def _refuse_nonfinite(model: torch.nn.Module, step: int) -> None:
+    if bad := nonfinite_tensors(model):
+        more = f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""
+        raise CheckpointError(
+            f"refusing to save step {step}: non-finite values in {', '.join(bad[:3])}{more}; the earlier "
+            "checkpoints are kept"
+        )
+
+
 def _save_model(model: torch.nn.Module, target: Path) -> str:
     """Save the trainable weights into ``target``; return the model kind ("peft" or "full")."""
     if _is_peft(model):
@@ -257,11 +266,7 @@ def save(
     """
     if not is_main_process:
         return None
-    if bad := nonfinite_tensors(_unwrap(model)):
-        raise CheckpointError(
-            f"refusing to save step {step}: non-finite values in {', '.join(bad[:3])}"
-            f"{f' and {len(bad) - 3} more tensors' if len(bad) > 3 else ''}; the earlier checkpoints are kept"
-        )
+    _refuse_nonfinite(_unwrap(model), step)
     states = rng_states if rng_states is not None else [rng_state()]  # before anything can draw
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)

@@ -438,3 +438,16 @@ def _reward_workers() -> set[int]:
             if fields.get("Name", "").startswith("rltk-rw-") and int(fields["PPid"]) == os.getpid():
                 found.add(int(status.parent.name))
     return found
+
+
+def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path: Path) -> None:
+    from rltk import checkpoint
+
+    model = torch.nn.Linear(4, 2)
+    checkpoint.save(tmp_path, 1, model=model)
+    with torch.no_grad():
+        model.weight[0, 1] = math.inf
+    with pytest.raises(CheckpointError, match=r"refusing to save step 2: non-finite values in weight"):
+        checkpoint.save(tmp_path, 2, model=model)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]  # no half-written dir
+    assert checkpoint.latest(tmp_path) == tmp_path / "checkpoints" / "step-000001"
