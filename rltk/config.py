@@ -286,7 +286,7 @@ class Config:
 
         pair = ("algorithm.shared_prompt", "model.gradient_checkpointing")
         if ok(*pair) and self.algorithm.shared_prompt == "kv" and self.model.gradient_checkpointing:
-            why = "transformers drops past_key_values under model.gradient_checkpointing=true"
+            why = "transformers drops the KV cache under model.gradient_checkpointing=true"
             fix = "use algorithm.shared_prompt=packed, or model.gradient_checkpointing=false"
             problems.append(problem("algorithm.shared_prompt", "kv", why, fix))
         if ok("rollout.min_new_tokens", "rollout.max_new_tokens"):

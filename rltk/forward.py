@@ -23,7 +23,7 @@ identical gradients, since the prompt's activations feed every completion throug
   and its gradient were the largest items of a profiled CPU step). The prefix cache expansion uses
   ``batch_repeat_interleave`` (a differentiable ``repeat_interleave``), so the gradients of all P prompts
   flow back into the prefix's keys and values. With C=0 this is the per-group forward: the P left-padded
-  prompts, then the completions. Transformers ignores ``past_key_values`` under gradient checkpointing, so
+  prompts, then the completions. Transformers drops the ``cache`` argument under gradient checkpointing, so
   this mode refuses it. Long completions (``Lc-1 >= SEPARATE_ROWS_FROM``, i.e. multi-turn episodes) run
   one row each instead, on a G-fold copy of the prompt's cache: the packed row's attention grows as
   ``G·Lc·(Lp+G·Lc)``, the separate rows' as ``G·Lc·(Lp+Lc)``. Measured on SmolLM2-135M with LoRA, P=1,
@@ -286,18 +286,18 @@ def prefill(
             use_cache=True,
             logits_to_keep=last_position(prefix_len, ids.device),
         )
-        logits, cache = out.logits.expand(p, -1, -1), out.past_key_values  # [P, 1, V], batch 1
+        logits, cache = out.logits.expand(p, -1, -1), out.cache  # [P, 1, V], batch 1
         cache.batch_repeat_interleave(p)  # [1, ...] -> [P, ...], differentiable
     if length > prefix_len:
         out = model(
             input_ids=ids[:, prefix_len:],  # [P, S]
             attention_mask=mask,  # [P, C + S]
             position_ids=positions[:, prefix_len:],  # [P, S]
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=last_position(length - prefix_len, ids.device),
         )
-        logits, cache = out.logits, out.past_key_values  # [P, 1, V], batch P
+        logits, cache = out.logits, out.cache  # [P, 1, V], batch P
     return logits, cache
 
 
@@ -306,7 +306,7 @@ def _logits_kv(model: nn.Module, batch: Batch) -> torch.Tensor:
     if checkpointing_active(model):
         raise ValueError(
             "shared-prompt mode 'kv' cannot run with gradient checkpointing: transformers drops "
-            "past_key_values under checkpointing, which would silently detach the completions from their "
+            "the KV cache under checkpointing, which would silently detach the completions from their "
             "prompts. Use shared_prompt: packed (works with checkpointing), or disable gradient "
             "checkpointing."
         )
@@ -328,7 +328,7 @@ def _logits_kv(model: nn.Module, batch: Batch) -> torch.Tensor:
             input_ids=batch.completion_ids[:, :-1],  # [N, Lc-1]
             attention_mask=attention,
             position_ids=completion_positions(batch.prompt_mask, lc)[:, :-1].repeat_interleave(g, 0),
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         ).logits  # [N, Lc-1, V]
         return torch.cat([first, rest], dim=1)  # [N, Lc, V]
@@ -342,7 +342,7 @@ def _logits_kv(model: nn.Module, batch: Batch) -> torch.Tensor:
         input_ids=batch.completion_ids[:, :-1].reshape(p, rows),
         attention_mask=model_mask(model, allowed, "kv"),
         position_ids=positions,
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
     ).logits  # [P, G*(Lc-1), V]
     rest = rest.reshape(p * g, lc - 1, rest.shape[-1])  # [N, Lc-1, V]

@@ -164,7 +164,7 @@ def sample_turn(
     out = model.generate(
         input_ids=ids.repeat_interleave(repeats, 0),  # [P*G, Lp]
         attention_mask=mask.repeat_interleave(repeats, 0),  # [P*G, Lp]: covers prefix, pad, suffix
-        past_key_values=cache,
+        cache=cache,
         generation_config=config,
         **({"tokenizer": tokenizer} if params.stop_strings else {}),
     )

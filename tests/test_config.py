@@ -134,7 +134,7 @@ def test_each_bad_value_names_field_value_and_fix(override: str, expected: str) 
 
 def test_kv_shared_prompt_conflicts_with_gradient_checkpointing() -> None:
     (problem,) = problems_of(None, ["model.gradient_checkpointing=true"])
-    assert problem.startswith("algorithm.shared_prompt: 'kv' (transformers drops past_key_values")
+    assert problem.startswith("algorithm.shared_prompt: 'kv' (transformers drops the KV cache")
     assert "algorithm.shared_prompt=packed" in problem and "model.gradient_checkpointing=false" in problem
     cfg = load_config(None, ["model.gradient_checkpointing=true", "algorithm.shared_prompt=packed"])
     assert cfg.model.gradient_checkpointing
