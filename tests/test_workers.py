@@ -251,7 +251,8 @@ def test_close_kills_every_worker_and_is_idempotent() -> None:
     with WorkerPool([sleeps, double], workers=2, tag=f"c{secrets.token_hex(3)}") as pool:
         name = pool.process_name
         assert pool.run([Call(1, (1,))], 1.0) == [CallResult(2)]
-        assert len(live_workers(name)) == 2
+        # the worker that ran no call may not have named itself yet
+        assert wait_until(lambda: len(live_workers(name)) == 2, 5.0)
     assert live_workers(name) == []
     pool.close()
     with pytest.raises(RuntimeError, match="closed"):
