@@ -294,7 +294,7 @@ class Rubric:
             raise ValueError(f"reward workers must be >= 0, got {workers!r}")
         self.timeout_s = float(timeout_s)
         self.workers = int(workers)
-        self._pool: Any = None
+        self._pool: WorkerPool | None = None
         self._warned_no_timeout = False
 
     @classmethod

@@ -21,6 +21,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -372,16 +373,26 @@ class Trainer:
         """
         batches, normalizer = self.micro_batches(groups)
         if normalizer <= 0:  # no rank kept a group: nothing to learn from this step
-            self.scheduler.step()
+            self.advance_schedule()
             return {"update/skipped": 1.0}
         self.model.train()
         sums: dict[str, float] = {}
         for _ in range(self.algo.updates_per_batch):
             sums = self.backward(batches, normalizer)
             sums.update(self.optimizer_step(step, sums["loss"]))
-        self.scheduler.step()
+        self.advance_schedule()
         self.model.eval()
         return sums
+
+    def advance_schedule(self) -> None:
+        """Step the LR schedule, which counts RL steps, those without an optimizer step too.
+
+        A step can keep no group or have a non-finite loss, so torch's warning about a scheduler stepped
+        before its optimizer is expected here.
+        """
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
+            self.scheduler.step()
 
     def micro_batches(self, groups: list[Group]) -> tuple[list[Batch], float]:
         """This rank's micro-batches of whole groups (on the device) and the step's global loss normaliser."""
