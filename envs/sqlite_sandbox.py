@@ -80,6 +80,10 @@ class _Worker:
                 except (TimeoutError, *_WORKER_ERRORS) as exc:
                     self.stop()
                     raise RuntimeError("the SQLite worker failed to build a database") from exc
+                except BaseException:
+                    # interrupted (the env watchdog, Ctrl-C): a late reply would answer the next request
+                    self.stop()
+                    raise
                 self.loaded[db.key], drop = None, []
             self.loaded.move_to_end(db.key)
             try:
@@ -90,6 +94,10 @@ class _Worker:
             except _WORKER_ERRORS:
                 self.stop()
                 raise SqlError(worker.OUT_OF_MEMORY) from None
+            except BaseException:
+                # interrupted (the env watchdog, Ctrl-C): a late reply would answer the next request
+                self.stop()
+                raise
             if reply[0] == "rows":
                 return reply[1], reply[2]
             if reply[2]:  # a failed allocation: start the next query on a fresh worker

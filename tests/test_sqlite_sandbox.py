@@ -225,6 +225,17 @@ def test_a_worker_that_dies_is_replaced(db: Database) -> None:
     assert db.run(FIXED, 500) == before and sqlite_sandbox._WORKER.proc is not proc
 
 
+def test_a_query_interrupted_by_the_env_watchdog_leaves_no_reply_behind(db: Database) -> None:
+    from rltk.deadline import CallTimeout, call_with_timeout
+
+    before = db.run(FIXED, 500)
+    proc = sqlite_sandbox._WORKER.proc
+    with pytest.raises(CallTimeout):  # the rollout's watchdog fires while the worker still works
+        call_with_timeout(db.run, (TIME_BOMBS["one_vm_step"], 1), {}, 0.1)
+    assert db.run(FIXED, 500) == before  # not the interrupted query's late reply
+    assert sqlite_sandbox._WORKER.proc is not proc
+
+
 def test_queries_from_several_threads_get_their_own_results() -> None:
     dbs = [connect("hr", seed) for seed in range(4)]
     expected = [d.run("SELECT count(*), sum(amount) FROM salaries", 1)[1] for d in dbs]
