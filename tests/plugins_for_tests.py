@@ -73,28 +73,23 @@ class CounterToolEnv(Env):
 
 
 @reward_fn(range=(0.0, 1.0))
-def fails_often(
-    completion: str, reference: Mapping[str, Any], outcome: Mapping[str, Any], share: float = 0.5
+def buggy(
+    completion: str,
+    reference: Mapping[str, Any],
+    outcome: Mapping[str, Any],
+    share: float = 0.5,
+    how: str = "raise",
 ) -> float:
-    """A buggy reward: divides by zero on about ``share`` of completions (by a hash of the text), else 1.
+    """A buggy reward: fails on about ``share`` of completions (by a hash of the text), else scores 1.
 
-    >>> fails_often("x", {}, {}, share=0.0)
+    It divides by zero (``how="raise"``), or gets stuck in C code where no signal can reach it
+    (``how="hang"``).
+
+    >>> buggy("x", {}, {}, share=0.0)
     1.0
     """
     if zlib.crc32(completion.encode()) % 1000 < share * 1000:
+        if how == "hang":
+            sum(itertools.repeat(0))
         return 1 / 0
-    return 1.0
-
-
-@reward_fn(range=(0.0, 1.0))
-def hangs_sometimes(
-    completion: str, reference: Mapping[str, Any], outcome: Mapping[str, Any], share: float = 0.1
-) -> float:
-    """A buggy reward: stuck in C code (no signal can interrupt it) on about ``share`` of completions, else 1.
-
-    >>> hangs_sometimes("x", {}, {}, share=0.0)
-    1.0
-    """
-    if zlib.crc32(completion.encode()) % 1000 < share * 1000:
-        sum(itertools.repeat(0))
     return 1.0

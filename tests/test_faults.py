@@ -191,7 +191,7 @@ def test_a_group_left_with_one_rollout_is_dropped(tiny_model_dir: str, tmp_path:
 def test_failure_rates_stop_the_run_naming_the_reward(
     tiny_model_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], which: str, share: float
 ) -> None:
-    rewards = f"{{name: 'plugins_for_tests:fails_often', params: {{share: {share}}}}}"
+    rewards = f"{{name: 'plugins_for_tests:buggy', params: {{share: {share}}}}}"
     code = train_main(
         [
             RECIPE,
@@ -202,7 +202,7 @@ def test_failure_rates_stop_the_run_naming_the_reward(
     )
     err = capsys.readouterr().err
     assert code == 2, err
-    assert "reward 'plugins_for_tests:fails_often' failed on" in err and "ZeroDivisionError" in err
+    assert "reward 'plugins_for_tests:buggy' failed on" in err and "ZeroDivisionError" in err
     assert ("25% of one step" in err) == (which == "step"), err
     assert "Traceback" not in err
 
@@ -409,7 +409,7 @@ def test_hung_rewards_cost_at_most_ceil_k_over_w_deadlines(k: int) -> None:
 
 
 def test_a_run_with_hung_rewards_finishes_and_leaves_no_worker(tiny_model_dir: str, tmp_path: Path) -> None:
-    hangs = "{name: 'plugins_for_tests:hangs_sometimes', params: {share: 0.1}}"
+    hangs = "{name: 'plugins_for_tests:buggy', params: {share: 0.1, how: hang}}"
     trainer = _trainer(
         tiny_model_dir,
         tmp_path,
@@ -423,7 +423,7 @@ def test_a_run_with_hung_rewards_finishes_and_leaves_no_worker(tiny_model_dir: s
     trainer.train()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    timeouts = sum(r["reward/plugins_for_tests:hangs_sometimes/timeouts"] for r in rows)
+    timeouts = sum(r["reward/plugins_for_tests:buggy/timeouts"] for r in rows)
     assert timeouts > 0 and all(r["rollout/failed_frac"] < 0.25 for r in rows)
     assert trainer.rubric._pool is None  # closed with the run
     assert _reward_workers() <= before  # every worker this run started (or replaced) is gone
