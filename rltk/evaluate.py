@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rltk.batch import Group, Rollout
+from rltk.batch import Failure, Group, Rollout
 from rltk.chat import render_prompt
 from rltk.env import Env, Policy, Task, run_policy
 from rltk.reward import Rubric
-from rltk.rollout import SamplingParams, eos_token_ids, generate, sample_turn
+from rltk.rollout import ENV_TIMEOUT_S, SamplingParams, eos_token_ids, generate, guarded_step, sample_turn
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
 
@@ -68,13 +68,23 @@ def greedy_completions(
     return out
 
 
-def judge(env: Env, rubric: Rubric, tasks: list[Task], answers: list[str]) -> list[Rollout]:
-    """Single-turn ``answers`` as rollouts judged by the env and scored by the rubric, one per task."""
+def judge(
+    env: Env,
+    rubric: Rubric,
+    tasks: list[Task],
+    answers: list[str],
+    env_timeout_s: float | None = ENV_TIMEOUT_S,
+) -> list[Rollout]:
+    """Single-turn ``answers`` as rollouts judged by the env and scored by the rubric, one per task.
+
+    A check that raises or runs past ``env_timeout_s`` on an answer fails that rollout (judged incorrect).
+    """
     groups = []
     for task, answer in zip(tasks, answers, strict=True):
         episode = env.episode(task)
-        episode.step(answer)
-        rollout = Rollout(task, [answer], _EMPTY, _EMPTY, _EMPTY.float(), outcome=episode.outcome)
+        step = guarded_step(episode, answer, env_timeout_s)
+        failures = [step] if isinstance(step, Failure) else []
+        rollout = Rollout(task, [answer], _EMPTY, _EMPTY, _EMPTY.float(), episode.outcome, failures=failures)
         groups.append(Group(task, _EMPTY, [rollout]))
     rubric.score(groups)
     return [g.rollouts[0] for g in groups]

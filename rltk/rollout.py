@@ -53,6 +53,9 @@ from rltk.env import Env, Episode, Message, Step, Task
 from rltk.forward import prefill, shared_prefix_layout, shared_prefix_length
 from rltk.models import context_length
 
+ENV_TIMEOUT_S = 30.0
+"""Default deadline of one episode step (the env's tools and check), as ``rollout.env_timeout_s``."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -262,23 +265,20 @@ class TurnContext:
     env_timeout_s: float | None = None  # deadline of one episode step (tools, check); None = unguarded
 
 
-def step_episode(state: RolloutState, text: str, timeout_s: float | None) -> Step | None:
-    """``state.episode.step(text)`` under a watchdog; ``None`` when the env raised or ran past ``timeout_s``.
+def guarded_step(episode: Episode, text: str, timeout_s: float | None = ENV_TIMEOUT_S) -> Step | Failure:
+    """``episode.step(text)``, or the env's :class:`Failure` if it raised or ran past ``timeout_s``.
 
-    Env tools and checks run model-driven code in the trainer: a stuck episode must become a failed
-    rollout (an ``"env"`` :class:`~rltk.batch.Failure` on it, ``stop_reason`` ``"env_failed"``), not a hung
-    run.
+    ``timeout_s`` ``None`` sets no deadline. Env tools and checks run model-driven code in the trainer: a
+    stuck episode must become a failed rollout (it leaves the update), not a hung run.
     """
     try:
         if timeout_s is None:
-            return state.episode.step(text)
-        return call_with_timeout(state.episode.step, (text,), {}, timeout_s)
+            return episode.step(text)
+        return call_with_timeout(episode.step, (text,), {}, timeout_s)
     except CallTimeout as e:
-        state.failures.append(Failure("env", "timeout", f"episode step {e}"))
+        return Failure("env", "timeout", f"episode step {e}")
     except Exception as e:  # an env bug on this output; KeyboardInterrupt propagates
-        state.failures.append(Failure("env", "raised", f"episode step raised {e!r}"))
-    state.stop_reason = "env_failed"
-    return None
+        return Failure("env", "raised", f"episode step raised {e!r}")
 
 
 def play_turn(state: RolloutState, sample: TurnSample, ctx: TurnContext, last: bool) -> None:
@@ -294,9 +294,11 @@ def play_turn(state: RolloutState, sample: TurnSample, ctx: TurnContext, last: b
     state.loss_mask += [1] * len(ids)
     state.sample_logp += logp
     state.last_turn_finished = sample.finished and not over
-    step = step_episode(state, text, ctx.env_timeout_s)
+    step = guarded_step(state.episode, text, ctx.env_timeout_s)
     state.messages.append({"role": "assistant", "content": text})
-    if step is None:
+    if isinstance(step, Failure):
+        state.failures.append(step)
+        state.stop_reason = "env_failed"
         return
     if over:
         state.stop_reason = "max_tokens"
@@ -335,7 +337,7 @@ def generate(
     max_prompt_tokens: int | None = None,
     max_turns: int | None = None,
     max_rollout_tokens: int | None = None,
-    env_timeout_s: float | None = 30.0,
+    env_timeout_s: float | None = ENV_TIMEOUT_S,
 ) -> list[Group]:
     """Sample ``group_size`` rollouts of every task and play them through ``env`` (one or several turns).
 

@@ -451,3 +451,27 @@ def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path: Path) -
         checkpoint.save(tmp_path, 2, model=model)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]  # no half-written dir
     assert checkpoint.latest(tmp_path) == tmp_path / "checkpoints" / "step-000001"
+
+
+def test_a_stuck_check_fails_its_answer_in_an_eval(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rltk_envs.policy_flagging import PolicyFlaggingEnv
+
+    from rltk import evaluate
+    from rltk.reward import Rubric
+
+    env = PolicyFlaggingEnv()
+    tasks = env.tasks("eval", 4)
+    answers = [env.oracle(t.messages) for t in tasks]
+    real_check = PolicyFlaggingEnv.check
+
+    def check(self: PolicyFlaggingEnv, task: Any, completion: str) -> Any:
+        if task.id == tasks[1].id:
+            time.sleep(1000)
+        return real_check(self, task, completion)
+
+    monkeypatch.setattr(PolicyFlaggingEnv, "check", check)
+    rubric = Rubric.from_config([], env, workers=0)
+    judged = evaluate.judge(env, rubric, tasks, answers, env_timeout_s=0.3)
+    assert [r.failed for r in judged] == [False, True, False, False]
+    result = evaluate.summarize("oracle", judged)
+    assert result.accuracy == 0.75 and math.isfinite(result.mean_reward)
