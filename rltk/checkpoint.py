@@ -21,9 +21,9 @@ directories). A checkpoint counts only if its manifest lists files that are all 
 size and sha256, so a save killed at any moment leaves the previous checkpoint as :func:`latest`.
 
 Multi-rank: only the main process writes (model and optimizer are replicated under DDP, so rank 0's copy is
-everyone's). Per-rank RNG states are gathered with :func:`gather_rng_states` (a collective: call it on
-every rank) and passed to :func:`save` on the main rank. Every rank then resumes with :func:`load` and
-:func:`restore_rng` with its own rank.
+everyone's). Per-rank RNG states are gathered with :func:`rltk.rng.gather_rng_states` (a collective: call it
+on every rank) and passed to :func:`save` on the main rank. Every rank then resumes with :func:`load` and
+:func:`rltk.rng.restore_rng` with its own rank.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import sys
@@ -45,6 +44,7 @@ import torch
 from safetensors.torch import load_file, save_model
 
 from rltk.durable import fsync_dir
+from rltk.rng import rng_state
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -150,31 +150,6 @@ def _save_model(model: torch.nn.Module, target: Path) -> str:
     return "full"
 
 
-def rng_state() -> dict[str, Any]:
-    """Return this process's RNG states (python, numpy, torch CPU, every CUDA device)."""
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    try:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss)
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def gather_rng_states() -> list[dict[str, Any]]:
-    """Every rank's :func:`rng_state`, indexed by rank; a collective when torch.distributed is initialized."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [rng_state()]
-    states: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, rng_state())
-    return states
-
-
 def _split_extra(extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split ``extra`` into JSON-able values (state.json) and the rest (extra.pt)."""
     as_json, other = {}, {}
@@ -231,6 +206,19 @@ def _prune(root: Path, current: int, keep_last_n: int) -> None:
             kept += 1
 
 
+def _synced_files(tmp: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's entries (sha256, size) of every file under ``tmp``, each fsynced, then its dirs."""
+    files = {}
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        files[path.relative_to(tmp).as_posix()] = {
+            "sha256": _hash_file(path, fsync=True),
+            "size": path.stat().st_size,
+        }
+    for d in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
+        fsync_dir(d)
+    return files
+
+
 def save(
     run_dir: str | Path,
     step: int,
@@ -255,7 +243,7 @@ def save(
             (tensors) to extra.pt; :func:`load` returns them merged under ``"extra"``.
         keep_last_n: If set, delete older checkpoints beyond the newest ``keep_last_n`` valid ones.
         is_main_process: Non-main ranks return None without touching the disk.
-        rng_states: Per-rank RNG states from :func:`gather_rng_states`; default: this process's, as rank 0.
+        rng_states: Per-rank RNG states from :func:`rltk.rng.gather_rng_states`; default: this process's.
 
     Returns:
         The checkpoint directory on the main process, else None.
@@ -293,14 +281,7 @@ def save(
             "extra": as_json,
         }
         (tmp / "state.json").write_text(json.dumps(state_json, indent=1, sort_keys=True))
-        files = {}
-        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            files[path.relative_to(tmp).as_posix()] = {
-                "sha256": _hash_file(path, fsync=True),
-                "size": path.stat().st_size,
-            }
-        for d in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
-            fsync_dir(d)
+        files = _synced_files(tmp)
         if final.exists():  # an invalid leftover, or a checkpoint being redone after resuming from earlier
             _remove(final)
         os.replace(tmp, final)
@@ -407,7 +388,7 @@ def load(
 ) -> dict[str, Any]:
     """Verify the checkpoint at ``path`` and restore the model weights, optimizer and scheduler in place.
 
-    RNG states are restored separately with :func:`restore_rng`.
+    RNG states are restored separately with :func:`rltk.rng.restore_rng`.
 
     Returns:
         The contents of state.json (``step``, ``extra`` with extra.pt merged in, ...).
@@ -440,23 +421,3 @@ def load(
             f"(model, LoRA settings, optimizer) changed since it was saved? Restore it, or start a new run."
         ) from exc
     return state
-
-
-def restore_rng(path: str | Path, rank: int = 0) -> bool:
-    """Restore this process's RNG states from ``rng-rank{rank}.pt``; False (with a warning) if absent."""
-    file = Path(path) / f"rng-rank{rank}.pt"
-    if not file.is_file():
-        logger.warning("%s has no RNG state for rank %d (world size changed?); RNG not restored", path, rank)
-        return False
-    state = torch.load(file, weights_only=True)
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, gauss = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, device)
-    return True

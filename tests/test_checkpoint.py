@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from rltk import checkpoint
+from rltk import checkpoint, rng
 from rltk.checkpoint import CheckpointError
 from rltk.models import add_lora
 from tests.conftest import make_tiny_model
@@ -105,7 +105,7 @@ def test_roundtrip_plain_model(tokenizer, tiny_model, tmp_path):
     assert torch.equal(state["extra"]["generator"], gen_state)
 
     random.seed(99), np.random.seed(99), torch.manual_seed(99)
-    assert checkpoint.restore_rng(path, rank=0)
+    assert rng.restore_rng(path, rank=0)
     got = _draws()
     assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
 
@@ -237,15 +237,15 @@ def test_per_rank_rng(tmp_path):
     states = []
     for seed in (10, 11):
         torch.manual_seed(seed)
-        states.append(checkpoint.rng_state())
+        states.append(rng.rng_state())
     path = _save_small(tmp_path, 1, rng_states=states)
     assert json.loads((path / "state.json").read_text())["world_size"] == 2
-    assert checkpoint.restore_rng(path, rank=1)
+    assert rng.restore_rng(path, rank=1)
     torch.manual_seed(11)
     expected = torch.rand(3)
-    checkpoint.restore_rng(path, rank=1)
+    rng.restore_rng(path, rank=1)
     assert torch.equal(torch.rand(3), expected)
-    assert checkpoint.restore_rng(path, rank=2) is False
+    assert rng.restore_rng(path, rank=2) is False
 
 
 SUPERVISOR = textwrap.dedent(
