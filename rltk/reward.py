@@ -31,12 +31,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, get_args
 
 import numpy as np
 
 from rltk import plugins
-from rltk.batch import Failure
+from rltk.batch import Failure, FailureKind
 from rltk.deadline import CallTimeout, call_with_timeout, can_alarm
 from rltk.workers import Call, CallResult, WorkerPool
 
@@ -402,7 +402,7 @@ class Rubric:
                     values.append(score)
                 r.scores[item.name] = score
             metrics.update(_item_metrics(item.name, values, kinds))
-            failed = sum(kinds[k] for k in ("raised", "crashed", "timeout", "invalid"))
+            failed = int(metrics[f"reward/{item.name}/failed"])
             if failed:
                 first = next(f for r in live for f in r.failures if f.source == item.name)
                 logger.warning(
@@ -410,15 +410,10 @@ class Rubric:
                     item.name, failed, len(live), dict(kinds), first,
                 )  # fmt: skip
         weights = {it.name: it.weight for it in self.items}
-        totals = []
         for r in rollouts:
-            r.reward = (
-                math.nan
-                if r.failed
-                else float(sum(weights[n] * s for n, s in r.scores.items() if s is not None))
-            )
-            if not r.failed:
-                totals.append(r.reward)
+            scored = (weights[n] * s for n, s in r.scores.items() if s is not None)
+            r.reward = math.nan if r.failed else float(sum(scored))
+        totals = [r.reward for r in rollouts if not r.failed]
         if totals:
             metrics["reward/total/mean"] = float(np.mean(totals))
             metrics["reward/total/std"] = float(np.std(totals))
@@ -428,7 +423,7 @@ class Rubric:
 def _item_metrics(name: str, values: list[float], kinds: Mapping[str, int]) -> dict[str, float]:
     key = f"reward/{name}"
     out = {
-        f"{key}/failed": float(sum(kinds.get(k, 0) for k in ("raised", "crashed", "timeout", "invalid"))),
+        f"{key}/failed": float(sum(kinds.get(k, 0) for k in get_args(FailureKind))),
         f"{key}/errors": float(kinds.get("raised", 0) + kinds.get("crashed", 0)),
         f"{key}/timeouts": float(kinds.get("timeout", 0)),
         f"{key}/invalid": float(kinds.get("invalid", 0)),
