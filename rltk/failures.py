@@ -64,9 +64,9 @@ class FailureGuard:
 
         """
         self._steps.append((n, dict(failed)))
-        while len(self._steps) > 1 and sum(k for k, _ in list(self._steps)[1:]) >= self.window:
-            self._steps.popleft()
         total = sum(k for k, _ in self._steps)
+        while len(self._steps) > 1 and total - self._steps[0][0] >= self.window:  # keep >= window rollouts
+            total -= self._steps.popleft()[0]
         for source, k in failed.items():
             if k > STEP_MAX_FAILURE_RATE * n:
                 limit = f"{100 * STEP_MAX_FAILURE_RATE:g}% of one step's rollouts"
