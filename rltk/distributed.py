@@ -18,18 +18,18 @@ Python sees an exception, so no rank prints the line there; the heartbeat files 
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import os
 import signal
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from rltk import lifetime
 
 if TYPE_CHECKING:  # torch and accelerate load only once the config is valid (rltk.train)
     from accelerate import Accelerator
@@ -41,7 +41,6 @@ T = TypeVar("T")
 HEARTBEAT_DIR = ".ranks"
 GRACE_S = 5.0
 """How long a rank whose collective failed waits for its peers to fail too before naming them stalled."""
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -70,13 +69,8 @@ def die_with_parent() -> None:
     main thread, so that is when the launcher exits. Linux only (``prctl``); a no-op elsewhere.
     """
     launched = "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
-    if not launched or not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    # c_ulong because prctl is variadic; it cannot fail with these arguments
-    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGTERM), 0, 0, 0)
-    if os.getppid() != parent:  # the launcher died before prctl: nobody will send the signal
-        os.kill(os.getpid(), signal.SIGTERM)
+    if launched and not lifetime.die_with_parent(os.getppid(), signal.SIGTERM):
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher died first: nobody will send the signal
 
 
 def unshard(shards: list[list[T]]) -> list[T]:

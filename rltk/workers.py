@@ -59,6 +59,8 @@ from multiprocessing import util
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any, Literal, cast
 
+from rltk.lifetime import die_with_parent
+
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
     from multiprocessing.synchronize import Lock
@@ -72,7 +74,7 @@ _CHUNKS_PER_WORKER = 4  # a few chunks per worker: a step pays IPC per chunk, ye
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _FLUSH_S = 0.01  # a worker sends the results it holds at least this often, and at the end of each chunk
 _START, _POS, _STOP = 0, 1, 2  # the shared array of a worker: current call's start time, its position, end
-_PR_SET_PDEATHSIG, _PR_SET_NAME = 1, 15
+_PR_SET_NAME = 15  # from <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -142,11 +144,9 @@ def _serve(
     chunk is over. Results wait in the worker for up to :data:`_FLUSH_S` (or the chunk's end), so a cheap
     chunk costs one message; those of a worker that is killed are lost and their calls run again.
     """
-    libc = ctypes.CDLL(None)
-    # Neither prctl can fail with these arguments; c_ulong because prctl is variadic.
-    libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
-    libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before PDEATHSIG was set: nobody would kill this worker
+    # prctl cannot fail with these arguments
+    ctypes.CDLL(None).prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    if not die_with_parent(parent, signal.SIGKILL):  # the parent is gone already: nobody would kill us
         os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the trainer's handler (a checkpoint on SIGTERM, say)
