@@ -2,7 +2,8 @@
 
 An environment is a workflow the model must learn. It produces :class:`Task` objects by split and seed,
 runs one :class:`Episode` per rollout (one assistant turn for single-turn envs, several for tool use),
-judges the outcome, and ships a scripted ``oracle`` that solves every task from what the model sees.
+judges the outcome, and ships a scripted ``oracle`` that solves every task from what the model sees and a
+:class:`Teacher`: the imperfect scripted workflow the model is meant to replace.
 
     env.tasks(split, n, seed) ──Task──▶ env.episode(task) ──step(action)──▶ Step(observation, done)
                                                               └──▶ episode.outcome (the env's verdict)
@@ -17,14 +18,17 @@ import hashlib
 import inspect
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 Split = Literal["train", "eval", "test"]
 SPLITS: tuple[Split, ...] = ("train", "eval", "test")
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant" | "tool", "content": str}
 Policy = Callable[[list[Message]], str]  # conversation so far → next assistant text
+# An episode's final answer read back without the reference: a vote key (best-of-N), or per-field keys.
+FinalAnswer = Hashable | dict[str, Hashable] | None
 
 
 @dataclass(frozen=True)
@@ -99,11 +103,48 @@ class SingleTurnEpisode(Episode):
         return Step(observation=None, done=True)
 
 
+class Teacher(ABC):
+    """The imperfect scripted workflow a company runs today: the policy a trained model must beat.
+
+    Like the oracle, a teacher reads only the conversation (never ``Task.reference``, never the oracle), so
+    it is a policy: ``teacher(messages) -> next assistant text``. Unlike the oracle it errs, systematically,
+    on cues visible in the prompt (a layout its templates miss, a stale threshold, a question shape its chain
+    does not cover), so SFT on its demonstrations copies its errors rather than averaging them out. Its
+    output is always in the env's answer format: beating it is never a matter of format.
+
+    Subclasses live in their own module, which :meth:`source_sha256` hashes: a report that uses a teacher
+    records the hash, so a teacher changed after a report was made shows as a different hash.
+
+    Attributes:
+        weak_slices: ``Task.info`` key → the values of the slices it gets wrong by design (for tests and
+            reports: at least 90% of its errors fall in these slices).
+
+    """
+
+    weak_slices: ClassVar[dict[str, tuple[Any, ...]]] = {}
+
+    @abstractmethod
+    def __call__(self, messages: list[Message]) -> str:
+        """The next assistant turn for the conversation so far."""
+
+    def in_weak_slice(self, task: Task) -> bool:
+        """True when ``task`` lies in one of the slices the teacher is known to get wrong."""
+        return any(task.info.get(key) in values for key, values in self.weak_slices.items())
+
+    def source_sha256(self) -> str:
+        """Sha256 of the module that defines this teacher's class (the teacher's frozen identity)."""
+        path = inspect.getsourcefile(type(self))
+        if path is None:
+            raise ValueError(f"cannot find the source file of teacher {type(self).__qualname__}")
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 class Env(ABC):
     """Base class of every environment (built-in or plugin).
 
     Subclasses set ``name``/``description``, implement ``tasks``, ``check`` and ``oracle``, and may
-    override ``episode`` for multi-turn workflows and ``baselines`` for trivial policies.
+    override ``episode`` for multi-turn workflows, ``baselines`` for trivial policies, ``teacher`` for the
+    workflow the model replaces, and ``final_answer``/``compose_answer`` for best-of-N voting.
     """
 
     name: ClassVar[str]
@@ -145,6 +186,33 @@ class Env(ABC):
     def baselines(self) -> dict[str, Policy]:
         """Trivial policies to report beside the model: constant answers, single-rule heuristics."""
         return {}
+
+    def teacher(self) -> Teacher | None:
+        """The imperfect scripted workflow this env's model replaces; None where the env ships none."""
+        return None
+
+    def final_answer(self, messages: list[Message], actions: list[str]) -> FinalAnswer:
+        """An episode's final answer, parsed without the reference: what best-of-N votes on.
+
+        Args:
+            messages: The task's first messages (what the model saw first).
+            actions: The assistant turns of the episode.
+
+        Returns:
+            A hashable vote key; or ``{field: key}`` for structured answers (voted per field); or None when
+            the answer does not parse or fails a reference-free check (the sample abstains). The default is
+            the last turn, stripped.
+
+        """
+        return actions[-1].strip() if actions and actions[-1].strip() else None
+
+    def compose_answer(self, fields: dict[str, Hashable]) -> str:
+        """Write per-field voted answers back as one answer in the env's format.
+
+        Needed by single-turn envs whose :meth:`final_answer` returns dicts (the best-of-N pick is then the
+        per-field majority, composed into one answer and judged like any other).
+        """
+        raise NotImplementedError(f"env {self.name!r} votes on whole answers, not fields")
 
 
 def prompt_hash(messages: list[Message]) -> str:
