@@ -24,6 +24,13 @@ balanced. Option ``tool_calling``: ``"text"`` (the :mod:`rltk.tools` text protoc
 template's tool calling; the tools' schemas travel with the task). The decision procedure, the tools and the
 episode's order database are in :mod:`rltk_envs.refund_orders`; the answer parser is
 :func:`rltk_rewards.refund.parse_resolution`.
+
+Teacher (:class:`rltk_envs.refund_teacher.RefundTeacher`): the desk's refund macro, which looks up the order
+and the policy but never checks the non-refundable categories, so it refunds (or escalates) the order's whole
+total. It gets the ``kind`` slices ``category_deny``, ``non_refundable`` and ``partial_refund`` wrong (all of
+its errors) and everything else right: accuracy 0.75 at easy (the recipe's and the default options; best
+trivial 0.50, oracle 1.00), 0.67 at medium (trivial 0.335), 0.665 at hard (trivial 0.17), on 200 eval
+tasks and on 200 test tasks alike (seed 0).
 """
 
 from __future__ import annotations
@@ -37,9 +44,11 @@ from functools import cache
 from typing import Any, ClassVar
 
 from rltk_envs import data
-from rltk_envs.refund_orders import RefundEpisode, decide, parse_order, parse_policy
+from rltk_envs.refund_orders import _AMOUNT, RefundEpisode, _cents, decide, parse_order, parse_policy
+from rltk_rewards.refund import parse_resolution
 
-from rltk.env import SPLITS, Episode, Message, Policy, Task, check_choice, draw_task
+from rltk.env import SPLITS, Episode, FinalAnswer, Message, Policy, Task, Teacher, check_choice, draw_task
+from rltk.tools import FinalAnswer as AnswerTurn
 from rltk.tools import ToolCall, ToolEnv, ToolProtocol, protocol_prompt
 
 DIFFICULTIES = ("easy", "medium", "hard")
@@ -208,6 +217,39 @@ class SupportRefundEnv(ToolEnv):
             return call("escalate", "refund over the limit")
         return f"<answer>{label}</answer>"
 
+    def teacher(self) -> Teacher:
+        """The desk's refund macro, blind to non-refundable categories (:mod:`rltk_envs.refund_teacher`)."""
+        from rltk_envs.refund_teacher import RefundTeacher  # it reads conversations with this module's reader
+
+        return RefundTeacher(self.protocol)
+
+    def final_answer(self, messages: list[Message], actions: list[str]) -> FinalAnswer:
+        """The episode's resolution and the refund it issued, from the actions alone (never the reference).
+
+        ``("refund", dollars)`` (the sum of the refunds issued on the requested order), ``("escalate", None)``
+        or ``("deny", reason)``; None when the last turn is no parseable ``<answer>``, when the answer
+        disagrees with the calls made (as the env judges validity: a refund only with a refund call and no
+        escalation, and so on), or when a refund went to another order. The calls' results are not seen: a
+        refund written so that the tool cannot read it is left out, one it refused for its amount still counts
+        (the key only picks a best-of-N episode).
+        """
+        parsed = [self.protocol.parse(a) for a in actions]
+        label = parse_resolution(parsed[-1].text) if parsed and isinstance(parsed[-1], AnswerTurn) else None
+        if label is None:
+            return None
+        calls = [p for p in parsed[:-1] if isinstance(p, ToolCall)]
+        refunds = [r for c in calls if c.name == "issue_refund" and (r := _refund(c.argument)) is not None]
+        found = re.search(r"order ([A-Z]-\d{4})", messages[1]["content"] if len(messages) > 1 else "", re.I)
+        if any(found is None or oid != found.group(1).upper() for oid, _ in refunds):
+            return None  # money moved on another order
+        escalated = any(c.name == "escalate" and c.argument.strip() for c in calls)
+        kind = label.split(":")[0]
+        if (kind == "refund") != bool(refunds) or (kind == "escalate") != escalated:
+            return None
+        if kind == "refund":
+            return ("refund", sum(cents for _, cents in refunds) / 100)
+        return ("escalate", None) if kind == "escalate" else ("deny", label.removeprefix("deny: "))
+
     def baselines(self) -> dict[str, Policy]:
         """Constant resolutions (each acts as its answer requires, so that it is a valid resolution) and echo.
 
@@ -224,6 +266,15 @@ class SupportRefundEnv(ToolEnv):
             "most_frequent": _constant(top, self.protocol),
             "echo": lambda m: m[-1]["content"],
         }
+
+
+def _refund(argument: str) -> tuple[str, int] | None:
+    """The ``(order id, cents)`` of an ``issue_refund`` argument, None where the tool refuses its text."""
+    m = _AMOUNT.fullmatch(argument)
+    try:
+        return (m.group(1).strip().upper(), _cents(m.group(2))) if m else None
+    except (ValueError, ArithmeticError):
+        return None
 
 
 def _constant(label: str, protocol: ToolProtocol) -> Policy:

@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_overrides
-from env_contract import assert_deterministic, assert_splits_disjoint
+from env_contract import (
+    assert_deterministic,
+    assert_splits_disjoint,
+    assert_teacher_contract,
+    guard_references,
+)
 from rltk_envs.support_refund import DIFFICULTIES, SupportRefundEnv
 from rltk_rewards.outcome import correct
 from rltk_rewards.refund import REASONS, parse_resolution, refund_harm
@@ -390,3 +395,56 @@ def test_recipe_trains_two_steps_on_a_tiny_model(tiny_model_dir: str, tmp_path: 
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[-1]["rollout/turns_mean"] == SupportRefundEnv.max_turns  # a random model never answers
+
+
+def test_teacher_contract_at_the_recipe_options() -> None:
+    """The recipe's options ({difficulty: easy}) are the env's defaults: one run covers both."""
+    options = load_config(RECIPE).env.options
+    assert options == {"difficulty": "easy"} and SupportRefundEnv().difficulty == "easy"
+    assert_teacher_contract(
+        lambda: SupportRefundEnv(**options),
+        f"rltk.plugins.make_env('support_refund', {dict(options)!r})",
+        n=200,
+        valid_format=lambda outcome: outcome["answered"] and outcome["valid"],
+    )
+
+
+def test_teacher_fails_only_on_non_refundable_items() -> None:
+    env = SupportRefundEnv(difficulty="hard", tool_calling="native")
+    teacher = env.teacher()
+    assert teacher(["junk"]) and teacher([]) and teacher([{"role": "user", "content": "hi"}])  # never raises
+    for task in env.tasks("eval", 60):
+        outcome = run_policy(env, task, teacher).outcome
+        assert outcome["valid"] and outcome["correct"] is not teacher.in_weak_slice(task), task.info
+
+
+def expected_key(task: Task) -> tuple[str, object]:
+    resolution, amount = task.reference["resolution"], task.reference["amount"]
+    if resolution == "refund":
+        return ("refund", amount / 100)
+    return ("escalate", None) if resolution == "escalate" else ("deny", resolution.removeprefix("deny: "))
+
+
+@pytest.mark.parametrize("difficulty", ["easy", "hard"])
+def test_final_answer_reads_the_actions_not_the_reference(difficulty: str) -> None:
+    env = SupportRefundEnv(difficulty=difficulty)
+    tasks = env.tasks("eval", 30)
+    for task, guarded in zip(tasks, guard_references(tasks), strict=True):
+        actions = run_policy(env, task, env.oracle).actions
+        assert env.final_answer(guarded.messages, actions) == expected_key(task)  # takes no task at all
+    task = next(t for t in tasks if t.reference["resolution"] == "refund")
+    oid, msgs = task.reference["order_id"], task.messages
+    refund = f"<tool>issue_refund: {oid} {dollars(task.reference['amount'])}</tool>"
+    assert env.final_answer(msgs, [refund, "<answer>refund</answer>"]) == expected_key(task)
+    for actions in (
+        [],
+        ["<answer>maybe</answer>"],
+        ["refund"],  # no <answer> tag
+        ["<answer>refund</answer>"],  # no refund issued
+        ["<answer>escalate</answer>"],  # no escalation
+        [refund, "<tool>escalate: unsure</tool>", "<answer>escalate</answer>"],
+        [refund, "<answer>deny: non_refundable</answer>"],
+        ["<tool>issue_refund: Z-9999 1.00</tool>", "<answer>refund</answer>"],  # another order
+        [refund, "<answer>refund</answer><answer>escalate</answer>"],
+    ):
+        assert env.final_answer(msgs, actions) is None, actions
