@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from collections import Counter
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_overrides
-from env_contract import assert_deterministic, assert_splits_disjoint
+from env_contract import assert_deterministic, assert_splits_disjoint, assert_teacher_contract
 from rltk_envs.invoice_extraction import DIFFICULTIES, InvoiceExtractionEnv
 from rltk_rewards.invoice import invoice_field_f1, invoice_json_valid, parse_amount, parse_date
 
@@ -308,3 +309,71 @@ def test_recipe_trains_two_steps(tiny_model_dir: str, tmp_path: Path) -> None:
     Trainer(load_config(RECIPE, overrides)).train()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_teacher_contract_at_the_recipe_options() -> None:
+    """The teacher's contract on 200 eval tasks at the recipe's options, which are also the env's default
+    (``difficulty=easy``): one run covers both. It scores 50% (every ``key_value`` task right, every
+    ``plain`` one wrong: its letterhead vendor has no label), between trivial + 15 and oracle - 10."""
+    options = load_config(RECIPE, []).env.options
+    assert options == {"difficulty": "easy"}  # = the default options
+
+    def valid(outcome: dict) -> bool:
+        return outcome["valid"]
+
+    figures = assert_teacher_contract(
+        lambda: InvoiceExtractionEnv(**options),
+        f"rltk.plugins.make_env('invoice_extraction', {options!r})",
+        n=200,
+        valid_format=valid,
+    )
+    assert set(figures) == {"teacher", "oracle", "best_trivial", "errors_in_slices"}
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [],
+        [{"role": "user", "content": ""}],
+        [{"role": "system", "content": "no schema"}, {"role": "user", "content": "Total: lots\nDate: ?"}],
+        [{"role": "system", "content": '{"total": number}'}, {"role": "user", "content": "Total: $"}],
+        [{"role": "system", "content": '{"date": date}'}, {"role": "user", "content": "Date: 2024-02-30"}],
+    ],
+)
+def test_teacher_never_raises_and_always_writes_the_schema_keys(messages: list) -> None:
+    answer = InvoiceExtractionEnv().teacher()(messages)
+    keys = re.findall(r'"(\w+)":', messages[0]["content"]) if messages else []
+    assert list(json.loads(answer)) == keys
+
+
+def test_final_answer_votes_per_field_on_normalized_values() -> None:
+    """``final_answer`` takes the prompt and the turns, never the task: it cannot read the reference."""
+    env = InvoiceExtractionEnv(difficulty="hard")
+    types = env.tasks("eval", 1)[0].reference["schema"]
+    for task in env.tasks("eval", 40):
+        gold = task.reference["answer"]  # read by the test only, to compare
+        fold = {k: re.sub(r"[\W_]+", "", v.casefold()) for k, v in gold.items() if types[k] == "string" and v}
+        votes = env.final_answer(task.messages, [env.oracle(task.messages)])
+        assert votes == {**gold, **fold}  # amounts, dates and codes as gold holds them; text folded
+        assert env.check(task, env.compose_answer(votes))["correct"]
+        assert env.check(task, env.compose_answer(votes))["valid"]
+    task = env.tasks("eval", 1)[0]
+    gold = json.loads(env.oracle(task.messages))
+    symbols = {"USD": "$", "EUR": "€", "GBP": "£"}
+    loose = {
+        **gold,
+        "vendor": gold["vendor"].upper() + ".",
+        "total": f"{gold['total']:,.2f}",
+        "date": dt.date.fromisoformat(gold["date"]).strftime("%d %b %Y"),
+        "currency": symbols.get(gold["currency"], gold["currency"].lower()),
+    }
+    assert env.final_answer(task.messages, [json.dumps(loose)]) == env.final_answer(
+        task.messages, ["```json\n" + json.dumps(gold) + "\n```"]
+    )  # equivalent answers vote together
+    missing = env.final_answer(task.messages, [json.dumps({"vendor": gold["vendor"], "total": "n/a"})])
+    assert missing is not None and missing["invoice_number"] is None and "total" not in missing
+    for bad in ["", "not json", "[1, 2]", '{"total": 1}{"total": 2}', '{"notes": "x"}', "{"]:
+        assert env.final_answer(task.messages, [bad]) is None, bad
+    assert env.final_answer(task.messages, []) is None
+    composed = json.loads(env.compose_answer({"total": 5.0}))  # a field no sample voted on: null
+    assert composed == {k: (5.0 if k == "total" else None) for k in gold}
