@@ -46,6 +46,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rltk import evaluate, plugins
     from rltk.reward import Rubric
 
+    if args.compare is not None:
+        return cmd_compare(args)
     options = _env_options(args)
     if args.policy == "model" and Path(args.model, "SHA256SUMS").is_file():  # an rltk export
         from rltk.export import check_export
@@ -112,6 +114,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
         evaluate.write_report(
             Path(args.out), results, {"env": args.env, "split": args.split, "n": len(tasks)}
         )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """The proof report: ``--compare`` models beside the env's teacher, oracle and best trivial policy."""
+    from rltk import compare, plugins, report, report_render
+
+    if args.out is None:
+        print(
+            "error: --compare needs --out DIR (report.json, report.md, report.png go there)", file=sys.stderr
+        )
+        return 2
+    specs = compare.parse_specs(args.compare)
+    options = compare.env_options(specs, args.env, _env_options(args) if args.env_options else None)
+    env = plugins.make_env(args.env, options)  # before any model loads: bad options fail fast
+    try:
+        settings = report.ReportSettings(
+            samples=args.samples,
+            sampled_tasks=args.sampled_n,
+            bon=args.bon if args.bon is not None else args.samples,
+            temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens or env.max_new_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}: fix --samples, --bon or --temperature", file=sys.stderr)
+        return 2
+    tasks = env.tasks(args.split, args.n, seed=args.seed)
+    meta = {"env_options": options, "split": args.split, "task_seed": args.seed}
+    built = compare.run(specs, env, tasks, settings, args.out, meta)
+    print(report_render.markdown(built))
+    print(f"wrote {args.out}/report.json, report.md, report.png")
     return 0
 
 
@@ -199,7 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-baselines", action="store_true", help="do not print the trivial policies")
-    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--out", help="write the results as JSON here (with --compare: the report's directory)")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="NAME=MODEL",
+        help="the proof report: each NAME=MODEL (alias, HF dir, export, run dir, RUN_DIR@STEP) greedy, "
+        "sampled and best-of-N, beside the env's teacher, oracle and best trivial policy; the last is the "
+        "candidate. Writes report.json/.md/.png into --out",
+    )
+    p.add_argument("--samples", type=int, default=8, help="with --compare: samples per task (0: greedy only)")
+    p.add_argument(
+        "--sampled-n",
+        type=int,
+        default=None,
+        help="with --compare: sample the first N tasks only (default all)",
+    )
+    p.add_argument("--bon", type=int, default=None, help="with --compare: best-of-N (default: --samples)")
+    p.add_argument("--temperature", type=float, default=1.0, help="with --compare: sampling temperature")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(

@@ -7,6 +7,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     """Every exception type that means "the input is wrong" or "the run must stop" (message names the fix)."""
     from rltk.chat import ToolTemplateError
     from rltk.checkpoint import CheckpointError
+    from rltk.compare import CompareError
     from rltk.config import ConfigError
     from rltk.export import ExportError
     from rltk.failures import NonFiniteError
@@ -18,6 +19,7 @@ def user_errors() -> tuple[type[Exception], ...]:
 
     return (
         ConfigError,
+        CompareError,
         PluginError,
         ModelError,
         CheckpointError,

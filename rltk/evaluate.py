@@ -143,6 +143,11 @@ def model_rollouts(
 
 def evaluate_policy(env: Env, rubric: Rubric, tasks: list[Task], policy: Policy, name: str) -> EvalResult:
     """Run a text policy (oracle, baseline) through full episodes (multi-turn aware) and score it."""
+    return summarize(name, policy_rollouts(env, rubric, tasks, policy))
+
+
+def policy_rollouts(env: Env, rubric: Rubric, tasks: list[Task], policy: Policy) -> list[Rollout]:
+    """A text policy's judged episodes, one per task (no tokens: the policy is a script)."""
     rollouts = []
     for task in tasks:
         episode = run_policy(env, task, policy)
@@ -150,7 +155,7 @@ def evaluate_policy(env: Env, rubric: Rubric, tasks: list[Task], policy: Policy,
             Rollout(task, episode.actions, _EMPTY, _EMPTY, _EMPTY.float(), outcome=episode.outcome)
         )
     rubric.score([Group(r.task, _EMPTY, [r]) for r in rollouts])
-    return summarize(name, rollouts)
+    return rollouts
 
 
 def summarize(name: str, rollouts: list[Rollout]) -> EvalResult:

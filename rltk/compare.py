@@ -1,0 +1,142 @@
+"""``rltk eval --compare``: models named on the command line beside the env's teacher, oracle, trivial policy.
+
+    rltk eval --env invoice_extraction --compare base=smollm2-135m-instruct sft=runs/inv@0 rl=runs/inv
+        --n 200 --samples 8 --bon 8 --out docs/reports/invoice_extraction
+
+Each ``NAME=MODEL`` is a model alias, a Hugging Face directory, an rltk export (its ``SHA256SUMS`` is checked
+first) or an rltk run dir, with ``@STEP`` for one of its checkpoints (``RUN@0``: after the warm start). Models
+load one at a time. The last model named is the candidate: the report gives its paired differences against
+every other row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rltk import report, report_render
+from rltk.env import Env
+from rltk.reward import Rubric
+
+_RESERVED = ("teacher", "oracle", "trivial")
+_SPEC = re.compile(r"^(?P<name>[A-Za-z0-9_.+-]+)=(?P<model>[^@]+?)(?:@(?P<step>\d+))?$")
+
+
+class CompareError(ValueError):
+    """A ``--compare`` argument that cannot be used (named in the message, with the fix)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One ``NAME=MODEL[@STEP]`` argument."""
+
+    name: str
+    model: str
+    step: int | None
+
+    @property
+    def run_dir(self) -> bool:
+        """True for an rltk run dir (it holds the run's ``config.yaml``)."""
+        return Path(self.model, "config.yaml").is_file()
+
+    @property
+    def source(self) -> str:
+        """How the report names where the model came from."""
+        return self.model + ("" if self.step is None else f" @ step {self.step}")
+
+
+def parse_specs(args: list[str]) -> list[ModelSpec]:
+    """Parse and check ``NAME=MODEL[@STEP]`` arguments; every problem is named at once.
+
+    >>> parse_specs(["base=smollm2-135m-instruct", "rl=runs/x@40"])[1]
+    ModelSpec(name='rl', model='runs/x', step=40)
+    """
+    specs, problems = [], []
+    for arg in args:
+        m = _SPEC.match(arg)
+        if m is None:
+            problems.append(f"{arg!r} is not NAME=MODEL or NAME=RUN_DIR@STEP (e.g. rl=runs/quickstart@80)")
+            continue
+        spec = ModelSpec(m["name"], m["model"], None if m["step"] is None else int(m["step"]))
+        if spec.name.startswith(_RESERVED):
+            problems.append(f"name {spec.name!r} is reserved for the env's own rows; rename it")
+        if spec.step is not None and not spec.run_dir:
+            problems.append(f"{arg!r}: @STEP needs an rltk run dir (a run's output_dir with config.yaml)")
+        specs.append(spec)
+    names = [s.name for s in specs]
+    problems += [
+        f"name {n!r} is used twice; give each model its own name"
+        for n in sorted(set(names))
+        if names.count(n) > 1
+    ]
+    if not args:
+        problems.append("--compare needs at least one NAME=MODEL")
+    if problems:
+        raise CompareError("; ".join(problems))
+    return specs
+
+
+def env_options(specs: list[ModelSpec], env_name: str, given: dict[str, Any] | None) -> dict[str, Any]:
+    """``--env-options`` if given, else the first run dir's own options for this env, else none."""
+    if given is not None:
+        return given
+    from rltk.config import load_config
+
+    for spec in specs:
+        if spec.run_dir:
+            cfg = load_config(Path(spec.model, "config.yaml"), [])
+            if cfg.env.name == env_name:
+                return dict(cfg.env.options)
+    return {}
+
+
+def evaluate_spec(
+    spec: ModelSpec, env: Env, rubric: Rubric, tasks: list, settings: report.ReportSettings
+) -> report.PolicyEval:
+    """Load one model, play the report's tasks with it, free it."""
+    from rltk.models import autocast, load_model, load_tokenizer
+
+    precision = contextlib.nullcontext()
+    if spec.run_dir:
+        from rltk.export import load_run
+
+        model, tokenizer, cfg = load_run(spec.model, spec.step)
+        precision = autocast(cfg.model.mixed_precision, model.device)
+    else:
+        if Path(spec.model, "SHA256SUMS").is_file():
+            from rltk.export import check_export
+
+            check_export(spec.model)  # before it loads: a damaged weight would run silently
+        model, tokenizer = load_model(spec.model), load_tokenizer(spec.model)
+    try:
+        with precision:
+            return report.evaluate_model(
+                model, tokenizer, env, rubric, tasks, settings, spec.name, spec.source
+            )
+    finally:
+        del model
+        gc.collect()
+
+
+def run(
+    specs: list[ModelSpec],
+    env: Env,
+    tasks: list,
+    settings: report.ReportSettings,
+    out_dir: str | Path,
+    meta: dict[str, Any],
+) -> dict[str, Any]:
+    """Evaluate every model and the env's scripted policies; write the report; return it."""
+    rubric = Rubric.from_config([], env)
+    try:
+        rows = [evaluate_spec(s, env, rubric, tasks, settings) for s in specs]
+        rows += report.scripted_policies(env, rubric, tasks)
+    finally:
+        rubric.close()
+    built = report.build_report(env, tasks, rows, settings, meta)
+    report_render.write(out_dir, built)
+    return built

@@ -1,0 +1,454 @@
+"""Stage "eval", the proof report: a trained model beside the workflow it replaces.
+
+Each policy plays the same held-out tasks. Models play them greedily (one sample, the deployed setting) and,
+on the first ``sampled_tasks`` tasks, ``samples`` times at ``temperature``: pass@k and pass^k curves, and
+best-of-N (:mod:`rltk.bestofn`, which never sees the reference). Scripted policies (the env's teacher, its
+oracle and trivial policies) play once: they are deterministic. Every episode is an :class:`Attempt` (judged,
+with its cost in tokens); :func:`build_report` turns them into the report's numbers, with paired bootstrap
+intervals for differences on the same tasks, and :mod:`rltk.report_render` writes ``report.md`` and
+``report.png``.
+
+    policies × tasks ──generate / run_policy──▶ Attempt [T] (greedy), [T', n] (sampled), [T'] (best-of-N)
+                     ──build_report──▶ report.json ──render──▶ report.md, report.png
+
+All model generation goes through :func:`rltk.rollout.generate`, as in training, so a faster sampler speeds
+up both.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rltk import estimators
+from rltk.batch import Group, Rollout
+from rltk.bestofn import Candidate, select
+from rltk.env import Env, FinalAnswer, Policy, Task
+from rltk.evaluate import judge, policy_rollouts
+from rltk.progress import Progress
+from rltk.reward import Rubric
+from rltk.rollout import generate
+
+PolicyKind = Literal["model", "teacher", "oracle", "trivial"]
+UNSOLVED_STOP = 50  # a model that solves none of the first 50 tasks in any sample: sampling stops there
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """How the report samples and selects.
+
+    Attributes:
+        samples: n, samples per task for pass@k, pass^k and best-of-N (0: greedy only).
+        sampled_tasks: T', how many of the tasks (the first) are sampled (None: all).
+        bon: N, samples best-of-N picks from (the first N of the n; 0: no best-of-N).
+        temperature: Sampling temperature of the sampled metrics.
+        max_new_tokens: Tokens per assistant turn.
+        batch_size: Episodes generated at once.
+        seed: Seeds sampling and the bootstrap.
+
+    """
+
+    samples: int = 8
+    sampled_tasks: int | None = None
+    bon: int = 8
+    temperature: float = 1.0
+    max_new_tokens: int = 16
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples < 0 or not 0 <= self.bon <= self.samples or self.temperature <= 0:
+            raise ValueError(
+                f"need samples >= 0, 0 <= bon <= samples and temperature > 0; got samples={self.samples}, "
+                f"bon={self.bon}, temperature={self.temperature}"
+            )
+
+
+@dataclass
+class Attempt:
+    """One episode of one policy on one task: the env's verdict, the rubric's scores and the cost.
+
+    Attributes:
+        correct: The env judged it right.
+        reward: The rubric's weighted sum (NaN when a reward or the env failed on it).
+        scores: Per reward: its score, or None where not applicable.
+        env_cost: The env's own cost of the outcome (``outcome["cost"]``), where it has one.
+        generated_tokens: Tokens the model generated (None: a script, no model).
+        context_tokens: Prompt and history tokens the model read, summed over its turns (each turn reads
+            everything before it: the logical cost, not what a sampler's cache happened to recompute).
+        turns: Assistant turns.
+        tool_calls: Turns the env answered (tool calls; 0 for single-turn envs).
+        mean_logp: Mean sampling log-prob per generated token (best-of-N's tie-break).
+        answer: :meth:`Env.final_answer` of the episode (best-of-N's vote).
+
+    """
+
+    correct: bool
+    reward: float
+    scores: dict[str, float | None]
+    env_cost: float | None
+    generated_tokens: int | None
+    context_tokens: int | None
+    turns: int
+    tool_calls: int
+    mean_logp: float | None = None
+    answer: FinalAnswer = None
+
+
+@dataclass
+class PolicyEval:
+    """One policy's attempts at the report's tasks.
+
+    Attributes:
+        name: Row name (``base``, ``rl``, ``teacher``, ...).
+        kind: ``model``, ``teacher``, ``oracle`` or ``trivial``.
+        source: Where it came from (model path and step, the teacher's source hash, ...).
+        greedy: ``[T]`` one attempt per task (models greedy).
+        samples: ``[T', n]`` sampled attempts on the first T' tasks (models only).
+        best_of_n: ``[T']`` the selector's pick per sampled task, costed at all N samples.
+        seconds: Wall time per stage (``greedy``, ``sampled``).
+        note: Anything a reader must know (e.g. sampling stopped early).
+
+    """
+
+    name: str
+    kind: PolicyKind
+    source: str
+    greedy: list[Attempt]
+    samples: list[list[Attempt]] | None = None
+    best_of_n: list[Attempt] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    note: str | None = None
+
+
+def attempt_of(env: Env, rollout: Rollout, prompt_len: int | None) -> Attempt:
+    """A judged rollout as an :class:`Attempt`; ``prompt_len`` None: a scripted policy (no tokens)."""
+    turns = len(rollout.turns)
+    ended = rollout.stop_reason == "done" or prompt_len is None
+    tool_calls = 0 if env.max_turns <= 1 else max(0, turns - 1) if ended else turns
+    cost = rollout.outcome.get("cost")
+    attempt = Attempt(
+        correct=bool(rollout.outcome.get("correct")),
+        reward=rollout.reward,
+        scores=dict(rollout.scores),
+        env_cost=float(cost) if isinstance(cost, (int, float)) else None,
+        generated_tokens=None,
+        context_tokens=None,
+        turns=turns,
+        tool_calls=tool_calls,
+        answer=env.final_answer(rollout.task.messages, rollout.turns),
+    )
+    if prompt_len is not None:
+        mask = rollout.loss_mask.tolist()  # [L] 1 = generated
+        starts = [i for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1])]
+        attempt.generated_tokens = sum(mask)
+        attempt.context_tokens = sum(prompt_len + i for i in starts)
+        attempt.mean_logp = float(rollout.sample_logp.sum()) / max(1, attempt.generated_tokens)
+    return attempt
+
+
+def _play(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    env: Env,
+    rubric: Rubric,
+    tasks: list[Task],
+    group_size: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+) -> list[list[Attempt]]:
+    """``group_size`` judged episodes per task (``temperature`` 0: greedy), as attempts ``[P, G]``."""
+    groups: list[Group] = generate(
+        model,
+        tokenizer,
+        env,
+        tasks,
+        group_size=group_size,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+    )
+    rubric.score(groups)
+    return [[attempt_of(env, r, len(g.prompt_ids)) for r in g.rollouts] for g in groups]
+
+
+def evaluate_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    env: Env,
+    rubric: Rubric,
+    tasks: list[Task],
+    settings: ReportSettings,
+    name: str,
+    source: str,
+) -> PolicyEval:
+    """A model's greedy attempts at every task, then its sampled attempts and best-of-N picks.
+
+    Sampling stops after :data:`UNSOLVED_STOP` tasks when no sample of any of them was right (the report says
+    so): best-of-N cannot pick a right answer that was never sampled.
+    """
+    s = settings
+    result = PolicyEval(name, "model", source, greedy=[])
+    t0 = time.perf_counter()
+    progress = Progress(f"{name}: greedy, {len(tasks)} tasks", len(tasks))
+    for i in range(0, len(tasks), s.batch_size):
+        chunk = tasks[i : i + s.batch_size]
+        result.greedy += [
+            a[0] for a in _play(model, tokenizer, env, rubric, chunk, 1, 0.0, s.max_new_tokens, 0)
+        ]
+        progress.update(len(chunk))
+    progress.close()
+    result.seconds["greedy"] = time.perf_counter() - t0
+    if not s.samples:
+        return result
+    t0 = time.perf_counter()
+    sampled = tasks[: s.sampled_tasks]
+    per_call = max(1, s.batch_size // s.samples)
+    progress = Progress(f"{name}: {s.samples} samples x {len(sampled)} tasks", len(sampled))
+    result.samples = []
+    for i in range(0, len(sampled), per_call):
+        chunk = sampled[i : i + per_call]
+        seed = s.seed + i  # per chunk: the same samples whatever came before
+        result.samples += _play(
+            model, tokenizer, env, rubric, chunk, s.samples, s.temperature, s.max_new_tokens, seed
+        )
+        progress.update(len(chunk))
+        solved = any(a.correct for row in result.samples for a in row)
+        if len(result.samples) >= UNSOLVED_STOP and not solved:
+            result.note = (
+                f"sampling stopped after {len(result.samples)} tasks: none solved by any of {s.samples} "
+                f"samples (pass@{s.samples} = 0), so best-of-{s.bon} is 0 there too"
+            )
+            break
+    progress.close()
+    result.seconds["sampled"] = time.perf_counter() - t0
+    if s.bon:
+        result.best_of_n = best_of_n(env, rubric, sampled[: len(result.samples)], result.samples, s.bon)
+    return result
+
+
+def best_of_n(
+    env: Env, rubric: Rubric, tasks: list[Task], samples: list[list[Attempt]], n: int
+) -> list[Attempt]:
+    """Best-of-``n`` per task from its first ``n`` samples; each pick costs the tokens of all ``n``.
+
+    Single-turn structured answers are voted per field and composed into one answer, which the env then
+    judges; otherwise the pick is one of the samples (a multi-turn sample's episode acted on its own state).
+    """
+    if len(tasks) != len(samples):
+        raise ValueError(f"best-of-n needs the samples of every task; got {len(samples)} for {len(tasks)}")
+    picks: list[Attempt] = []
+    composed: dict[int, str] = {}  # task index → per-field majority, written in the env's format
+    for t, row in enumerate(row[:n] for row in samples):
+        candidates = [Candidate(a.answer, a.mean_logp if a.mean_logp is not None else 0.0) for a in row]
+        compose = env.max_turns <= 1 and any(isinstance(c.answer, dict) for c in candidates)
+        pick = select(candidates, compose=compose)
+        if pick.index is None and isinstance(pick.answer, dict):
+            composed[t] = env.compose_answer(pick.answer)
+        picks.append(_costed(row[pick.index or 0], row))  # a composed pick's verdict is replaced below
+    if composed:
+        idx = sorted(composed)
+        judged = judge(env, rubric, [tasks[t] for t in idx], [composed[t] for t in idx])
+        for t, rollout in zip(idx, judged, strict=True):
+            picks[t] = _costed(attempt_of(env, rollout, None), samples[t][:n])
+    return picks
+
+
+def _costed(pick: Attempt, row: Sequence[Attempt]) -> Attempt:
+    """``pick`` with the summed token cost and turns of every sample it was picked from."""
+
+    def total(key: Callable[[Attempt], int | None]) -> int | None:
+        values = [key(a) for a in row]
+        return None if any(v is None for v in values) else sum(v for v in values if v is not None)
+
+    return Attempt(
+        **{
+            **pick.__dict__,
+            "generated_tokens": total(lambda a: a.generated_tokens),
+            "context_tokens": total(lambda a: a.context_tokens),
+            "turns": sum(a.turns for a in row),
+            "tool_calls": sum(a.tool_calls for a in row),
+        }
+    )
+
+
+def evaluate_script(
+    env: Env, rubric: Rubric, tasks: list[Task], policy: Policy, name: str, kind: PolicyKind, source: str
+) -> PolicyEval:
+    """A scripted policy's attempts (teacher, oracle, trivial): one episode per task, no tokens."""
+    t0 = time.perf_counter()
+    attempts = [attempt_of(env, r, None) for r in policy_rollouts(env, rubric, tasks, policy)]
+    return PolicyEval(name, kind, source, attempts, seconds={"greedy": time.perf_counter() - t0})
+
+
+def scripted_policies(env: Env, rubric: Rubric, tasks: list[Task]) -> list[PolicyEval]:
+    """The env's teacher (if it ships one), its oracle and its best trivial policy."""
+    rows = []
+    teacher = env.teacher()
+    if teacher is not None:
+        source = f"{type(teacher).__module__}.{type(teacher).__qualname__} sha256 {teacher.source_sha256()}"
+        rows.append(evaluate_script(env, rubric, tasks, teacher, "teacher", "teacher", source))
+    rows.append(evaluate_script(env, rubric, tasks, env.oracle, "oracle", "oracle", f"{env.name} oracle"))
+    trivial = [
+        evaluate_script(env, rubric, tasks, p, f"trivial: {n}", "trivial", n)
+        for n, p in env.baselines().items()
+    ]
+    if trivial:
+        rows.append(max(trivial, key=lambda r: (sum(a.correct for a in r.greedy), -trivial.index(r))))
+    return rows
+
+
+def _mean(values: Sequence[float | int | None]) -> float | None:
+    real = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return sum(real) / len(real) if real else None
+
+
+def _accuracy(attempts: Sequence[Attempt], seed: int) -> dict[str, Any]:
+    acc, low, high = estimators.bootstrap_mean([float(a.correct) for a in attempts], seed)
+    return {"tasks": len(attempts), "accuracy": acc, "ci95": [low, high]}
+
+
+def _costs(attempts: Sequence[Attempt]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "generated_tokens": _mean([a.generated_tokens for a in attempts]),
+        "context_tokens": _mean([a.context_tokens for a in attempts]),
+        "turns": _mean([a.turns for a in attempts]),
+        "tool_calls": _mean([a.tool_calls for a in attempts]),
+    }
+    cost = _mean([a.env_cost for a in attempts])
+    if cost is not None:
+        out["env_cost_per_1000"] = 1000 * cost
+    return out
+
+
+def _greedy(p: PolicyEval, tasks: list[Task], seed: int) -> dict[str, Any]:
+    names = sorted({k for a in p.greedy for k in a.scores})
+    tags: dict[str, list[bool]] = defaultdict(list)
+    for task, a in zip(tasks, p.greedy, strict=True):
+        for key, value in task.info.items():
+            if isinstance(value, (str, bool, int)) or value is None:
+                tags[f"{key}={value}"].append(a.correct)
+    return {
+        **_accuracy(p.greedy, seed),
+        "mean_reward": _mean([a.reward for a in p.greedy]),
+        "rewards": {n: _mean([a.scores.get(n) for a in p.greedy]) for n in names},
+        "failed": sum(math.isnan(a.reward) for a in p.greedy),
+        "by_tag": {k: sum(v) / len(v) for k, v in sorted(tags.items()) if 0 < len(v) < len(p.greedy)},
+        **_costs(p.greedy),
+    }
+
+
+def _sampled(p: PolicyEval, s: ReportSettings) -> dict[str, Any] | None:
+    if not p.samples:
+        return None
+    counts = [sum(a.correct for a in row) for row in p.samples]
+    flat = [a for row in p.samples for a in row]
+    return {
+        "tasks": len(p.samples),
+        "n": s.samples,
+        "temperature": s.temperature,
+        **estimators.curve(s.samples, counts),
+        **_costs(flat),
+        "stopped_early": p.note,
+    }
+
+
+def _best_of_n(p: PolicyEval, s: ReportSettings) -> dict[str, Any] | None:
+    if not p.best_of_n or not p.samples:
+        return None
+    counts = [sum(a.correct for a in row[: s.bon]) for row in p.samples]
+    return {
+        "n": s.bon,
+        **_accuracy(p.best_of_n, s.seed),
+        "abstained": _mean([float(a.answer is None) for row in p.samples for a in row[: s.bon]]),
+        "pass_at_n_upper_bound": sum(c > 0 for c in counts) / len(counts),
+        **_costs(p.best_of_n),
+    }
+
+
+def _differences(policies: list[PolicyEval], s: ReportSettings) -> list[dict[str, Any]]:
+    """The candidate (the last model) against every other row, paired on the same tasks."""
+    models = [p for p in policies if p.kind == "model"]
+    if not models:
+        return []
+    cand = models[-1]
+    mine = [float(a.correct) for a in cand.greedy]
+    out = []
+    for p in policies:
+        rows = [("greedy", p.greedy)] if p is not cand else []
+        rows += [(f"best-of-{s.bon}", p.best_of_n)] if p.best_of_n else []
+        for label, attempts in rows:
+            theirs = [float(a.correct) for a in attempts or []]
+            diff, low, high = estimators.paired_difference(mine[: len(theirs)], theirs, s.seed)
+            out.append(
+                {
+                    "a": f"{cand.name} greedy",
+                    "b": f"{p.name} {label}",
+                    "tasks": len(theirs),
+                    "diff": diff,
+                    "ci95": [low, high],
+                }
+            )
+    return out
+
+
+def build_report(
+    env: Env,
+    tasks: list[Task],
+    policies: list[PolicyEval],
+    settings: ReportSettings,
+    meta: dict[str, Any],
+) -> dict[str, Any]:
+    """The report as a JSON-ready dict; ``timings`` holds everything that varies between identical runs."""
+    teacher = env.teacher()
+    return {
+        "env": env.name,
+        **meta,
+        "tasks": len(tasks),
+        "settings": {
+            "samples": settings.samples,
+            "sampled_tasks": len(tasks[: settings.sampled_tasks]),
+            "bon": settings.bon,
+            "temperature": settings.temperature,
+            "max_new_tokens": settings.max_new_tokens,
+            "seed": settings.seed,
+            "selector": "majority vote over Env.final_answer (per field for structured answers), "
+            "unparseable samples abstain, ties to the higher mean log-prob; never reads the reference",
+        },
+        "teacher_sha256": teacher.source_sha256() if teacher is not None else None,
+        "intervals": "paired bootstrap 95% over tasks (2000 resamples): they cover eval noise only, "
+        "each model being one training seed",
+        "policies": [
+            {
+                "name": p.name,
+                "kind": p.kind,
+                "source": p.source,
+                "greedy": _greedy(p, tasks, settings.seed),
+                "sampled": _sampled(p, settings),
+                "best_of_n": _best_of_n(p, settings),
+            }
+            for p in policies
+        ],
+        "differences": _differences(policies, settings),
+        "timings": {
+            "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "torch_threads": torch.get_num_threads(),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "seconds_per_task": {
+                p.name: {
+                    k: v / max(1, len(p.greedy if k == "greedy" else p.samples or []))
+                    for k, v in p.seconds.items()
+                }
+                for p in policies
+            },
+        },
+    }
