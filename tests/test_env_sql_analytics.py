@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import json
 import re
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_overrides
-from env_contract import assert_splits_disjoint
+from env_contract import assert_splits_disjoint, assert_teacher_contract, guard_references
 from rltk_envs.sql_analytics import (
     DIFFICULTIES,
     LEVELS,
@@ -378,3 +379,56 @@ def test_recipe_trains_two_steps(tiny_model_dir: str, tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[-1]["rollout/turns_mean"] >= 1
+
+
+# ---- the teacher and best-of-N answers --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [{"difficulty": "easy"}, {}], ids=["recipe", "default"])
+def test_teacher_contract(options: dict) -> None:
+    """The recipe's options (easy) and the default (mixed): both within the bounds, errors in its slices."""
+    figures = assert_teacher_contract(
+        lambda: SqlAnalyticsEnv(**options),
+        f"rltk.plugins.make_env('sql_analytics', {options!r})",
+        n=200,
+        valid_format=lambda outcome: outcome.get("answered") is True and outcome.get("error") is None,
+    )
+    assert set(figures) == {"teacher", "oracle", "best_trivial", "errors_in_slices"}
+
+
+def test_final_answer_is_the_normalized_query_without_the_reference() -> None:
+    env = SqlAnalyticsEnv()
+    assert list(inspect.signature(env.final_answer).parameters) == ["messages", "actions"]  # no task
+    keys = set()
+    for task in guard_references(env.tasks("eval", 30)):
+        actions = run_policy(env, task, env.oracle).actions
+        key = env.final_answer(task.messages, actions)
+        assert key is not None and key.startswith("select ")
+        sql = dict(task.reference)["sql"]  # the test reads the reference; final_answer never gets it
+        assert key == env.final_answer(task.messages, [f"<answer>```sql\n{sql} ;\n```</answer>"])
+        keys.add(key)
+    assert len(keys) == 30
+    same = [
+        "<answer>SELECT COUNT(*) FROM t WHERE city = 'Oslo'</answer>",
+        "<answer>```sql\nselect  count( * )\nfrom T where city='Oslo';\n```</answer>",
+    ]
+    keys = {env.final_answer([], ["<tool>run_sql: SELECT 1</tool>", turn]) for turn in same}
+    assert keys == {"select count ( * ) from t where city = 'Oslo'"}
+    assert (
+        env.final_answer([], ["<answer>SELECT 1 WHERE 'a;b'>='A;B'</answer>"])
+        == "select 1 where 'a;b' >= 'A;B'"
+    )
+    for bad in (
+        [],
+        [""],
+        ["<tool>run_sql: SELECT 1</tool>"],
+        ["SELECT 1"],
+        ["<answer></answer>"],
+        ["<answer> ; </answer>"],
+        ["<answer>DROP TABLE orders</answer>"],
+        ["<answer>SELECT 1; SELECT 2</answer>"],
+        ["<answer>SELECT 1</answer><answer>SELECT 2</answer>"],
+    ):
+        assert env.final_answer([], bad) is None, bad
+    native = SqlAnalyticsEnv(tool_calling="native")
+    assert native.final_answer([], ["<answer>SELECT 1</answer>"]) == "select 1"
