@@ -17,6 +17,13 @@ per task; ``"combined"`` is ``"varied"`` plus R4, its lower threshold and watch 
 policy is always written in the prompt, so the task stays solvable from the text.
 :func:`rltk_rewards.flagging.parse_answer` is the one answer parser, shared by :meth:`PolicyFlaggingEnv.check`
 and the rewards; :mod:`rltk_envs.flagging_prompt` writes the prompt and reads it back for the oracle.
+
+Teacher (:mod:`rltk_envs.flagging_teacher`): a rule engine still configured with last year's policy, an R1
+threshold 10% under the written one and an R2 list without the two countries the policy lists last. It
+errs on clear transactions within 10% under the threshold (``info["amount_band"] == "within_10pct_under"``,
+the R1 near misses: false alarms) and on transfers to those two countries (``info["listed_position"]`` 4
+or 5: missed flags), and on nothing else. Accuracy at the default options (the recipes'), 200 tasks, seed
+0: eval 0.855, test 0.845 (oracle 1.000, best trivial 0.670).
 """
 
 from __future__ import annotations
@@ -29,9 +36,10 @@ from typing import Any, ClassVar
 
 from rltk_envs import data
 from rltk_envs.flagging_prompt import RULES, RULES_COMBINED, SYSTEMS, Rules, flag, render, reply, violations
-from rltk_rewards.flagging import answer_of
+from rltk_envs.flagging_teacher import StalePolicyTeacher
+from rltk_rewards.flagging import answer_of, parse_answer
 
-from rltk.env import SPLITS, Env, Message, Policy, Task, check_choice, draw_task
+from rltk.env import SPLITS, Env, FinalAnswer, Message, Policy, Task, Teacher, check_choice, draw_task
 
 DIFFICULTIES = ("basic", "varied", "combined")
 
@@ -106,9 +114,11 @@ class PolicyFlaggingEnv(Env):
         kind, rule = self._kind(split, seed, i)
 
         def draw(attempt: int) -> Task:
-            messages, label_rule = self._sample(random.Random(f"{seed}:{split}:{i}:{attempt}"), kind, rule)
+            rng = random.Random(f"{seed}:{split}:{i}:{attempt}")
+            messages, label_rule, tags = self._sample(rng, kind, rule)
             info = {"rule": label_rule, "near_miss": kind == "near", "difficulty": self.difficulty}
             info["near_miss_rule"] = rule if kind == "near" else None
+            info.update(tags)
             reference = {
                 "label": "FLAG" if label_rule else "CLEAR",
                 "rule": label_rule,
@@ -135,7 +145,15 @@ class PolicyFlaggingEnv(Env):
             return "near", random.Random(f"{seed}:{split}:near:{q // k}").sample(self.rules, k)[q % k]
         return "clear", None
 
-    def _sample(self, rng: random.Random, kind: str, rule: str | None) -> tuple[list[Message], str | None]:
+    def _sample(
+        self, rng: random.Random, kind: str, rule: str | None
+    ) -> tuple[list[Message], str | None, dict[str, Any]]:
+        """(messages, the rule broken or None, tags of the transaction for ``Task.info``).
+
+        Tags: ``amount_band`` (``"over"`` R1's threshold, ``"within_10pct_under"`` it, ``"further_under"``)
+        and ``listed_position`` (the destination's 1-based place in R2's list, 0 if unlisted): the teacher's
+        weak slices are read from them.
+        """
         data = _data()
         if self.difficulty == "basic":
             b = data["basic_policy"]
@@ -191,9 +209,11 @@ class PolicyFlaggingEnv(Env):
             counts = {"1h": rng.randint(0, count), "24h": count}
         user = render(rules, amount, country, counts, data["merchants"], rng)
         system = SYSTEMS[(self.ask_rule, self.checklist, self.rules)]
-        return [{"role": "system", "content": system}, {"role": "user", "content": user}], (
-            rule if kind == "flag" else None
-        )
+        band = "over" if amount > t else "within_10pct_under" if 10 * amount > 9 * t else "further_under"
+        listed = rules.countries.index(country) + 1 if country in rules.countries else 0
+        tags = {"amount_band": band, "listed_position": listed}
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        return messages, (rule if kind == "flag" else None), tags
 
     def check(self, task: Task, completion: str) -> dict[str, Any]:
         """Verdict: parsed decision and rule, ``correct`` (decision), ``rule_correct`` (decision and rule).
@@ -216,6 +236,26 @@ class PolicyFlaggingEnv(Env):
         """Read the policy and the transaction from the prompt text and apply the rules."""
         broken = violations(messages)
         return reply(flag(broken[0], messages) if broken else "CLEAR", messages)
+
+    def teacher(self) -> Teacher:
+        """A rule engine with last year's policy (:class:`~rltk_envs.flagging_teacher.StalePolicyTeacher`)."""
+        return StalePolicyTeacher()
+
+    def final_answer(self, messages: list[Message], actions: list[str]) -> FinalAnswer:
+        """The vote key, parsed in the format the prompt's system message asks for (never the reference).
+
+        ``"FLAG R<n>"`` (``"FLAG"`` where the rule is not asked for, or not named), or ``"CLEAR"``; None
+        when the last turn does not parse.
+        """
+        if not actions:
+            return None
+        system = messages[0].get("content") if messages and isinstance(messages[0], dict) else None
+        asked = next((key for key, text in SYSTEMS.items() if text == system), None)
+        ask_rule, checklist, rules = asked or (self.ask_rule, self.checklist, self.rules)
+        ans = parse_answer(actions[-1], ask_rule, checklist, len(rules))
+        if ans.decision == "FLAG" and ask_rule and ans.rule is not None:
+            return f"FLAG {ans.rule}"
+        return ans.decision
 
     def baselines(self) -> dict[str, Policy]:
         """Constant answers and single-rule heuristics (each reads the prompt text, like the oracle).

@@ -8,16 +8,18 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from env_contract import assert_deterministic, assert_splits_disjoint
+from env_contract import assert_deterministic, assert_splits_disjoint, assert_teacher_contract
 from rltk_envs.flagging_prompt import RULES
 from rltk_envs.policy_flagging import DIFFICULTIES, PolicyFlaggingEnv
 from rltk_rewards.flagging import answer_format, flag_decision, flag_rule, parse_answer
 
+from rltk.config import load_config
 from rltk.env import prompt_hash, run_policy, split_of
 from rltk.plugins import get_env, get_reward
 
 DATA = json.loads((Path(__file__).parents[1] / "envs" / "data" / "policy_flagging.json").read_text())
 BASIC = DATA["basic_policy"]
+RECIPES = Path(__file__).parents[1] / "recipes"
 
 
 def independent_reading(user: str) -> dict:
@@ -442,3 +444,83 @@ def test_draw_task_keeps_the_split_and_refuses_repeats() -> None:
     with pytest.raises(RuntimeError, match="could not draw a new task of split 'eval'"):
         for _ in range(40):
             draw_task("eval", seen, candidate, attempts=200)  # only a few of q0..q39 hash into eval
+
+
+def test_teacher_contract() -> None:
+    """The teacher's contract on 200 eval tasks at the recipes' options (``policy_flagging_grpo`` and the
+    README's ``quickstart``), which are the env's default options: one run covers both. It scores 85.5%: its
+    stale R1 threshold and R2 list err on ``within_10pct_under`` clears and ``listed_position`` 4-5 flags."""
+    for recipe in ("policy_flagging_grpo.yaml", "quickstart.yaml"):
+        cfg = load_config(str(RECIPES / recipe), [])
+        assert cfg.env.name == "policy_flagging" and cfg.env.options == {}  # = the default options
+    figures = assert_teacher_contract(
+        lambda: PolicyFlaggingEnv(),
+        "rltk.plugins.make_env('policy_flagging', {})",
+        n=200,
+        valid_format=lambda outcome: outcome["exact_format"],
+    )
+    assert set(figures) == {"teacher", "oracle", "best_trivial", "errors_in_slices"}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"difficulty": "combined"},
+        {"ask_rule": False},
+        {"checklist": True},
+        {"difficulty": "combined", "checklist": True},
+    ],
+)
+def test_teacher_answers_in_the_asked_format_and_errs_only_in_its_slices(options: dict) -> None:
+    env = PolicyFlaggingEnv(**options)
+    teacher = env.teacher()
+    for task in env.tasks("eval", 60):
+        outcome = run_policy(env, task, teacher).outcome
+        assert outcome["exact_format"], task.id
+        assert outcome["correct"] or teacher.in_weak_slice(task), task.id
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [],
+        [{"role": "user", "content": ""}],
+        [
+            {"role": "system", "content": "Reply with only FLAG or CLEAR."},
+            {"role": "user", "content": "R1: ?"},
+        ],
+        [
+            {
+                "role": "user",
+                "content": "R1: amount over $,,, \nR2: destination is \nR3: more than 1 transactions",
+            }
+        ],
+        [{"content": None}],
+    ],
+)
+def test_teacher_never_raises(messages: list) -> None:
+    assert PolicyFlaggingEnv().teacher()(messages) == "CLEAR"
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"ask_rule": False}, {"difficulty": "combined", "checklist": True}, {"checklist": True}]
+)
+def test_final_answer_is_the_reference_free_vote_key(options: dict) -> None:
+    env = PolicyFlaggingEnv(**options)
+    other = PolicyFlaggingEnv()  # another env's settings: the prompt's own system message decides the parse
+    ask_rule = options.get("ask_rule", True)
+    for task in env.tasks("eval", 40):  # final_answer takes no task: it cannot read the reference
+        ref = task.reference
+        key = f"FLAG {ref['rule']}" if ref["label"] == "FLAG" and ask_rule else ref["label"]
+        answer = env.oracle(task.messages)
+        assert env.final_answer(task.messages, [answer]) == key == other.final_answer(task.messages, [answer])
+        for junk in ("", "maybe", "FLAG R1 or CLEAR", "CLEAR\nFLAG R2"):
+            assert env.final_answer(task.messages, [junk]) is None
+        assert env.final_answer(task.messages, []) is None
+    decision_only = PolicyFlaggingEnv(ask_rule=False).tasks("eval", 1)[0].messages
+    assert PolicyFlaggingEnv().final_answer(decision_only, ["FLAG R2"]) == "FLAG"  # the rule is not asked
+    with_rule = PolicyFlaggingEnv().tasks("eval", 1)[0].messages
+    assert PolicyFlaggingEnv().final_answer(with_rule, [" flag r2. "]) == "FLAG R2"
+    assert PolicyFlaggingEnv().final_answer(with_rule, ["FLAG"]) == "FLAG"  # no rule named
+    checklist = PolicyFlaggingEnv(checklist=True).tasks("eval", 1)[0].messages
+    assert PolicyFlaggingEnv().final_answer(checklist, ["CLEAR"]) is None  # the check lines are missing
