@@ -93,6 +93,7 @@ class PolicyFlaggingEnv(Env):
             if not (isinstance(cost, (int, float)) and math.isfinite(cost) and cost >= 0):
                 raise ValueError(f"{key} must be a finite number >= 0, got {cost!r}")
         self.difficulty = difficulty
+        self.miss_cost, self.false_alarm_cost = float(miss_cost), float(false_alarm_cost)
         self.rules = RULES_COMBINED if difficulty == "combined" else RULES
         self.balanced_train = bool(balanced_train)
         self.ask_rule = bool(ask_rule)
@@ -218,12 +219,20 @@ class PolicyFlaggingEnv(Env):
     def check(self, task: Task, completion: str) -> dict[str, Any]:
         """Verdict: parsed decision and rule, ``correct`` (decision), ``rule_correct`` (decision and rule).
 
+        ``cost`` is the decision's cost under the env's cost matrix (``miss_cost`` for a flag missed,
+        ``false_alarm_cost`` for a clear transaction flagged, 0 when right; an unparseable answer raises no
+        flag), which reports give per 1,000 decisions.
+
         ``answer`` (the decision, None if unparseable) is the answer class that
         ``algorithm.balance_answers`` balances.
         """
         ans = answer_of(completion, task.reference)
-        correct = ans.decision is not None and ans.decision == task.reference["label"]
+        label = task.reference["label"]
+        correct = ans.decision is not None and ans.decision == label
+        flagged = ans.decision == "FLAG"  # an answer that does not parse raises no flag
+        cost = self.miss_cost if label == "FLAG" and not flagged else 0.0
         return {
+            "cost": cost + (self.false_alarm_cost if label == "CLEAR" and flagged else 0.0),
             "answer": ans.decision,
             "decision": ans.decision,
             "rule": ans.rule,

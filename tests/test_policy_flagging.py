@@ -282,6 +282,7 @@ def test_check_verdict() -> None:
     env = PolicyFlaggingEnv()
     task = next(t for t in env.tasks("eval", 20) if t.reference["rule"] == "R2")
     assert env.check(task, "FLAG R2") == {
+        "cost": 0.0,
         "answer": "FLAG",
         "decision": "FLAG",
         "rule": "R2",
@@ -293,6 +294,17 @@ def test_check_verdict() -> None:
     assert wrong_rule["correct"] and not wrong_rule["rule_correct"] and not wrong_rule["exact_format"]
     assert env.check(task, "maybe")["decision"] is None and not env.check(task, "maybe")["correct"]
     assert env.check(task, "maybe")["answer"] is None  # unparseable: in no class for balance_answers
+
+
+def test_check_cost_follows_the_cost_matrix() -> None:
+    env = PolicyFlaggingEnv(miss_cost=5.0, false_alarm_cost=2.0)
+    tasks = env.tasks("eval", 20)
+    flagged = next(t for t in tasks if t.reference["label"] == "FLAG")
+    clear = next(t for t in tasks if t.reference["label"] == "CLEAR")
+    assert env.check(flagged, "CLEAR")["cost"] == 5.0
+    assert env.check(flagged, "maybe")["cost"] == 5.0  # no parse, no flag raised: a miss
+    assert env.check(clear, "FLAG R1")["cost"] == 2.0
+    assert env.check(clear, "CLEAR")["cost"] == env.check(flagged, "FLAG R3")["cost"] == 0.0
 
 
 @pytest.mark.parametrize(
