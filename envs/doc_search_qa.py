@@ -20,6 +20,15 @@ line links the person's doc, ``Owner: Dana Whitfield (D19)``, whose look-alikes 
 :mod:`rltk_envs.doc_corpus` builds each task's wiki and searches it. Option ``tool_calling``: ``"text"`` (the
 :mod:`rltk.tools` text protocol, as above) or ``"native"`` (the chat template's tool calling; the tools'
 schemas travel with the task).
+
+Teacher (:class:`rltk_envs.docqa_teacher.TopHitTeacher`): the help desk's fixed chain, which searches the
+question with the asked name cut to its first two words, reads the top hit and answers from it. It gets
+product and policy questions wrong whenever a look-alike of the same line or topic ranks first (about half
+of them), and nearly every medium and hard task (a draft note ranks first; two hops are never followed).
+Accuracy on 200 tasks, seed 0, at easy (the recipe's and default options): 0.695 eval, 0.705 test, beside
+the oracle's 1.0 and the best trivial policy's 0.06 / 0.085; all of its errors lie in those slices.
+
+Best-of-N votes on ``(value, citation)``: :meth:`DocSearchQAEnv.final_answer`.
 """
 
 from __future__ import annotations
@@ -31,19 +40,22 @@ from typing import Any, ClassVar
 
 from rltk_envs import data
 from rltk_envs.doc_corpus import bm25, build_corpus, lookalikes, tokens
-from rltk_rewards.docqa import Graded, grade, grade_completion
+from rltk_rewards.docqa import Graded, canon, grade, grade_completion
 
 from rltk.env import (
     SPLITS,
     Episode,
+    FinalAnswer,
     Message,
     Policy,
     Task,
+    Teacher,
     check_choice,
     draw_task,
     prompt_hash,
     split_of,
 )
+from rltk.tools import FinalAnswer as AnswerTurn
 from rltk.tools import ToolCall, ToolEnv, ToolEpisode, ToolProtocol, protocol_prompt
 
 DIFFICULTIES = ("easy", "medium", "hard")
@@ -151,6 +163,34 @@ class DocSearchQAEnv(ToolEnv):
             if doc_id not in reads:
                 return self.protocol.call("read", doc_id)
         return f"<answer>{_field(reads[doc_id], attr)} [{doc_id}]</answer>"
+
+    def teacher(self) -> Teacher:
+        """The help desk's search-read-answer chain, trusting the top hit (:mod:`rltk_envs.docqa_teacher`)."""
+        from rltk_envs.docqa_teacher import TopHitTeacher  # it reads conversations with this module's readers
+
+        return TopHitTeacher(self.protocol)
+
+    def final_answer(self, messages: list[Message], actions: list[str]) -> FinalAnswer:
+        """The last turn's ``<answer>VALUE [Dnn]</answer>`` as a vote key ``(canon(VALUE), "Dnn")``.
+
+        Read without the reference, by the reward's own parser (:func:`rltk_rewards.docqa.grade`); the value
+        normalized as the reward compares it (:func:`rltk_rewards.docqa.canon`: case, whitespace, number and
+        date formats). The citation is part of the key: the reward pays a right value only under a citation of
+        the page that states it, so the same value under two citations is two answers, and a vote on values
+        alone could pick a sample citing a look-alike. A bare number and the same number with its unit
+        (``12`` and ``12 weeks``) are two keys: without the reference a bare number's unit is unknown.
+
+        Returns:
+            ``((kind, value, unit), "Dnn")``, or None (the sample abstains) when the last turn is not one
+            well-formed answer (a tool call, two citations or answers) or its value normalizes to nothing.
+
+        """
+        turn = self.protocol.parse(actions[-1]) if actions else None
+        if not isinstance(turn, AnswerTurn):
+            return None
+        graded = grade(turn.text, {"answer": "", "support": ()})
+        value = canon(turn.text.rsplit("[", 1)[0])
+        return (value, graded.cited) if graded.parsed and value[1] else None
 
     def baselines(self) -> dict[str, Policy]:
         """Trivial policies, each answering in the grammar so that only its value and citation differ.

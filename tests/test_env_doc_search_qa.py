@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_overrides
-from env_contract import assert_deterministic, assert_splits_disjoint
+from env_contract import (
+    assert_deterministic,
+    assert_splits_disjoint,
+    assert_teacher_contract,
+    guard_references,
+)
 from rltk_envs.doc_search_qa import DocSearchQAEnv
 from rltk_rewards.docqa import canon, doc_answer_cited, grade, same_value
 
@@ -376,3 +381,67 @@ def test_recipe_trains_two_steps(tiny_model_dir: str, tmp_path: Path) -> None:
     recipe = load_config(RECIPE, [])
     assert recipe.model.name == "smollm2-135m-instruct" and recipe.model.lora.enabled
     assert recipe.model.dtype == "float32" and recipe.rewards[0].name == "doc_answer_cited"
+
+
+def test_teacher_contract_at_the_recipe_options() -> None:
+    """The recipe's options ({difficulty: easy}) are the env's defaults: one run covers both.
+
+    At medium and hard the teacher is below its bounds by design (draft notes and two hops), so the
+    contract is checked at the options a report of this recipe uses.
+    """
+    options = load_config(RECIPE).env.options
+    assert options == {"difficulty": "easy"} and DocSearchQAEnv().difficulty == "easy"
+    assert_teacher_contract(
+        lambda: DocSearchQAEnv(**options),
+        f"rltk.plugins.make_env('doc_search_qa', {dict(options)!r})",
+        n=200,
+        valid_format=lambda outcome: outcome["answered"] and outcome["parsed"],
+    )
+
+
+@pytest.mark.parametrize(
+    ("difficulty", "tool_calling"), [("easy", "native"), ("medium", "text"), ("hard", "text")]
+)
+def test_teacher_errs_only_in_its_slices_and_never_raises(difficulty: str, tool_calling: str) -> None:
+    env = DocSearchQAEnv(difficulty=difficulty, tool_calling=tool_calling)
+    teacher = env.teacher()
+    first = env.tasks("eval", 1)[0].messages
+    for junk in ([], ["junk"], [{"role": "user", "content": "hi"}], [*first, {"role": "assistant"}, {}]):
+        assert teacher(junk) == "<answer>unknown [D01]</answer>"  # never raises, always in the format
+    for task in env.tasks("eval", 40):
+        episode = run_policy(env, task, teacher)
+        assert episode.outcome["answered"] and episode.outcome["parsed"] and len(episode.actions) == 3
+        assert episode.outcome["correct"] or teacher.in_weak_slice(task), task.info
+
+
+def test_final_answer_reads_the_actions_not_the_reference(
+    env: DocSearchQAEnv, eval_tasks: list[Task]
+) -> None:
+    for task, guarded in zip(eval_tasks[:30], guard_references(eval_tasks[:30]), strict=True):
+        ref = task.reference
+        actions = run_policy(env, task, env.oracle).actions
+        key = (canon(ref["answer"]), ref["support"][0])
+        assert env.final_answer(guarded.messages, actions) == key  # takes no task at all
+        cite = int(ref["support"][0][1:])  # another writing of the same answer votes with it
+        assert (
+            env.final_answer([], [f"I read it. <answer> {ref['answer'].upper()}  [d{cite}]</answer>"]) == key
+        )
+    same = [f"<answer>{v} [D07]</answer>" for v in ("$1,249.00", "1249 USD", " $1249 ")]
+    assert len({env.final_answer([], [a]) for a in same}) == 1
+    assert env.final_answer([], ["<answer>$1,249 [D08]</answer>"]) != env.final_answer([], same[:1])
+    for actions in (
+        [],
+        ["<tool>search: Nova Desk</tool>"],  # the episode ended without an answer
+        ["$1,249 [D07]"],  # no answer tag
+        ["<answer>$1,249</answer>"],  # no citation
+        ["<answer>[D07]</answer>"],  # no value
+        ["<answer>!! [D07]</answer>"],  # a value that normalizes to nothing
+        ["<answer>$1,249 [D07] [D08]</answer>"],
+        ["<answer>$1,249 [D07]</answer><answer>$1,299 [D08]</answer>"],
+        ["<answer>$1,249 [D07]"],  # unclosed
+    ):
+        assert env.final_answer([], actions) is None, actions
+    native = DocSearchQAEnv(tool_calling="native")
+    assert native.final_answer([], ["<answer>$1,249 [D07]</answer>"]) == (canon("$1,249"), "D07")
+    both = '<tool_call>{"name": "read", "arguments": {"doc_id": "D07"}}</tool_call><answer>$1 [D07]</answer>'
+    assert native.final_answer([], [both]) is None  # the env saw no answer in that turn either
