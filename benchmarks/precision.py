@@ -29,7 +29,8 @@ import torch
 from rltk import advantage, forward, plugins, rollout
 from rltk.batch import collate
 from rltk.config import load_config
-from rltk.trainer import Trainer, run_warm_start
+from rltk.pipeline import run_warm_start
+from rltk.trainer import Trainer
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
 RESULTS = Path(__file__).resolve().parent / "results" / "precision.json"

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from rltk.typedyaml import apply_override, build, check, join_path, one_of, problem, read_yaml
 
 Resolver = Callable[[str, str], Any]
+TRAIN_TIME_FILE = "train_time.json"  # a run's training wall time, for SFT-only runs of equal time
 """``(kind, name) -> plugin``, kind ``"env"`` or ``"reward"``; raises (e.g. ``PluginError``) when unknown."""
 
 
@@ -214,7 +215,7 @@ class OptimConfig:
 
 @dataclass
 class WarmstartConfig:
-    """Optional SFT on the env's oracle demonstrations before RL."""
+    """Optional SFT on the env's oracle (or teacher) demonstrations before RL, or instead of it."""
 
     enabled: bool = False
     steps: int = _f(0, ">= 0")
@@ -223,6 +224,30 @@ class WarmstartConfig:
         "constant", note="lr schedule over warmstart.steps; linear/cosine end at 0"
     )
     batch_size: int = _f(8, "> 0")
+    demos: Literal["oracle", "teacher"] = _f(
+        "oracle",
+        note="whose episodes: the oracle's, or the teacher's (a real workflow's logs: no oracle exists)",
+    )
+    equal_time_as: str = _f(
+        "",
+        note="SFT-only comparison: a finished run dir; SFT alone (no RL) for its training wall time "
+        "(warm start + RL steps, from its train_time.json), with warmstart.steps an upper bound",
+    )
+
+
+@dataclass
+class ReportConfig:
+    """The proof report at the end of ``rltk train`` (``<output_dir>/report/``; see ``rltk eval --compare``).
+
+    Rows: the base model, the model after the warm start, the final model, the env's teacher, oracle and best
+    trivial policy, on the eval.n tasks of eval.split.
+    """
+
+    enabled: bool = False
+    samples: int = _f(8, ">= 0", "samples per task for pass@k, pass^k and best-of-N; 0 = greedy only")
+    sampled_tasks: int = _f(100, ">= 0", "sample the first N of the eval.n tasks; 0 = all of them")
+    bon: int = _f(8, ">= 0", "best-of-N from the first N samples (<= samples); 0 = none")
+    temperature: float = _f(1.0, "> 0", "sampling temperature of the sampled metrics")
 
 
 @dataclass
@@ -235,6 +260,7 @@ class EvalConfig:
     every: int = _f(
         0, ">= 0", "rltk train: eval before RL, every N steps and at the end; 0 = never (use rltk eval)"
     )
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 @dataclass
@@ -297,8 +323,27 @@ class Config:
         if ok("warmstart.enabled", "warmstart.steps") and self.warmstart.enabled and not self.warmstart.steps:
             why = "warmstart.enabled is true but it has no steps"
             problems.append(problem("warmstart.steps", 0, why, "set warmstart.steps > 0 or enabled=false"))
+        problems += self._report_problems(ok)
         if resolve is not None and ok("env", "rewards"):
             problems += _check_plugins(self, resolve, bad)
+        return problems
+
+    def _report_problems(self, ok: Callable[..., bool]) -> list[str]:
+        """Cross-field checks of eval.report and of the SFT-only comparison (warmstart.equal_time_as)."""
+        problems = []
+        rep, ws = self.eval.report, self.warmstart
+        if ok("eval.report.bon", "eval.report.samples") and rep.bon > rep.samples:
+            why = f"best-of-N picks from the samples, and eval.report.samples={rep.samples}"
+            problems.append(problem("eval.report.bon", rep.bon, why, f"set it <= {rep.samples}"))
+        if ok("warmstart.equal_time_as", "warmstart.enabled") and ws.equal_time_as:
+            if not ws.enabled:
+                why = "an SFT-only comparison is a warm start"
+                problems.append(problem("warmstart.enabled", False, why, "set warmstart.enabled=true"))
+            if not Path(ws.equal_time_as, TRAIN_TIME_FILE).is_file():
+                why = f"{ws.equal_time_as}/{TRAIN_TIME_FILE} is missing (a finished rltk train run writes it)"
+                problems.append(
+                    problem("warmstart.equal_time_as", ws.equal_time_as, why, "name a finished run dir")
+                )
         return problems
 
 

@@ -59,30 +59,28 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 def _summary(report: dict[str, Any]) -> list[str]:
     s = report["settings"]
+    n, bon = s["samples"], s["bon"]
     multi = any((p["greedy"].get("tool_calls") or 0) > 0 for p in report["policies"])
     env_cost = any("env_cost_per_1000" in p["greedy"] for p in report["policies"])
-    head = [
-        "policy",
-        "greedy accuracy [95% CI]",
-        "sampled pass@1",
-        f"pass@{s['samples']}",
-        f"pass^{s['samples']}",
-    ]
-    head += [f"best-of-{s['bon']} [95% CI]", "generated tokens / task", "context tokens / task", "s / task"]
+    head = ["policy", "greedy accuracy [95% CI]"]
+    head += ["sampled pass@1", f"pass@{n}", f"pass^{n}"] if n else []
+    head += [f"best-of-{bon} [95% CI]"] if bon else []
+    head += ["generated tokens / task", "context tokens / task", "s / task"]
     head += ["turns", "tool calls"] if multi else []
-    head += ["env cost / 1000"] if env_cost else []
+    head += ["env cost / 1000 tasks"] if env_cost else []
     rows = []
     secs = report["timings"]["seconds_per_task"]
     for p in report["policies"]:
         g, sm, b = p["greedy"], p["sampled"], p["best_of_n"]
-        n = s["samples"]
         row = [p["name"], _ci(g)]
-        row += (
-            [_pct(sm["pass_at_k"][1]), _pct(sm["pass_at_k"][n]), _pct(sm["pass_hat_k"][n])]
-            if sm
-            else ["", "", ""]
-        )
-        row += [_ci(b) + (f" (at {_num(b['generated_tokens'])} tokens)" if b else "")]
+        if n:
+            row += (
+                [_pct(sm["pass_at_k"][1]), _pct(sm["pass_at_k"][n]), _pct(sm["pass_hat_k"][n])]
+                if sm
+                else ["", "", ""]
+            )
+        if bon:
+            row += [_ci(b) + (f" (at {_num(b['generated_tokens'])} tokens)" if b else "")]
         row += [
             _num(g["generated_tokens"]),
             _num(g["context_tokens"]),
@@ -139,6 +137,11 @@ def _breakdowns(report: dict[str, Any]) -> list[str]:
             [[t, *(_pct(p["greedy"]["by_tag"].get(t)) for p in policies)] for t in tags],
         )
     return out
+
+
+def summary(report: dict[str, Any]) -> str:
+    """The summary table and the differences, as Markdown (what a run prints at its end)."""
+    return "\n".join([*_summary(report), "", *(f"- {verdict(d)}" for d in report["differences"])])
 
 
 def markdown(report: dict[str, Any]) -> str:

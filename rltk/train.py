@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = None
     try:
         cfg = load_config(args.recipe, args.overrides, resolve=plugins.resolve)
-        from rltk.trainer import run  # heavy imports after the config is known to be valid
+        from rltk.pipeline import run  # heavy imports after the config is known to be valid
 
         run(cfg)
     except user_errors() as exc:

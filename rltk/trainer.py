@@ -113,6 +113,7 @@ class Trainer:
             self.snapshot_reference()
         self.train_tasks = self.env.tasks("train", self.train_pool_size(), seed=cfg.run.seed)
         self.start_step = 0
+        self.rl_seconds = 0.0  # wall time of this session's RL steps (evals and saves excluded)
         self.resumed_from: Path | None = None
         self.metrics = MetricsLogger(
             self.run_dir,
@@ -155,7 +156,7 @@ class Trainer:
                 lock = rundir.RunDirLock(self.run_dir)
             except rundir.RunDirBusyError as exc:
                 busy = exc
-        if self._all_reduce_sum(float(busy is not None)):
+        if self.all_reduce_sum(float(busy is not None)):
             raise busy or rundir.RunDirBusyError(f"run dir {self.run_dir} is in use by another run (rank 0)")
         return lock
 
@@ -185,8 +186,11 @@ class Trainer:
         return [self.train_tasks[(start + i) % len(self.train_tasks)] for i in range(p)]
 
     # ------------------------------------------------------------------------------------------- loop
-    def train(self) -> None:
-        """Run RL from ``start_step`` to ``run.steps``, saving and logging as configured."""
+    def train(self, close: bool = True) -> None:
+        """Run RL from ``start_step`` to ``run.steps``, saving and logging as configured.
+
+        Adds each step's wall time to ``rl_seconds``. ``close``: release the run (:meth:`close`) at the end.
+        """
         cfg = self.cfg
         progress = Progress(
             total=cfg.run.steps, start=self.start_step, enabled=self.accelerator.is_main_process
@@ -196,6 +200,7 @@ class Trainer:
                 self.held_out_eval(0)  # the policy RL starts from (after the warm start, if any)
             for step in range(self.start_step, cfg.run.steps):
                 result = self.step(step)
+                self.rl_seconds += result.metrics["time/step_s"]
                 if (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.run.steps:
                     self.metrics.log(step + 1, result.metrics)
                 progress.update(step + 1, result.metrics)
@@ -206,7 +211,8 @@ class Trainer:
                     self.save(step + 1)
         finally:
             progress.close()
-            self.close()
+            if close:
+                self.close()
         log.info("rank %d/%d final weights sha256 %s", self.rank, self.world, self.weights_digest()[:16])
 
     @property
@@ -399,7 +405,7 @@ class Trainer:
         per_mb, pad = self.cfg.optim.groups_per_micro_batch, self.tokenizer.pad_token_id
         batches = [collate(groups[i : i + per_mb], pad) for i in range(0, len(groups), per_mb)]
         normalizer = loss.normalizer_for(
-            batches, self.algo.aggregation, self.cfg.rollout.max_new_tokens, all_reduce=self._all_reduce_sum
+            batches, self.algo.aggregation, self.cfg.rollout.max_new_tokens, all_reduce=self.all_reduce_sum
         )
         return [b.to(self.accelerator.device) for b in batches], normalizer
 
@@ -456,7 +462,7 @@ class Trainer:
         params = self.model.parameters()
         grad_norm = float(self.accelerator.clip_grad_norm_(params, self.cfg.optim.max_grad_norm))
         bad = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
-        apply = self.nonfinite_guard.check(step + 1, finite=not self._all_reduce_sum(float(bad)))
+        apply = self.nonfinite_guard.check(step + 1, finite=not self.all_reduce_sum(float(bad)))
         if apply:
             self.optimizer.step()
         else:
@@ -507,7 +513,8 @@ class Trainer:
             with policy.disable_adapter():
                 return run()
 
-    def _all_reduce_sum(self, value: float) -> float:
+    def all_reduce_sum(self, value: float) -> float:
+        """``value`` summed over ranks (itself on one process): decisions every rank must take alike."""
         return self._all_reduce_sums([value])[0]
 
     def _all_reduce_sums(self, values: list[float]) -> list[float]:
@@ -517,31 +524,8 @@ class Trainer:
         return self.accelerator.reduce(t, reduction="sum").tolist()
 
 
-def run_warm_start(trainer: Trainer) -> None:
-    """SFT on oracle demonstrations, once per run dir; saved as step 0 so a kill before RL loses nothing."""
-    if trainer.resumed_from is not None:
-        return
-    from rltk.warmstart import warm_start
-
-    trainer.heartbeat.beat(0, "warmstart")
-    warm_start(trainer)
-    trainer.snapshot_reference()
-    trainer.save(0)
-
-
-def run(cfg: Config) -> Trainer:
-    """Build a trainer, warm-start it if asked, and train. Used by ``rltk train``."""
-    trainer = Trainer(cfg)
-    if cfg.warmstart.enabled:
-        run_warm_start(trainer)
-    trainer.train()
-    return trainer
-
-
 __all__ = [
     "StepResult",
     "Trainer",
-    "run",
-    "run_warm_start",
     "seed_everything",
 ]

@@ -1,8 +1,11 @@
-"""Optional warm start: a short SFT stage on the env's oracle demonstrations.
+"""Optional warm start: a short SFT stage on the env's oracle (or teacher) demonstrations.
 
 For models too weak to ever earn a reward (the answer format alone can be out of reach), a few steps of
 cross-entropy on the oracle's answers give RL a non-zero signal to start from (for multi-turn envs, on the
-oracle's whole episode, the env's answers masked out). The loss is the engine's own:
+oracle's whole episode, the env's answers masked out). ``warmstart.demos: teacher`` takes the teacher's
+episodes instead: in real life no oracle exists, only the logs of the imperfect workflow the model replaces
+(its errors included). ``warmstart.equal_time_as`` makes the warm start the whole run, for as long as another
+run trained (warm start + RL): the "why not SFT alone?" row of a report. The loss is the engine's own:
 token-mean negative log-likelihood of the assistant tokens, computed by the same shared-prompt forward as
 RL (:func:`rltk.forward.completion_logprobs`, on a :class:`~rltk.batch.Batch` of groups of one), so LoRA,
 devices and ranks are handled exactly as in RL. Demonstrations come from the train split only, with a seed
@@ -11,8 +14,10 @@ distinct from the RL task pool.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,7 +26,9 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 from rltk import forward
 from rltk.batch import Group, Rollout, collate
 from rltk.chat import env_answer_ids, render_prompt, turn_close_ids
-from rltk.env import Env, Message, Task
+from rltk.config import TRAIN_TIME_FILE, ConfigError
+from rltk.env import Env, Message, Policy, Task
+from rltk.typedyaml import problem
 
 if TYPE_CHECKING:
     from rltk.trainer import Trainer
@@ -57,8 +64,12 @@ def demonstration_ids(
     return prompt, completion
 
 
-def demonstration_group(tokenizer: PreTrainedTokenizerBase, env: Env, task: Task) -> Group:
-    """The oracle's whole episode as a group of one rollout (every assistant token trained on, advantage 0).
+def demonstration_group(
+    tokenizer: PreTrainedTokenizerBase, env: Env, task: Task, policy: Policy | None = None
+) -> Group:
+    """A demonstrator's whole episode as a group of one rollout (all its turns trained on, advantage 0).
+
+    ``policy`` is the demonstrator: the env's oracle by default, or its teacher.
 
     A single-turn env gives the oracle's answer through its end-of-turn token. A multi-turn env gives every
     oracle turn, with the env's answers between them laid out exactly as a multi-turn rollout lays them out
@@ -67,9 +78,10 @@ def demonstration_group(tokenizer: PreTrainedTokenizerBase, env: Env, task: Task
     its first call.
 
     Raises:
-        ValueError: If the oracle does not finish the episode within ``env.max_turns`` turns.
+        ValueError: If the demonstrator does not finish the episode within ``env.max_turns`` turns.
 
     """
+    policy = env.oracle if policy is None else policy
     messages = list(task.messages)
     episode = env.episode(task)
     ids: list[int] = []
@@ -77,7 +89,7 @@ def demonstration_group(tokenizer: PreTrainedTokenizerBase, env: Env, task: Task
     turns: list[str] = []
     close = turn_close_ids(tokenizer, [tokenizer.eos_token_id]) if env.max_turns > 1 else []
     for _ in range(env.max_turns):
-        action = env.oracle(messages)
+        action = policy(messages)
         _, answer = demonstration_ids(tokenizer, messages, action, task.tools)
         ids += answer
         mask += [1] * len(answer)
@@ -95,23 +107,42 @@ def demonstration_group(tokenizer: PreTrainedTokenizerBase, env: Env, task: Task
         messages.append({"role": role, "content": observation})
     else:
         raise ValueError(
-            f"the oracle of env '{env.name}' did not finish task {task.id!r} within max_turns={env.max_turns}"
+            f"the demonstrator of env '{env.name}' did not finish task {task.id!r} within "
+            f"max_turns={env.max_turns}"
         )
     prompt = render_prompt(tokenizer, task.messages, tools=task.tools)
     rollout = Rollout(task, turns, torch.tensor(ids), torch.tensor(mask), torch.zeros(len(ids)))
     return Group(task, torch.tensor(prompt), [rollout], advantages=torch.zeros(1))
 
 
+def demonstrator(env: Env, demos: str) -> Policy:
+    """The policy whose episodes the warm start trains on: ``"oracle"`` or ``"teacher"``.
+
+    Raises:
+        ConfigError: For ``"teacher"`` when the env ships no teacher.
+
+    """
+    if demos == "oracle":
+        return env.oracle
+    teacher = env.teacher()
+    if teacher is None:
+        why = f"env '{env.name}' ships no teacher (Env.teacher returns None)"
+        raise ConfigError([problem("warmstart.demos", demos, why, "use warmstart.demos=oracle")])
+    return teacher
+
+
 def warm_start(trainer: Trainer, max_seconds: float | None = None) -> dict[str, float]:
-    """Run ``cfg.warmstart.steps`` SFT steps on oracle demonstrations; returns the last metrics.
+    """Run ``cfg.warmstart.steps`` SFT steps on demonstrations; returns the last metrics.
 
     Args:
         trainer: The RL trainer whose model, env and accelerator are used.
-        max_seconds: Stop early once this much wall time has passed (for equal-time SFT baselines).
+        max_seconds: Stop early once this much wall time has passed (SFT-only runs of equal wall time).
+            The decision is all-reduced, so every rank stops at the same step.
 
     """
     cfg, acc = trainer.cfg, trainer.accelerator
     ws = cfg.warmstart
+    policy = demonstrator(trainer.env, ws.demos)
     n = ws.steps * ws.batch_size * trainer.world
     tasks = trainer.env.tasks("train", n, seed=cfg.run.seed + WARMSTART_SEED_OFFSET)
     params = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -123,7 +154,7 @@ def warm_start(trainer: Trainer, max_seconds: float | None = None) -> dict[str, 
     for step in range(ws.steps):
         start = (step * trainer.world + trainer.rank) * ws.batch_size
         chunk = tasks[start : start + ws.batch_size]
-        groups = [demonstration_group(trainer.tokenizer, trainer.env, t) for t in chunk]
+        groups = [demonstration_group(trainer.tokenizer, trainer.env, t, policy) for t in chunk]
         batch = collate(groups, trainer.tokenizer.pad_token_id).to(acc.device)
         logp = forward.completion_logprobs(trainer.model, batch, mode=trainer.algo.shared_prompt)  # [B, Lc]
         loss = -(logp * batch.loss_mask).sum() / batch.loss_mask.sum()
@@ -136,10 +167,33 @@ def warm_start(trainer: Trainer, max_seconds: float | None = None) -> dict[str, 
         metrics = {"warmstart/loss": float(loss.detach()), "warmstart/step": step + 1, "warmstart/lr": lr}
         if (step + 1) % max(1, ws.steps // 10) == 0 or step + 1 == ws.steps:
             log.info("warm start step %d/%d  loss %.4f", step + 1, ws.steps, metrics["warmstart/loss"])
-        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+        spent = max_seconds is not None and time.perf_counter() - t0 > max_seconds
+        if max_seconds is not None and trainer.all_reduce_sum(float(spent)):
             log.info("warm start stopped at step %d: %.0f s time budget spent", step + 1, max_seconds)
             break
     trainer.model.eval()
     metrics["warmstart/time_s"] = time.perf_counter() - t0
     trainer.metrics.log(0, metrics)
     return metrics
+
+
+def record_train_time(run_dir: str | Path, warmstart_s: float, rl_s: float, rl_steps: int) -> None:
+    """Write the run's training wall time (``train_time.json``: warm start + RL steps, evals excluded).
+
+    A resumed run adds its time to what the file already holds, so the figure covers the whole run (a session
+    killed before it wrote the file is not counted).
+    """
+    path = Path(run_dir) / TRAIN_TIME_FILE
+    before = json.loads(path.read_text()) if path.is_file() else {}
+    record = {
+        "warmstart_s": before.get("warmstart_s", 0.0) + warmstart_s,
+        "rl_s": before.get("rl_s", 0.0) + rl_s,
+        "rl_steps": rl_steps,
+    }
+    record["total_s"] = record["warmstart_s"] + record["rl_s"]
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def equal_time_budget(run_dir: str | Path) -> float:
+    """The training wall time another run recorded: what an SFT-only comparison run may spend."""
+    return float(json.loads((Path(run_dir) / TRAIN_TIME_FILE).read_text())["total_s"])

@@ -20,7 +20,8 @@ from rltk import evaluate, plugins
 from rltk.config import load_config
 from rltk.errors import user_errors
 from rltk.evaluate import EvalResult
-from rltk.trainer import Trainer, run_warm_start
+from rltk.pipeline import run_warm_start
+from rltk.trainer import Trainer
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
 

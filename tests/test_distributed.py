@@ -24,7 +24,7 @@ from rltk import distributed, evaluate
 from rltk.batch import Failure, Rollout
 from rltk.config import load_config
 from rltk.env import Task
-from rltk.trainer import run
+from rltk.pipeline import run
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "recipes" / "quickstart.yaml")

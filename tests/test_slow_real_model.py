@@ -45,7 +45,7 @@ def test_real_model_rl_steps_then_export(tmp_path: Path) -> None:
         "warmstart.batch_size=4",
     ]
     trainer = Trainer(load_config(str(REPO / "recipes" / "quickstart.yaml"), overrides))
-    from rltk.trainer import run_warm_start
+    from rltk.pipeline import run_warm_start
 
     run_warm_start(trainer)
     trainer.train()

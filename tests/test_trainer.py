@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from rltk import evaluate, forward, rollout
 from rltk.batch import Batch, collate
 from rltk.config import load_config
-from rltk.trainer import Trainer, run, run_warm_start
+from rltk.pipeline import run, run_warm_start
+from rltk.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "recipes" / "quickstart.yaml")

@@ -1,0 +1,72 @@
+"""One ``rltk train`` run, stage by stage: base report, warm start (or SFT only), RL, final report.
+
+    Trainer(cfg) ──▶ [report: base] ──▶ warm start ──▶ [report: after warm start] ──▶ RL ──▶ [report: final]
+                                  └──▶ SFT only, for another run's training wall time ──▶ [report: sft only]
+
+Every run records its training wall time (``train_time.json``), which an SFT-only comparison run reads.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from rltk.config import Config
+from rltk.train_report import TrainReport
+from rltk.trainer import Trainer
+
+log = logging.getLogger("rltk")
+
+
+def run_warm_start(trainer: Trainer, max_seconds: float | None = None) -> float:
+    """SFT on demonstrations, once per run dir; saved as step 0 so a kill before RL loses nothing.
+
+    Returns its wall time in seconds (0 when a resumed run had done it already).
+    """
+    if trainer.resumed_from is not None:
+        return 0.0
+    from rltk.warmstart import warm_start
+
+    trainer.heartbeat.beat(0, "warmstart")
+    seconds = warm_start(trainer, max_seconds)["warmstart/time_s"]
+    trainer.snapshot_reference()
+    trainer.save(0)
+    return seconds
+
+
+def run(cfg: Config) -> Trainer:
+    """Build a trainer, warm-start it if asked, train, and write the proof report if asked: ``rltk train``.
+
+    With ``warmstart.equal_time_as`` the warm start is the whole run (SFT only, for the other run's training
+    wall time). Every run records its own training wall time (``train_time.json``).
+    """
+    from rltk.warmstart import equal_time_budget, record_train_time
+
+    trainer = Trainer(cfg)
+    try:
+        report = TrainReport(trainer) if cfg.eval.report.enabled else None
+        fresh = trainer.resumed_from is None
+        if report and fresh:
+            report.stage("base", f"{cfg.model.name} before training")
+        ws_seconds = 0.0
+        if cfg.warmstart.equal_time_as:
+            budget = equal_time_budget(cfg.warmstart.equal_time_as)
+            log.info("SFT only, for the %.0f s that %s trained", budget, cfg.warmstart.equal_time_as)
+            ws_seconds = run_warm_start(trainer, max_seconds=budget)
+            if report:
+                report.stage("sft only", f"{cfg.run.output_dir} @ step 0 (SFT alone, {budget:.0f} s)")
+        else:
+            if cfg.warmstart.enabled:
+                ws_seconds = run_warm_start(trainer)
+                if report and fresh:
+                    report.stage("after warm start", f"{cfg.run.output_dir} @ step 0")
+            trainer.train(close=False)
+            if report:
+                report.stage("final", f"{cfg.run.output_dir} @ step {cfg.run.steps}")
+        if trainer.accelerator.is_main_process:
+            steps = 0 if cfg.warmstart.equal_time_as else cfg.run.steps
+            record_train_time(trainer.run_dir, ws_seconds, trainer.rl_seconds, steps)
+        if report:
+            report.finish()
+    finally:
+        trainer.close()
+    return trainer
