@@ -356,7 +356,10 @@ def _sampled(p: PolicyEval, s: ReportSettings) -> dict[str, Any] | None:
         "tasks": len(p.samples),
         "n": s.samples,
         "temperature": s.temperature,
-        **estimators.curve(s.samples, counts),
+        **{  # string keys: the report reads the same from memory and from report.json
+            name: {str(k): v for k, v in values.items()}
+            for name, values in estimators.curve(s.samples, counts).items()
+        },
         **_costs(flat),
         "stopped_early": p.note,
     }

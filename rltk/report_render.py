@@ -75,7 +75,7 @@ def _summary(report: dict[str, Any]) -> list[str]:
         row = [p["name"], _ci(g)]
         if n:
             row += (
-                [_pct(sm["pass_at_k"][1]), _pct(sm["pass_at_k"][n]), _pct(sm["pass_hat_k"][n])]
+                [_pct(sm["pass_at_k"]["1"]), _pct(sm["pass_at_k"][str(n)]), _pct(sm["pass_hat_k"][str(n)])]
                 if sm
                 else ["", "", ""]
             )

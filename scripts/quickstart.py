@@ -1,9 +1,11 @@
 """Quickstart: RL on the embedded SmolLM2-135M-Instruct for policy-compliance flagging, on a CPU.
 
-Trains with ``recipes/quickstart.yaml`` (plus any ``key=value`` overrides) and prints held-out greedy
-accuracy on the eval split: the base model, the best constant answer, the best single-rule heuristic, the
-warm-started model (if the recipe warm-starts) and the model after RL, with recall per rule.
-Writes ``eval.json`` into the run dir.
+Trains with ``recipes/quickstart.yaml`` (plus any ``key=value`` overrides), whose ``eval.report`` makes
+``rltk train`` end with the proof report on the held-out eval split: the base model, the model after the
+warm start and after RL (greedy on every task; sampled pass@k, pass^k and best-of-N on the first
+``eval.report.sampled_tasks``), beside the env's teacher (the workflow the model replaces), its oracle and
+its best trivial policy. Prints the report's summary, and the SFT-only row of the committed report
+(``docs/reports/policy_flagging``: SFT alone for the same wall time), and writes the report into the run dir.
 
     python scripts/quickstart.py [run.seed=1] [run.output_dir=runs/qs-seed1]
 """
@@ -11,95 +13,67 @@ Writes ``eval.json`` into the run dir.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from pathlib import Path
 
-from rltk import evaluate, plugins
+from rltk import plugins, report_render
 from rltk.config import load_config
 from rltk.errors import user_errors
-from rltk.evaluate import EvalResult
-from rltk.pipeline import run_warm_start
-from rltk.trainer import Trainer
+from rltk.pipeline import run
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "quickstart.yaml"
+COMMITTED = ROOT / "docs" / "reports" / "policy_flagging" / "report.json"
 
 
-def model_row(trainer: Trainer, tasks: list, name: str) -> EvalResult:
-    """Greedy accuracy of the trainer's current policy on ``tasks``."""
-    answers = evaluate.greedy_completions(
-        trainer.policy, trainer.tokenizer, tasks, trainer.eval_max_new_tokens, batch_size=50
+def committed_sft_only() -> str:
+    """The SFT-only row of the committed report, as one line (or why there is none)."""
+    if not COMMITTED.is_file():
+        return f"(no committed report at {COMMITTED.relative_to(ROOT)} for the SFT-only row)"
+    built = json.loads(COMMITTED.read_text())
+    row = next((p for p in built["policies"] if p["name"] == "sft_only"), None)
+    if row is None:
+        return f"(the committed report {COMMITTED.relative_to(ROOT)} has no sft_only row)"
+    g = row["greedy"]
+    low, high = g["ci95"]
+    return (
+        f"SFT alone for the same wall time (committed report, training seed 0, {g['tasks']} tasks): "
+        f"{100 * g['accuracy']:.1f}% [{100 * low:.1f}, {100 * high:.1f}] greedy ({row['source']})"
     )
-    return evaluate.score(trainer.env, trainer.rubric, tasks, answers, name)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train, evaluate, print the table; exit 2 on bad input."""
+    """Train, print the report; exit 2 on bad input."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. run.seed=1")
     parser.add_argument("--recipe", default=str(RECIPE))
-    parser.add_argument(
-        "--sft-only",
-        type=float,
-        metavar="MINUTES",
-        help="comparison run: no RL; SFT on oracle demonstrations for MINUTES of wall time instead",
-    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        cfg = load_config(args.recipe, args.overrides, resolve=plugins.resolve)
-        t_setup = time.perf_counter()
-        trainer = Trainer(cfg)
-        if trainer.start_step:
+        cfg = load_config(args.recipe, ["eval.report.enabled=true", *args.overrides], resolve=plugins.resolve)
+        if Path(cfg.run.output_dir, "config.yaml").is_file():
             print(
                 f"error: {cfg.run.output_dir} already holds a run; use a new run.output_dir=...",
                 file=sys.stderr,
             )
             return 2
-        setup_s = time.perf_counter() - t_setup
-        tasks = trainer.env.tasks(cfg.eval.split, cfg.eval.n, seed=0)  # one held-out set for every seed
-
         t0 = time.perf_counter()
-        results = [model_row(trainer, tasks, "base model")]
-        eval_s = time.perf_counter() - t0  # the final evaluation costs about as much
-        baselines = evaluate.baseline_results(trainer.env, trainer.rubric, tasks)
-        results += [
-            b for b in (evaluate.best_of(baselines, "constant"), evaluate.best_of(baselines, "only_")) if b
-        ]
-        if args.sft_only:
-            from rltk.warmstart import warm_start
-
-            budget = 60 * args.sft_only - (time.perf_counter() - t0) - eval_s
-            cfg.warmstart.steps = 2_000  # an upper bound: the time budget ends it (~3 s a step on 2 cores)
-            metrics = warm_start(trainer, max_seconds=budget)
-            results.append(model_row(trainer, tasks, f"SFT only ({metrics['warmstart/step']:.0f} steps)"))
-        else:
-            if cfg.warmstart.enabled:
-                run_warm_start(trainer)
-                results.append(model_row(trainer, tasks, "after warm start"))
-            trainer.train()
-            results.append(model_row(trainer, tasks, "after RL"))
+        run(cfg)
         minutes = (time.perf_counter() - t0) / 60
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(
-        f"\nheld-out {cfg.eval.split} split, {len(tasks)} tasks, greedy, one sample, "
-        f"training seed {cfg.run.seed}"
-    )
-    print(evaluate.format_table(results))
-    print(f"\ntraining + evaluation: {minutes:.1f} min (model load/set-up {setup_s:.0f} s, not counted)")
-    final = results[-1]
-    for row in results[:-1]:
-        print(f"{final.name} vs {row.name}: {100 * (final.accuracy - row.accuracy):+.1f} points")
-    evaluate.write_report(
-        Path(cfg.run.output_dir) / "eval.json",
-        results,
-        {"env": cfg.env.name, "split": cfg.eval.split, "n": len(tasks), "minutes": minutes},
-    )
+    out = Path(cfg.run.output_dir) / "report"
+    built = json.loads((out / "report.json").read_text())
+    print(f"\nheld-out {cfg.eval.split} split, {built['tasks']} tasks, training seed {cfg.run.seed}\n")
+    print(report_render.summary(built))
+    print(f"\n{committed_sft_only()}")
+    print(f"\ntraining + report: {minutes:.1f} min (model load included); full report: {out}/report.md")
     return 0
 
 
