@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display (CI, servers)
 import matplotlib.pyplot as plt
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 
 def _pct(x: float | None) -> str:
@@ -63,7 +64,7 @@ def _summary(report: dict[str, Any]) -> list[str]:
     multi = any((p["greedy"].get("tool_calls") or 0) > 0 for p in report["policies"])
     env_cost = any("env_cost_per_1000" in p["greedy"] for p in report["policies"])
     head = ["policy", "greedy accuracy [95% CI]"]
-    head += ["sampled pass@1", f"pass@{n}", f"pass^{n}"] if n else []
+    head += ["sampled pass@1", f"pass@{n} (upper bound: uses the key)", f"pass^{n}"] if n else []
     head += [f"best-of-{bon} [95% CI]"] if bon else []
     head += ["generated tokens / task", "context tokens / task", "s / task"]
     head += ["turns", "tool calls"] if multi else []
@@ -175,7 +176,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """Accuracy against generated tokens per task: models (greedy, best-of-N) as points, scripts as lines."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    fig, ax = plt.subplots(figsize=(9.5, 4.8), dpi=120)
     xs: list[float] = []
     for i, p in enumerate(report["policies"]):
         color = f"C{i}"
@@ -208,6 +209,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 label=label,
             )
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     if xs:
         ax.set_xlim(min(xs) / 2, max(xs) * 2)
     ax.set_xlabel("generated tokens per task (log)")
@@ -215,7 +219,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_ylim(-2, 102)
     ax.set_title(f"{report['env']}: {report['tasks']} held-out tasks, 95% intervals")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
