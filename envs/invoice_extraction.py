@@ -37,14 +37,7 @@ from typing import Any, ClassVar
 from rltk_envs import data
 from rltk_envs.invoice_reader import read_document
 from rltk_envs.invoice_teacher import TemplateExtractorTeacher
-from rltk_rewards.invoice import (
-    _norm_currency,
-    _norm_text,
-    parse_amount,
-    parse_date,
-    parse_reply,
-    score_reply,
-)
+from rltk_rewards.invoice import normalize, parse_reply, score_reply
 
 from rltk.env import SPLITS, Env, FinalAnswer, Message, Policy, Task, Teacher, check_choice, draw_task
 
@@ -284,16 +277,7 @@ class InvoiceExtractionEnv(Env):
             if value is None or value == "":
                 votes[key] = None
                 continue
-            if kind == "number":
-                amount = parse_amount(value)
-                norm: Hashable = None if amount is None else round(amount, 2)
-            elif kind == "date":
-                norm = parse_date(value)
-            elif kind == "currency":
-                code = _norm_currency(value)
-                norm = code if code and re.fullmatch(r"[A-Z]{3}", code) else None
-            else:
-                norm = _norm_text(value) or None
+            norm = normalize(kind, value)
             if norm is not None:
                 votes[key] = norm
         return votes

@@ -36,7 +36,7 @@ from functools import cache
 from typing import Any, ClassVar
 
 from rltk_envs import data
-from rltk_envs.sqlite_sandbox import _FENCE, SHOW_ROWS, Database, SqlError, same_result, show
+from rltk_envs.sqlite_sandbox import SHOW_ROWS, Database, SqlError, bare_sql, same_result, show
 
 from rltk.env import SPLITS, Message, Policy, Task, Teacher, check_choice, draw_task, prompt_hash, split_of
 from rltk.tools import FinalAnswer, ToolEnv, ToolEpisode, protocol_prompt
@@ -281,7 +281,7 @@ class SqlAnalyticsEnv(ToolEnv):
         """
         if not actions or not isinstance(action := self.protocol.parse(actions[-1]), FinalAnswer):
             return None
-        sql = _FENCE.sub("", action.text.strip()).strip().rstrip(";").strip()
+        sql = bare_sql(action.text)
         tokens = re.findall(r"'(?:[^']|'')*'?|\w+(?:\.\w+)*|<=|>=|<>|!=|==|\|\||\S", sql)
         tokens = [t if t.startswith("'") else t.lower() for t in tokens]
         if not tokens or tokens[0] not in ("select", "with") or ";" in tokens:

@@ -46,6 +46,17 @@ BUILD_TIMEOUT_S = 30.0  # starting a worker and building a database take millise
 MAX_DATABASES = 128  # held by the worker at once (least recently used dropped first, rebuilt on demand)
 SHOW_ROWS, SHOW_CHARS = 12, 600
 _FENCE = re.compile(r"^```(?:sql)?\s*|\s*```$", re.IGNORECASE)
+
+
+def bare_sql(text: str) -> str:
+    """A query as the sandbox runs it: code fence, surrounding space and trailing semicolons dropped.
+
+    >>> bare_sql("```sql SELECT 1; ```")
+    'SELECT 1'
+    """
+    return _FENCE.sub("", text.strip()).strip().rstrip(";").strip()
+
+
 _WORKER_ERRORS = (EOFError, OSError, pickle.UnpicklingError, ValueError)  # died, or answered nonsense
 
 
@@ -201,7 +212,7 @@ class Database:
             SqlError: The query was refused, failed, or ran past a limit (the message says which).
 
         """
-        sql = _FENCE.sub("", sql.strip()).strip().rstrip(";").strip()
+        sql = bare_sql(sql)
         if not sql:
             raise SqlError("empty query: write one SELECT statement")
         if len(sql) > MAX_SQL_CHARS:

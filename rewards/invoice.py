@@ -18,7 +18,7 @@ import datetime as dt
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 from rltk.reward import reward_fn
@@ -154,6 +154,25 @@ def _norm_currency(value: Any) -> str | None:
 
 def _norm_text(value: Any) -> str | None:
     return re.sub(r"[\W_]+", "", value.casefold()) if isinstance(value, str) else None
+
+
+def normalize(kind: str, value: Any) -> Hashable | None:
+    """A field's value in the form answers are compared in; None when it cannot be right (best-of-N votes).
+
+    >>> normalize("number", "$1,204.50"), normalize("currency", "€"), normalize("text", "ACME, Inc.")
+    (1204.5, 'EUR', 'acmeinc')
+    >>> normalize("currency", "dollars") is None
+    True
+    """
+    if kind == "number":
+        amount = parse_amount(value)
+        return None if amount is None else round(amount, 2)
+    if kind == "date":
+        return parse_date(value)
+    if kind == "currency":
+        code = _norm_currency(value)
+        return code if code and re.fullmatch(r"[A-Z]{3}", code) else None
+    return _norm_text(value) or None
 
 
 def _same(kind: str, got: Any, gold: Any) -> bool:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rltk import report, report_render
+from rltk import report, report_build, report_render
 from rltk.env import Env
 from rltk.reward import Rubric
 
@@ -137,6 +137,6 @@ def run(
         rows += report.scripted_policies(env, rubric, tasks)
     finally:
         rubric.close()
-    built = report.build_report(env, tasks, rows, settings, meta)
+    built = report_build.build_report(env, tasks, rows, settings, meta)
     report_render.write(out_dir, built)
     return built

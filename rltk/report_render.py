@@ -1,4 +1,4 @@
-"""Write a proof report (:func:`rltk.report.build_report`) as ``report.json``, ``.md`` and ``.png``.
+"""Write a proof report (:func:`rltk.report_build.build_report`) as ``report.json``, ``.md`` and ``.png``.
 
 The picture is the report's question at a glance: accuracy against generated tokens per task (log scale),
 one point per model policy with its 95% interval, best-of-N drawn at N samples' cost, and the scripted

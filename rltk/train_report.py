@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rltk import report, report_render
+from rltk import report, report_build, report_render
 
 if TYPE_CHECKING:
     from rltk.trainer import Trainer
@@ -97,7 +97,7 @@ class TrainReport:
         rows = [_load(self._path(n)) for n in self.stages if self._path(n).is_file()]
         rows += report.scripted_policies(t.env, t.rubric, self.tasks)
         meta = {"env_options": dict(t.cfg.env.options), "split": t.cfg.eval.split, "task_seed": 0}
-        built = report.build_report(t.env, self.tasks, rows, self.settings, meta)
+        built = report_build.build_report(t.env, self.tasks, rows, self.settings, meta)
         paths = report_render.write(self.dir, built)
         log.info("proof report written: %s\n%s", ", ".join(map(str, paths)), report_render.summary(built))
         return built

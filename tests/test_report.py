@@ -16,7 +16,7 @@ import pytest
 from conftest import make_tiny_model
 from env_contract import _TEACHER_RUNNING, GuardedReference, ReferenceRead
 
-from rltk import estimators, plugins, report, report_render
+from rltk import estimators, plugins, report, report_build, report_render
 from rltk.bestofn import Candidate, Pick, select
 from rltk.chat import render_prompt
 from rltk.cli import main
@@ -391,7 +391,7 @@ def _report(
         for s, n in models
     ]
     rows += report.scripted_policies(env, rubric, tasks)
-    return report.build_report(env, tasks, rows, settings, {"split": "eval"}), rows
+    return report_build.build_report(env, tasks, rows, settings, {"split": "eval"}), rows
 
 
 def test_report_numbers_on_tiny_models(tokenizer, rubrics: dict[str, Rubric]) -> None:
@@ -477,7 +477,7 @@ def test_multi_turn_report(tokenizer, rubrics: dict[str, Rubric], tmp_path: Path
         make_tiny_model(tokenizer), tokenizer, env, rubric, tasks, settings, "m", "tiny"
     )
     rows = [model, *report.scripted_policies(env, rubric, tasks)]
-    built = report.build_report(env, tasks, rows, settings, {})
+    built = report_build.build_report(env, tasks, rows, settings, {})
     by_name = {p["name"]: p for p in built["policies"]}
     teacher, oracle, m = by_name["teacher"]["greedy"], by_name["oracle"]["greedy"], by_name["m"]["greedy"]
     assert teacher["generated_tokens"] is None and teacher["context_tokens"] is None
