@@ -52,8 +52,12 @@ class ModelSpec:
 def parse_specs(args: list[str]) -> list[ModelSpec]:
     """Parse and check ``NAME=MODEL[@STEP]`` arguments; every problem is named at once.
 
-    >>> parse_specs(["base=smollm2-135m-instruct", "rl=runs/x@40"])[1]
-    ModelSpec(name='rl', model='runs/x', step=40)
+    >>> parse_specs(["base=smollm2-135m-instruct", "rl=runs/quickstart"])[1]
+    ModelSpec(name='rl', model='runs/quickstart', step=None)
+    >>> parse_specs(["rl"])
+    Traceback (most recent call last):
+    ...
+    rltk.compare.CompareError: 'rl' is not NAME=MODEL or NAME=RUN_DIR@STEP (e.g. rl=runs/quickstart@80)
     """
     specs, problems = [], []
     for arg in args:
