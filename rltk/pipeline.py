@@ -44,9 +44,8 @@ def run(cfg: Config) -> Trainer:
     trainer = Trainer(cfg)
     try:
         report = TrainReport(trainer) if cfg.eval.report.enabled else None
-        fresh = trainer.resumed_from is None
-        if report and fresh:
-            report.stage("base", f"{cfg.model.name} before training")
+        if report:  # a resumed run keeps the stage from before, or has none: its weights moved on
+            report.stage("base", f"{cfg.model.name} before training", now=trainer.resumed_from is None)
         ws_seconds = 0.0
         if cfg.warmstart.equal_time_as:
             budget = equal_time_budget(cfg.warmstart.equal_time_as)
@@ -57,11 +56,13 @@ def run(cfg: Config) -> Trainer:
         else:
             if cfg.warmstart.enabled:
                 ws_seconds = run_warm_start(trainer)
-                if report and fresh:
-                    report.stage("after warm start", f"{cfg.run.output_dir} @ step 0")
+                if report:
+                    source = f"{cfg.run.output_dir} @ step 0"
+                    report.stage("after warm start", source, now=trainer.start_step == 0)
+            trained = trainer.start_step < cfg.run.steps  # this session moved the weights
             trainer.train(close=False)
             if report:
-                report.stage("final", f"{cfg.run.output_dir} @ step {cfg.run.steps}")
+                report.stage("final", f"{cfg.run.output_dir} @ step {cfg.run.steps}", again=trained)
         if trainer.accelerator.is_main_process:
             steps = 0 if cfg.warmstart.equal_time_as else cfg.run.steps
             record_train_time(trainer.run_dir, ws_seconds, trainer.rl_seconds, steps)

@@ -73,11 +73,19 @@ class TrainReport:
     def _path(self, name: str) -> Path:
         return self.dir / "stages" / f"{name.replace(' ', '_')}.json"
 
-    def stage(self, name: str, source: str) -> None:
-        """Evaluate the current policy as row ``name`` (once per run dir: a resumed run keeps the first)."""
+    def stage(self, name: str, source: str, now: bool = True, again: bool = False) -> None:
+        """Evaluate the current policy as row ``name``, once per run dir (a resumed run keeps the first).
+
+        ``now``: whether the current policy still is that stage's; a resumed run whose weights moved past a
+        stage it has no record of leaves the row out (and says so). ``again``: evaluate even if the stage is
+        on file (the final model of a run that trained further).
+        """
         t = self.trainer
         self.stages.append(name)
-        if self._path(name).is_file():
+        if self._path(name).is_file() and not again:
+            return
+        if not now:
+            log.warning("report: no row %r (the run resumed past it before it was evaluated)", name)
             return
         if t.accelerator.is_main_process:
             t.heartbeat.beat(0, f"report: {name}")

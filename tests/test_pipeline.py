@@ -53,6 +53,19 @@ def test_train_ends_with_the_report_and_records_its_wall_time(tiny_model_dir: st
     assert times["rl_s"] == pytest.approx(sum(rl))  # RL steps only: evals and saves excluded
 
 
+def test_a_resumed_run_keeps_the_stages_it_passed(tiny_model_dir: str, tmp_path: Path) -> None:
+    overrides = [*tiny_overrides(tiny_model_dir, tmp_path), *REPORT]
+    run(load_config(RECIPE, overrides))
+    base = (tmp_path / "report" / "stages" / "base.json").read_text()
+    run(load_config(RECIPE, [*overrides, "run.steps=3"]))  # resumes at step 2, trains one more step
+    rows = json.loads((tmp_path / "report" / "report.json").read_text())["policies"]
+    assert [p["name"] for p in rows[:3]] == ["base", "after warm start", "final"]
+    assert rows[2]["source"].endswith("@ step 3")  # the final model evaluated again after the new step
+    assert (tmp_path / "report" / "stages" / "base.json").read_text() == base  # kept, not re-evaluated
+    times = json.loads((tmp_path / "train_time.json").read_text())
+    assert times["rl_steps"] == 3
+
+
 def test_sft_only_trains_for_the_other_runs_wall_time(tiny_model_dir: str, tmp_path: Path) -> None:
     first, second = tmp_path / "rl", tmp_path / "sft"
     run(
