@@ -17,20 +17,19 @@ from rltk.trainer import Trainer
 log = logging.getLogger("rltk")
 
 
-def run_warm_start(trainer: Trainer, max_seconds: float | None = None) -> float:
+def run_warm_start(trainer: Trainer, max_seconds: float | None = None) -> None:
     """SFT on demonstrations, once per run dir; saved as step 0 so a kill before RL loses nothing.
 
-    Returns its wall time in seconds (0 when a resumed run had done it already).
+    Its wall time goes into ``trainer.warmstart_seconds`` (a resumed run kept it from its checkpoints).
     """
     if trainer.resumed_from is not None:
-        return 0.0
+        return
     from rltk.warmstart import warm_start
 
     trainer.heartbeat.beat(0, "warmstart")
-    seconds = warm_start(trainer, max_seconds)["warmstart/time_s"]
+    trainer.warmstart_seconds = warm_start(trainer, max_seconds)["warmstart/time_s"]
     trainer.snapshot_reference()
     trainer.save(0)
-    return seconds
 
 
 def run(cfg: Config) -> Trainer:
@@ -46,16 +45,15 @@ def run(cfg: Config) -> Trainer:
         report = TrainReport(trainer) if cfg.eval.report.enabled else None
         if report:  # a resumed run keeps the stage from before, or has none: its weights moved on
             report.stage("base", f"{cfg.model.name} before training", now=trainer.resumed_from is None)
-        ws_seconds = 0.0
         if cfg.warmstart.equal_time_as:
             budget = equal_time_budget(cfg.warmstart.equal_time_as)
             log.info("SFT only, for the %.0f s that %s trained", budget, cfg.warmstart.equal_time_as)
-            ws_seconds = run_warm_start(trainer, max_seconds=budget)
+            run_warm_start(trainer, max_seconds=budget)
             if report:
                 report.stage("sft only", f"{cfg.run.output_dir} @ step 0 (SFT alone, {budget:.0f} s)")
         else:
             if cfg.warmstart.enabled:
-                ws_seconds = run_warm_start(trainer)
+                run_warm_start(trainer)
                 if report:
                     source = f"{cfg.run.output_dir} @ step 0"
                     report.stage("after warm start", source, now=trainer.start_step == 0)
@@ -65,7 +63,7 @@ def run(cfg: Config) -> Trainer:
                 report.stage("final", f"{cfg.run.output_dir} @ step {cfg.run.steps}", again=trained)
         if trainer.accelerator.is_main_process:
             steps = 0 if cfg.warmstart.equal_time_as else cfg.run.steps
-            record_train_time(trainer.run_dir, ws_seconds, trainer.rl_seconds, steps)
+            record_train_time(trainer.run_dir, trainer.warmstart_seconds, trainer.rl_seconds, steps)
         if report:
             report.finish()
     finally:

@@ -113,7 +113,8 @@ class Trainer:
             self.snapshot_reference()
         self.train_tasks = self.env.tasks("train", self.train_pool_size(), seed=cfg.run.seed)
         self.start_step = 0
-        self.rl_seconds = 0.0  # wall time of this session's RL steps (evals and saves excluded)
+        # training wall time so far (evals and saves excluded), kept in checkpoints: train_time.json
+        self.warmstart_seconds = self.rl_seconds = 0.0
         self.resumed_from: Path | None = None
         self.metrics = MetricsLogger(
             self.run_dir,
@@ -174,6 +175,8 @@ class Trainer:
         state = checkpoint.load(path, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler)
         if "reference" in state["extra"]:
             self.reference = state["extra"]["reference"]
+        seconds = state["extra"].get("train_seconds", {})
+        self.warmstart_seconds, self.rl_seconds = seconds.get("warmstart", 0.0), seconds.get("rl", 0.0)
         self.start_step = int(state["step"])
         self.resumed_from = path
         self.metrics.truncate_after(self.start_step, until=float(state["saved_at"]))
@@ -189,7 +192,8 @@ class Trainer:
     def train(self, close: bool = True) -> None:
         """Run RL from ``start_step`` to ``run.steps``, saving and logging as configured.
 
-        Adds each step's wall time to ``rl_seconds``. ``close``: release the run (:meth:`close`) at the end.
+        Adds each step's wall time to ``rl_seconds`` (kept in checkpoints: a resumed run counts the steps it
+        kept). ``close``: release the run (:meth:`close`) at the end.
         """
         cfg = self.cfg
         progress = Progress(
@@ -289,6 +293,7 @@ class Trainer:
                 scheduler=self.scheduler,
                 extra={
                     "data_position": (step * self.world) * self.cfg.rollout.prompts_per_step,
+                    "train_seconds": {"warmstart": self.warmstart_seconds, "rl": self.rl_seconds},
                     **({"reference": self.reference} if self.reference is not None else {}),
                 },
                 keep_last_n=self.cfg.run.keep_last_n,

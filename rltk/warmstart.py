@@ -180,18 +180,11 @@ def warm_start(trainer: Trainer, max_seconds: float | None = None) -> dict[str, 
 def record_train_time(run_dir: str | Path, warmstart_s: float, rl_s: float, rl_steps: int) -> None:
     """Write the run's training wall time (``train_time.json``: warm start + RL steps, evals excluded).
 
-    A resumed run adds its time to what the file already holds, so the figure covers the whole run (a session
-    killed before it wrote the file is not counted).
+    The seconds are the run's own (a resumed run's trainer restores them from its checkpoint, so the steps a
+    kill lost and redid count once).
     """
-    path = Path(run_dir) / TRAIN_TIME_FILE
-    before = json.loads(path.read_text()) if path.is_file() else {}
-    record = {
-        "warmstart_s": before.get("warmstart_s", 0.0) + warmstart_s,
-        "rl_s": before.get("rl_s", 0.0) + rl_s,
-        "rl_steps": rl_steps,
-    }
-    record["total_s"] = record["warmstart_s"] + record["rl_s"]
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    record = {"warmstart_s": warmstart_s, "rl_s": rl_s, "rl_steps": rl_steps, "total_s": warmstart_s + rl_s}
+    (Path(run_dir) / TRAIN_TIME_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def equal_time_budget(run_dir: str | Path) -> float:

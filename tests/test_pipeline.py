@@ -64,6 +64,8 @@ def test_a_resumed_run_keeps_the_stages_it_passed(tiny_model_dir: str, tmp_path:
     assert (tmp_path / "report" / "stages" / "base.json").read_text() == base  # kept, not re-evaluated
     times = json.loads((tmp_path / "train_time.json").read_text())
     assert times["rl_steps"] == 3
+    steps = [r["time/step_s"] for r in _metrics(tmp_path) if "time/step_s" in r]
+    assert len(steps) == 3 and times["rl_s"] == pytest.approx(sum(steps))  # the first run's steps kept
 
 
 def test_sft_only_trains_for_the_other_runs_wall_time(tiny_model_dir: str, tmp_path: Path) -> None:
