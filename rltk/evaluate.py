@@ -17,10 +17,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rltk.batch import Failure, Group, Rollout
-from rltk.chat import render_prompt
 from rltk.env import Env, Policy, Task, run_policy
 from rltk.reward import Rubric
-from rltk.rollout import ENV_TIMEOUT_S, SamplingParams, eos_token_ids, generate, guarded_step, sample_turn
+from rltk.rollout import ENV_TIMEOUT_S, generate, guarded_step
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
 
@@ -45,27 +44,35 @@ class EvalResult:
     by_tag: dict[str, float] = field(default_factory=dict)
 
 
-def greedy_completions(
+def judged_groups(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
+    env: Env,
+    rubric: Rubric,
     tasks: list[Task],
+    *,
+    group_size: int,
+    temperature: float,
     max_new_tokens: int,
-    batch_size: int = 32,
-) -> list[str]:
-    """Greedy single-turn answers for ``tasks``, batched; the shared prompt prefix is prefilled once."""
-    was_training = model.training
-    model.eval()
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    eos = eos_token_ids(model, tokenizer)
-    out: list[str] = []
-    with torch.no_grad():
-        for i in range(0, len(tasks), batch_size):
-            chunk = tasks[i : i + batch_size]
-            prompts = [torch.tensor(render_prompt(tokenizer, t.messages, tools=t.tools)) for t in chunk]
-            samples = sample_turn(model, prompts, 1, params, eos, tokenizer.pad_token_id)
-            out.extend(tokenizer.decode(s.token_ids.tolist(), skip_special_tokens=True) for s in samples)
-    model.train(was_training)
-    return out
+    seed: int | None = None,
+) -> list[Group]:
+    """``group_size`` episodes of each task from the rollout engine (``temperature`` 0: greedy), judged.
+
+    The one way eval plays a model (held-out evals, ``rltk eval``, the proof report): the sampler training
+    uses (:func:`rltk.rollout.generate`), single- and multi-turn alike, then the env's verdict and the rubric.
+    """
+    groups = generate(
+        model,
+        tokenizer,
+        env,
+        tasks,
+        group_size=group_size,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+    )
+    rubric.score(groups)
+    return groups
 
 
 def judge(
@@ -123,22 +130,14 @@ def model_rollouts(
     batch_size: int = 32,
 ) -> list[Rollout]:
     """The judged greedy rollouts behind :func:`model_result`, one per task in the order of ``tasks``."""
-    if env.max_turns <= 1:
-        answers = greedy_completions(model, tokenizer, tasks, max_new_tokens, batch_size)
-        return judge(env, rubric, tasks, answers)
-    groups: list[Group] = []
+    rollouts: list[Rollout] = []
     for i in range(0, len(tasks), batch_size):
-        groups += generate(
-            model,
-            tokenizer,
-            env,
-            tasks[i : i + batch_size],
-            group_size=1,
-            max_new_tokens=max_new_tokens,
-            temperature=0.0,
+        chunk = tasks[i : i + batch_size]
+        groups = judged_groups(
+            model, tokenizer, env, rubric, chunk, group_size=1, temperature=0.0, max_new_tokens=max_new_tokens
         )
-    rubric.score(groups)
-    return [g.rollouts[0] for g in groups]
+        rollouts += [g.rollouts[0] for g in groups]
+    return rollouts
 
 
 def evaluate_policy(env: Env, rubric: Rubric, tasks: list[Task], policy: Policy, name: str) -> EvalResult:

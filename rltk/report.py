@@ -24,13 +24,12 @@ from typing import Literal
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rltk.batch import Group, Rollout
+from rltk.batch import Rollout
 from rltk.bestofn import Candidate, select
 from rltk.env import Env, FinalAnswer, Policy, Task
-from rltk.evaluate import judge, policy_rollouts
+from rltk.evaluate import judge, judged_groups, policy_rollouts
 from rltk.progress import Progress
 from rltk.reward import Rubric
-from rltk.rollout import generate
 
 PolicyKind = Literal["model", "teacher", "oracle", "trivial"]
 UNSOLVED_STOP = 50  # a model that solves none of the first 50 tasks in any sample: sampling stops there
@@ -162,17 +161,17 @@ def _play(
     seed: int,
 ) -> list[list[Attempt]]:
     """``group_size`` judged episodes per task (``temperature`` 0: greedy), as attempts ``[P, G]``."""
-    groups: list[Group] = generate(
+    groups = judged_groups(
         model,
         tokenizer,
         env,
+        rubric,
         tasks,
         group_size=group_size,
-        max_new_tokens=max_new_tokens,
         temperature=temperature,
+        max_new_tokens=max_new_tokens,
         seed=seed,
     )
-    rubric.score(groups)
     return [[attempt_of(env, r, len(g.prompt_ids)) for r in g.rollouts] for g in groups]
 
 

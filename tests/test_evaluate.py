@@ -11,10 +11,14 @@ from rltk.env import run_policy
 from rltk.reward import Rubric
 
 
-def test_greedy_completions_equal_plain_generate(tiny_model, tokenizer) -> None:
+def test_greedy_eval_answers_equal_plain_generate(tiny_model, tokenizer) -> None:
     env = plugins.get_env("policy_flagging")()
     tasks = env.tasks("eval", 5, seed=0)
-    got = evaluate.greedy_completions(tiny_model, tokenizer, tasks, max_new_tokens=6, batch_size=3)
+    rubric = Rubric.from_config([], env)
+    rollouts = evaluate.model_rollouts(
+        tiny_model, tokenizer, env, rubric, tasks, max_new_tokens=6, batch_size=3
+    )
+    got = [r.turns[0] for r in rollouts]
     want = []
     for t in tasks:
         ids = torch.tensor([render_prompt(tokenizer, t.messages)])
