@@ -149,32 +149,6 @@ def attempt_of(env: Env, rollout: Rollout, prompt_len: int | None) -> Attempt:
     return attempt
 
 
-def _play(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    env: Env,
-    rubric: Rubric,
-    tasks: list[Task],
-    group_size: int,
-    temperature: float,
-    max_new_tokens: int,
-    seed: int,
-) -> list[list[Attempt]]:
-    """``group_size`` judged episodes per task (``temperature`` 0: greedy), as attempts ``[P, G]``."""
-    groups = judged_groups(
-        model,
-        tokenizer,
-        env,
-        rubric,
-        tasks,
-        group_size=group_size,
-        temperature=temperature,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-    )
-    return [[attempt_of(env, r, len(g.prompt_ids)) for r in g.rollouts] for g in groups]
-
-
 def evaluate_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -191,14 +165,21 @@ def evaluate_model(
     so): best-of-N cannot pick a right answer that was never sampled.
     """
     s = settings
+
+    def play(chunk: list[Task], group_size: int, temperature: float, seed: int) -> list[list[Attempt]]:
+        """``group_size`` judged episodes per task (``temperature`` 0: greedy), as attempts ``[P, G]``."""
+        groups = judged_groups(
+            model, tokenizer, env, rubric, chunk, group_size=group_size, temperature=temperature,
+            max_new_tokens=s.max_new_tokens, seed=seed,
+        )  # fmt: skip
+        return [[attempt_of(env, r, len(g.prompt_ids)) for r in g.rollouts] for g in groups]
+
     result = PolicyEval(name, "model", source, greedy=[])
     t0 = time.perf_counter()
     progress = Progress(f"{name}: greedy, {len(tasks)} tasks", len(tasks))
     for i in range(0, len(tasks), s.batch_size):
         chunk = tasks[i : i + s.batch_size]
-        result.greedy += [
-            a[0] for a in _play(model, tokenizer, env, rubric, chunk, 1, 0.0, s.max_new_tokens, 0)
-        ]
+        result.greedy += [a[0] for a in play(chunk, 1, 0.0, 0)]
         progress.update(len(chunk))
     progress.close()
     result.seconds["greedy"] = time.perf_counter() - t0
@@ -212,9 +193,7 @@ def evaluate_model(
     for i in range(0, len(sampled), per_call):
         chunk = sampled[i : i + per_call]
         seed = s.seed + i  # per chunk: the same samples whatever came before
-        result.samples += _play(
-            model, tokenizer, env, rubric, chunk, s.samples, s.temperature, s.max_new_tokens, seed
-        )
+        result.samples += play(chunk, s.samples, s.temperature, seed)
         progress.update(len(chunk))
         solved = any(a.correct for row in result.samples for a in row)
         if len(result.samples) >= UNSOLVED_STOP and not solved:
