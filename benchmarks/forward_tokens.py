@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from rltk import forward
+from rltk import forward, prefix
 from rltk.batch import Batch
 from rltk.chat import render_prompt
 from rltk.models import add_lora, load_model, load_tokenizer
@@ -133,7 +133,7 @@ def main() -> None:
         prompts = random_prompts(p, args.prompt_len, args.shared_prefix, vocab, gen)
     batch = make_batch(prompts, g, lc, vocab, gen)
     lp = batch.prompt_ids.shape[1]
-    c = forward.shared_prefix_length(batch.prompt_ids, batch.prompt_mask)
+    c = prefix.shared_prefix_length(batch.prompt_ids, batch.prompt_mask)
     print(f"P={p} G={g} Lp={lp} (prompts {min(map(len, prompts))}..{lp}) Lc={lc} shared prefix C={c}")
     tokens = {
         "plain": p * g * (lp + lc),
@@ -165,8 +165,8 @@ def main() -> None:
 
     model.eval()
     for name, prefix_len in (("prefill per group", 0), ("prefill shared prefix", c)):
-        ids, mask = forward.shared_prefix_layout(batch.prompt_ids, batch.prompt_mask, prefix_len)
-        run = functools.partial(forward.prefill, model, ids[:, :-1], mask[:, :-1], prefix_len)
+        ids, mask = prefix.shared_prefix_layout(batch.prompt_ids, batch.prompt_mask, prefix_len)
+        run = functools.partial(prefix.prefill, model, ids[:, :-1], mask[:, :-1], prefix_len)
         with torch.no_grad():
             times, _ = timed(run, args.repeats)
         print(f"{name:>22}: median {statistics.median(times):.3f}s (min {min(times):.3f}s)")

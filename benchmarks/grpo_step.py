@@ -51,7 +51,7 @@ def time_rltk(args: argparse.Namespace, out_dir: str) -> list[float]:
         "rollout.temperature=1.0",
         "algorithm.name=grpo",
         "algorithm.beta=0.0",
-        "algorithm.updates_per_batch=1",
+        "algorithm.epochs=1",
         f"algorithm.shared_prompt={args.shared_prompt}",
         f"optim.groups_per_micro_batch={args.prompts}",
         "warmstart.enabled=false",

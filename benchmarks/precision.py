@@ -74,7 +74,7 @@ def main() -> None:
     if args.init:
         saved = torch.load(args.init)
         with torch.no_grad():
-            for name, p in trainer.policy.named_parameters():
+            for name, p in trainer.policy.lm.named_parameters():
                 if p.requires_grad:
                     p.copy_(saved[name])
     elif args.warm_start_steps:
@@ -82,7 +82,7 @@ def main() -> None:
     warm_s = time.perf_counter() - t0
     torch.manual_seed(cfg.run.seed)
     groups = rollout.generate(
-        trainer.policy,
+        trainer.policy.lm,
         trainer.tokenizer,
         trainer.env,
         trainer.tasks_for_step(0),
@@ -91,15 +91,17 @@ def main() -> None:
         temperature=cfg.rollout.temperature,
     )
     trainer.rubric.score(groups)
-    kept = advantage.compute(groups, trainer.algo).groups
+    kept = advantage.select(groups, trainer.algo).groups
     pad = trainer.tokenizer.pad_token_id
     per_group = [collate([g], pad) for g in kept]  # the plain forward of 64 rows would take >20 GB
     k = args.groups_per_batch or cfg.optim.groups_per_micro_batch
     as_trained = [collate(kept[i : i + k], pad) for i in range(0, len(kept), k)]  # left-padded prompts
-    params = {n: p for n, p in trainer.policy.named_parameters() if p.requires_grad}
-    if hasattr(trainer.policy, "_original_forward"):  # accelerate wrapped forward in the run's autocast
-        trainer.policy.forward = trainer.policy._original_forward
-    trainer.policy.train()
+    for batches in (per_group, as_trained):
+        advantage.assign(batches, trainer.algo)
+    params = {n: p for n, p in trainer.policy.lm.named_parameters() if p.requires_grad}
+    if hasattr(trainer.policy.lm, "_original_forward"):  # accelerate wrapped forward in the run's autocast
+        trainer.policy.lm.forward = trainer.policy.lm._original_forward
+    trainer.policy.lm.train()
 
     def measure(mode: str, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``([N] first-token log-probs, [D] gradient of J)`` with ``mode`` at the given precision."""
@@ -109,7 +111,7 @@ def main() -> None:
         for batch in per_group if mode == "off" else as_trained:
             ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
             with ctx:
-                logp = forward.completion_logprobs(trainer.policy, batch, mode=mode)  # [n, Lc]
+                logp = forward.completion_logprobs(trainer.policy.lm, batch, mode=mode)  # [n, Lc]
             adv = batch.advantages if batch.advantages.dim() == 1 else batch.advantages[:, 0]  # [n]
             ((logp * batch.loss_mask).sum(-1) * adv).sum().backward()
             firsts.append(logp.detach()[:, 0])

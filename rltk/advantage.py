@@ -1,10 +1,25 @@
-"""Stage "advantage": turn each group's rewards into per-completion advantages.
+"""Stage "advantage": which groups a step learns from, and each kept token's advantage.
 
-An *estimator* maps one :class:`~rltk.batch.Group` (rewards already set by the reward stage) to its
-advantages: ``[G]`` for sequence-level estimators (every token of completion ``i`` gets ``A_i``) or
-``[G, L]`` for token-level ones. Estimators are registered in :data:`ESTIMATORS`; :func:`compute` picks one
-by ``cfg.estimator`` (default ``"group_relative"``), applies DAPO's dynamic sampling and returns metrics.
-PPO's GAE (token-level, needs a value head) will be one more entry in :data:`ESTIMATORS`.
+    groups ──select──▶ kept groups ──collate, experience pass──▶ micro-batches ──assign──▶ advantages
+
+:func:`select` drops groups before the update: those that failures left with fewer than 2 scored rollouts,
+and (dynamic sampling) those whose rewards all agree. After the experience pass (old and reference
+log-probs, values), :func:`assign` runs the configured *estimator* on every micro-batch and sets
+``batch.advantages`` (and ``batch.returns`` for a critic).
+
+Every estimator has one batch-level signature (as verl's ``compute_*_advantage`` functions)::
+
+    estimator(EstimatorInputs(rewards [N], mask [N, L], group_size G,
+                              values [N, L] | None, penalty [N, L] | None), cfg)
+        -> Estimate(advantages [N] | [N, L], returns [N, L] | None)
+
+Rows come G at a time per task (micro-batches hold whole groups). A sequence-level estimator returns ``[N]``
+(every model token of rollout ``i`` gets ``A_i``), a token-level one ``[N, L]``. ``penalty`` is a per-token
+cost taken off the reward (``algorithm.kl_in_reward``: ``β·(log π_old - log π_ref)``); sequence-level
+estimators subtract its sum over the rollout, GAE subtracts it token by token. A failed rollout (a reward
+or the env failed: NaN reward) is in no baseline and gets advantage 0, as if it had never been sampled.
+Estimators are registered by name in :data:`ESTIMATORS` (:func:`register`); adding one is one function and
+its decorator, or ``algorithm.estimator: pkg.module:function`` for a function in your own package.
 
 Group-relative estimator (GRPO / Dr. GRPO / DAPO), for a group with rewards ``r_1..r_G``::
 
@@ -35,9 +50,25 @@ where GRPO weighs it ``p(1-p)`` (or ``sqrt(p(1-p))`` with std scaling), symmetri
 Rewards outside ``[0, 1]`` are refused. (On the quickstart it did not stop the swing of the answer prior;
 neither does SFT at the same lr: ``docs/rl_findings.md``.)
 
-Failed rollouts (a reward or the env failed, :class:`rltk.batch.Failure`) carry a NaN reward: every estimator
-computes over the rollouts that remain, gives the failed ones advantage 0, and a group left with fewer than 2
-is dropped (``advantage/groups_failed``), as if the failed rollouts had never been sampled.
+Leave-one-out estimator (RLOO, Ahmadian et al. 2024; TRL's ``RLOOTrainer``)::
+
+    A_i = r_i - (1/(G-1)) Σ_{j≠i} r_j  =  G/(G-1) · (r_i - mean)        # G/(G-1) × Dr. GRPO's
+
+Each sample's baseline leaves the sample out, so the estimate is unbiased (GRPO's mean includes ``r_i``).
+
+GAE (PPO; Schulman et al. 2016), per token over the model's tokens only. The outcome reward sits on the
+rollout's last model token; ``penalty`` (if any) is taken off token by token::
+
+    r_t     = 1[t = last] · R - penalty_t
+    δ_t     = r_t + γ · V_next(t) - V_t
+    A_t     = δ_t + γ λ · A_next(t)                 # next(t): the next model token (env tokens skipped)
+    return_t = A_t + V_t                             # the value target
+
+Env tokens (``mask`` 0, multi-turn) are no steps at all: their values are never read and the recursion
+carries ``V`` and ``A`` across them unchanged (verl does the same), so garbage values there change
+nothing. After the last model token ``V_next = 0`` (the episode ended; a truncated rollout is scored as
+the env judged it, no bootstrap). :func:`whiten` then normalises the advantages over the whole step (all
+micro-batches, all ranks) when ``cfg.whiten`` is set.
 
 Dynamic sampling (DAPO): a group whose rewards all agree (``std ≈ 0``, ``torch.isclose(std, 0)`` as TRL's
 ``frac_reward_zero_std``) carries no learning signal, so it is dropped when ``cfg.dynamic_sampling``.
@@ -64,222 +95,360 @@ move.
 
 from __future__ import annotations
 
+import importlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
-from rltk.batch import Group
+from rltk.batch import Batch, Group
 
 STD_EPS = 1e-4
 """Added to the group std before dividing (TRL: ``advantages / (std_rewards + 1e-4)``)."""
 
 
 class AdvantageConfig(Protocol):
-    """What :func:`compute` reads from the config (``config.algorithm.resolved()`` satisfies it)."""
+    """What this stage reads from the config (``config.algorithm.resolved()`` satisfies it)."""
 
+    estimator: str
     scale_std: bool
     dynamic_sampling: bool
     balance_answers: bool
-
-
-Estimator = Callable[[Group, AdvantageConfig], torch.Tensor]
-"""``(group, cfg) -> advantages``: ``[G]`` (sequence-level) or ``[G, L]`` (token-level), float32."""
+    gamma: float
+    lam: float
+    whiten: bool
 
 
 @dataclass
-class AdvantageResult:
-    """What the advantage stage hands on.
+class EstimatorInputs:
+    """What every estimator reads: a micro-batch's rollouts, G consecutive rows per task."""
+
+    rewards: torch.Tensor  # [N] the rubric's reward, NaN for a failed rollout
+    mask: torch.Tensor  # [N, L] 1 = model token
+    group_size: int  # G
+    values: torch.Tensor | None = None  # [N, L] the critic's value of each token's state (gae)
+    penalty: torch.Tensor | None = None  # [N, L] per-token cost taken off the reward (KL in the reward)
+
+
+@dataclass
+class Estimate:
+    """An estimator's output: ``advantages`` ``[N]`` or ``[N, L]``; ``returns`` ``[N, L]`` (value targets)."""
+
+    advantages: torch.Tensor
+    returns: torch.Tensor | None = None
+
+
+Estimator = Callable[[EstimatorInputs, AdvantageConfig], Estimate]
+ESTIMATORS: dict[str, Estimator] = {}
+"""Advantage estimators by name; ``algorithm.estimator`` picks one."""
+GROUPED: set[str] = set()
+"""The estimators that compare a task's rollouts (they need 2 scored rollouts per group)."""
+
+
+def register(name: str, grouped: bool = True) -> Callable[[Estimator], Estimator]:
+    """Register an estimator under ``name`` (a decorator); ``grouped``: it compares a group's rollouts."""
+
+    def add(fn: Estimator) -> Estimator:
+        ESTIMATORS[name] = fn
+        if grouped:
+            GROUPED.add(name)
+        return fn
+
+    return add
+
+
+def estimator_for(name: str) -> Estimator:
+    """The estimator registered as ``name``, or the function at the import path ``pkg.module:function``.
+
+    Raises:
+        KeyError: For an unknown name.
+        ImportError, AttributeError: For an import path that does not lead to a function.
+
+    """
+    if name in ESTIMATORS:
+        return ESTIMATORS[name]
+    if ":" not in name:
+        raise KeyError(f"unknown advantage estimator {name!r}; registered: {sorted(ESTIMATORS)}")
+    module, _, attr = name.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def group_std(rewards: torch.Tensor) -> torch.Tensor:
+    """Unbiased (Bessel-corrected) std over the last dim, ignoring NaNs, as TRL's ``nanstd``.
+
+    Args:
+        rewards: ``[..., G]`` rewards; NaN marks a completion that could not be scored.
+
+    Returns:
+        ``[...]`` float32 ``sqrt(Σ (r - mean)² / (n - 1))`` over the ``n`` non-NaN rewards; NaN if ``n < 2``.
+
+    """
+    r = rewards.float()
+    n = (~torch.isnan(r)).sum(-1)  # [...]
+    mean = torch.nanmean(r, dim=-1, keepdim=True)  # [..., 1]
+    var = torch.nansum((r - mean) ** 2, dim=-1) / (n - 1).clamp(min=1)  # [...]
+    return torch.where(n >= 2, var.sqrt(), torch.full_like(var, float("nan")))
+
+
+def outcome(inputs: EstimatorInputs) -> torch.Tensor:
+    """``[P, G]`` sequence rewards: the rubric's reward less the rollout's summed ``penalty``."""
+    r = inputs.rewards.float()
+    if inputs.penalty is not None:
+        r = r - (inputs.penalty * inputs.mask).sum(-1)
+    return r.view(-1, inputs.group_size)
+
+
+@register("grpo")
+def group_relative(inputs: EstimatorInputs, cfg: AdvantageConfig) -> Estimate:
+    """GRPO / Dr. GRPO: ``(r - mean) / (std + 1e-4)`` (``cfg.scale_std``) or ``r - mean`` per group.
+
+    >>> x = EstimatorInputs(torch.tensor([0.0, 1.0, 1.0, 2.0]), torch.ones(4, 1), group_size=4)
+    >>> group_relative(x, type("Cfg", (), {"scale_std": False})).advantages.tolist()
+    [-1.0, 0.0, 0.0, 1.0]
+
+    """
+    r = outcome(inputs)  # [P, G]
+    adv = r - torch.nanmean(r, dim=1, keepdim=True)
+    if cfg.scale_std:
+        adv = adv / (group_std(r)[:, None] + STD_EPS)
+    return Estimate(torch.nan_to_num(adv, nan=0.0).flatten())  # [N]
+
+
+@register("rloo")
+def leave_one_out(inputs: EstimatorInputs, cfg: AdvantageConfig) -> Estimate:
+    """RLOO: ``r_i`` less the mean of the other scored rewards of its group (module docstring).
+
+    >>> x = EstimatorInputs(torch.tensor([1.0, 0.0, 0.0, 0.0]), torch.ones(4, 1), group_size=4)
+    >>> [round(a, 4) for a in leave_one_out(x, None).advantages.tolist()]
+    [1.0, -0.3333, -0.3333, -0.3333]
+
+    """
+    r = outcome(inputs)  # [P, G]
+    n = (~torch.isnan(r)).sum(1, keepdim=True)  # [P, 1] scored rollouts per group
+    baseline = (torch.nansum(r, dim=1, keepdim=True) - r) / (n - 1).clamp(min=1)  # [P, G]
+    adv = torch.where(n >= 2, r - baseline, torch.zeros_like(r))
+    return Estimate(torch.nan_to_num(adv, nan=0.0).flatten())  # [N]
+
+
+@register("maxrl")
+def max_likelihood(inputs: EstimatorInputs, cfg: AdvantageConfig) -> Estimate:
+    """MaxRL: ``r_i / mean - 1`` per group; all -1 when no rollout succeeded (module docstring).
+
+    Raises:
+        ValueError: If a reward lies outside ``[0, 1]``.
+
+    >>> x = EstimatorInputs(torch.tensor([1.0, 0.0, 0.0, 0.0]), torch.ones(4, 1), group_size=4)
+    >>> max_likelihood(x, None).advantages.tolist()
+    [3.0, -1.0, -1.0, -1.0]
+
+    """
+    r = outcome(inputs)  # [P, G]
+    valid = r[~torch.isnan(r)]
+    if bool(((valid < 0) | (valid > 1)).any()):
+        raise ValueError(
+            f"algorithm 'maxrl' needs success rewards in [0, 1], got {valid.tolist()}; "
+            "use reward weights that sum to 1 and rewards scored in [0, 1], or algorithm.name=grpo"
+        )
+    mean = torch.nanmean(r, dim=1, keepdim=True)  # [P, 1]
+    adv = torch.where(mean > 1e-6, r / mean.clamp(min=1e-6) - 1.0, torch.full_like(r, -1.0))
+    return Estimate(torch.where(torch.isnan(r), torch.zeros_like(adv), adv).flatten())  # [N]
+
+
+@register("gae", grouped=False)
+def gae(inputs: EstimatorInputs, cfg: AdvantageConfig) -> Estimate:
+    """Generalised advantage estimation over the model's tokens (module docstring).
+
+    >>> mask = torch.tensor([[1.0, 1.0]])
+    >>> x = EstimatorInputs(torch.tensor([1.0]), mask, 1, values=torch.tensor([[0.5, 0.25]]))
+    >>> cfg = type("Cfg", (), {"gamma": 1.0, "lam": 1.0})
+    >>> gae(x, cfg).advantages.tolist(), gae(x, cfg).returns.tolist()
+    ([[0.5, 0.75]], [[1.0, 1.0]])
+
+    """
+    if inputs.values is None:
+        raise ValueError("estimator 'gae' needs values: set algorithm.critic (PPO) or use another estimator")
+    mask = inputs.mask.float()
+    values = torch.where(mask > 0, inputs.values.float(), 0.0)  # [N, L] env/padding values never read
+    n, length = mask.shape
+    rewards = torch.nan_to_num(inputs.rewards.float(), nan=0.0)  # failed rows have mask 0 anyway
+    last = (mask * torch.arange(1, length + 1, device=mask.device)).argmax(-1)  # [N] the last model token
+    rows = torch.arange(n, device=mask.device)
+    token_rewards = torch.zeros_like(mask).index_put((rows, last), rewards) * mask  # [N, L]
+    if inputs.penalty is not None:
+        token_rewards = token_rewards - inputs.penalty * mask
+    adv = torch.zeros_like(mask)
+    next_value, next_adv = mask.new_zeros(n), mask.new_zeros(n)
+    for t in reversed(range(length)):
+        m = mask[:, t]
+        delta = token_rewards[:, t] + cfg.gamma * next_value - values[:, t]
+        here = delta + cfg.gamma * cfg.lam * next_adv
+        adv[:, t] = here * m
+        next_value = torch.where(m > 0, values[:, t], next_value)  # env tokens carry both across
+        next_adv = torch.where(m > 0, here, next_adv)
+    return Estimate(adv, (adv + values) * mask)
+
+
+@dataclass
+class Selection:
+    """The groups a step learns from, and why the others were dropped.
 
     Attributes:
-        groups: The groups kept (all of them unless dynamic sampling dropped some), with ``advantages`` set.
+        groups: The kept groups, in order.
         metrics: ``advantage/groups_dropped`` (for any reason), ``advantage/groups_failed`` (fewer than 2
-            rollouts left after failures), ``advantage/groups_kept``, ``advantage/mean_abs``
-            (mean ``|A_i|`` over the kept completions), ``reward/group_std_mean`` (mean group reward std over
-            the groups with 2 or more scored rollouts, before dynamic sampling), ``reward/frac_zero_std``
-            (the fraction of those with zero std).
+            scored rollouts left after failures, or none for an ungrouped estimator),
+            ``advantage/groups_kept``, ``reward/group_std_mean`` (mean group reward std over the groups
+            with 2 or more scored rollouts, before dynamic sampling), ``reward/frac_zero_std`` (the
+            fraction of those with zero std).
 
     """
 
     groups: list[Group]
     metrics: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def groups_kept(self) -> list[Group]:
-        """Alias of :attr:`groups` (the name used in docs/contracts.md)."""
-        return self.groups
 
+def select(groups: list[Group], cfg: AdvantageConfig) -> Selection:
+    """Keep the groups with scored rollouts to learn from; under dynamic sampling, only those that vary.
 
-def group_std(rewards: torch.Tensor) -> torch.Tensor:
-    """Unbiased (Bessel-corrected) std of a group's rewards, ignoring NaNs, as TRL's ``nanstd``.
-
-    Args:
-        rewards: ``[G]`` rewards; NaN marks a completion that could not be scored.
-
-    Returns:
-        A 0-dim float32 tensor ``sqrt(Σ (r - mean)² / (n - 1))`` over the ``n`` non-NaN rewards; NaN if
-        ``n < 2``.
-
+    A grouped estimator needs 2 scored rollouts per group, GAE one. The result may be empty (every group
+    dropped): the caller then skips the update.
     """
-    r = rewards.float()
-    valid = ~torch.isnan(r)  # [G]
-    n = valid.sum()
-    mean = torch.nanmean(r)
-    sq = torch.where(valid, (r - mean) ** 2, torch.zeros_like(r))  # [G]
-    if n < 2:
-        return torch.tensor(float("nan"))
-    return torch.sqrt(sq.sum() / (n - 1))
-
-
-def group_relative(group: Group, cfg: AdvantageConfig) -> torch.Tensor:
-    """GRPO / Dr. GRPO advantages of one group (see the module docstring for the formulas).
-
-    Args:
-        group: A group whose rollouts have ``reward`` set.
-        cfg: ``cfg.scale_std`` selects ``(r - mean) / (std + 1e-4)`` (True) or ``r - mean`` (False).
-
-    Returns:
-        ``[G]`` float32 advantages; 0 for NaN rewards.
-
-    """
-    rewards = group.rewards  # [G]
-    adv = rewards - torch.nanmean(rewards)  # [G]
-    if cfg.scale_std:
-        adv = adv / (group_std(rewards) + STD_EPS)
-    return torch.nan_to_num(adv, nan=0.0).to(torch.float32)  # [G]
-
-
-def balance_answers(groups: list[Group]) -> float:
-    """Project sequence-level advantages in place so every answer class gets the same net push (module doc).
-
-    Args:
-        groups: Groups with ``[G]`` advantages set; a rollout's class is ``rollout.outcome.get("answer")``.
-
-    Returns:
-        The fraction of ``|A|²`` the projection removed (0 = the batch was already balanced).
-
-    >>> from rltk.batch import Rollout
-    >>> def group(answers, advantages):
-    ...     rollouts = [Rollout(None, [], *[torch.zeros(0)] * 3, outcome={"answer": a}) for a in answers]
-    ...     return Group(None, torch.zeros(0), rollouts, torch.tensor(advantages))
-    >>> gs = [group(["FLAG", "CLEAR"], [1.0, -1.0]), group(["FLAG", "CLEAR"], [-0.5, 0.5])]
-    >>> round(balance_answers(gs), 4)
-    0.1
-    >>> [g.advantages.tolist() for g in gs]
-    [[0.75, -0.75], [-0.75, 0.75]]
-
-    """
-    if not groups:
-        return 0.0
-    if any(g.advantages is None or g.advantages.dim() != 1 for g in groups):
-        raise ValueError("balance_answers needs sequence-level [G] advantages on every group")
-    # A failed rollout (NaN reward) is not in the batch as far as the estimate goes: leave it out entirely.
-    kept = [[i for i, r in enumerate(g.rollouts) if not math.isnan(r.reward)] for g in groups]
-    answers = [g.rollouts[i].outcome.get("answer") for g, idx in zip(groups, kept, strict=True) for i in idx]
-    classes = sorted({a for a in answers if a is not None}, key=str)
-    adv = torch.cat([g.advantages.double()[idx] for g, idx in zip(groups, kept, strict=True)])  # [N]
-    if len(classes) < 2 or not float(adv.norm()):
-        return 0.0
-    onehot = torch.tensor([[a == c for c in classes] for a in answers], dtype=torch.float64)  # [N, m]
-    w = onehot[:, 1:] - onehot[:, :1]  # [N, m-1]
-    sizes = [len(idx) for idx in kept]
-    w = torch.cat([block - block.mean(0, keepdim=True) for block in w.split(sizes)])  # centred per group
-    fix = w @ (torch.linalg.pinv(w.T @ w) @ (w.T @ adv))  # [N] the component along the class priors
-    for g, idx, part in zip(groups, kept, (adv - fix).split(sizes), strict=True):
-        advantages = torch.zeros(len(g.rollouts), dtype=torch.float32)  # [G]
-        advantages[idx] = part.to(torch.float32)
-        g.advantages = advantages
-    return float(fix.norm() ** 2 / adv.norm() ** 2)
-
-
-def max_likelihood(group: Group, cfg: AdvantageConfig) -> torch.Tensor:
-    """MaxRL advantages ``(r_i - mean) / mean`` of one group (module docstring).
-
-    Args:
-        group: A group whose rollouts have ``reward`` set, each in ``[0, 1]`` (NaN = unscored).
-        cfg: Unused (the estimator has no options).
-
-    Returns:
-        ``[G]`` float32 advantages; all -1 when no completion succeeded (``mean <= 1e-6``); 0 for NaN rewards.
-
-    Raises:
-        ValueError: If a reward lies outside ``[0, 1]``.
-
-    >>> from rltk.batch import Rollout
-    >>> rollouts = [Rollout(None, [], *[torch.zeros(0)] * 3, reward=r) for r in (1, 0, 0, 0)]
-    >>> g = Group(None, torch.zeros(0), rollouts)
-    >>> max_likelihood(g, None).tolist()
-    [3.0, -1.0, -1.0, -1.0]
-
-    """
-    rewards = group.rewards  # [G]
-    valid = rewards[~torch.isnan(rewards)]
-    if bool(((valid < 0) | (valid > 1)).any()):
-        raise ValueError(
-            f"algorithm 'maxrl' needs success rewards in [0, 1], got {valid.tolist()}; "
-            "use reward weights that sum to 1 and rewards scored in [0, 1], or algorithm.name=grpo"
-        )
-    mean = torch.nanmean(rewards)
-    no_success = not float(mean) > 1e-6
-    adv = torch.full_like(rewards, -1.0) if no_success else rewards / mean - 1.0  # [G]
-    return torch.where(torch.isnan(rewards), torch.zeros_like(adv), adv).to(torch.float32)  # [G]
-
-
-ESTIMATORS: dict[str, Estimator] = {"group_relative": group_relative, "max_likelihood": max_likelihood}
-"""Advantage estimators by name; ``cfg.estimator`` (if the config has it) picks one."""
-
-
-def compute(groups: list[Group], cfg: AdvantageConfig) -> AdvantageResult:
-    """Set ``group.advantages`` on every group kept, dropping zero-variance groups under dynamic sampling.
-
-    Args:
-        groups: Groups with rewards set (``rollout.reward``).
-        cfg: An object with ``scale_std: bool`` and ``dynamic_sampling: bool`` (e.g. the resolved
-            ``AlgorithmView``); an optional ``estimator: str`` names an entry of :data:`ESTIMATORS`, and an
-            optional ``balance_answers: bool`` applies :func:`balance_answers` to the kept groups.
-
-    Returns:
-        The kept groups (same order, same objects, ``advantages`` set) and the stage's metrics. The list may
-        be empty when dynamic sampling drops every group; the caller must then skip the update.
-
-    Raises:
-        KeyError: If ``cfg.estimator`` names no registered estimator.
-
-    """
-    name = getattr(cfg, "estimator", None) or "group_relative"
-    if name not in ESTIMATORS:
-        raise KeyError(f"unknown advantage estimator {name!r}; registered: {sorted(ESTIMATORS)}")
-    estimator = ESTIMATORS[name]
-
+    least = 2 if cfg.estimator in GROUPED else 1
     kept: list[Group] = []
     stds: list[float] = []
     n_zero_std = n_failed = 0
     for group in groups:
-        if int((~torch.isnan(group.rewards)).sum()) < 2:  # failures left no pair to compare
+        scored = int((~torch.isnan(group.rewards)).sum())
+        if scored < least:  # failures left no pair to compare (or nothing at all)
             n_failed += 1
             continue
-        std = group_std(group.rewards)
-        zero_std = bool(torch.isclose(std, torch.zeros_like(std))) or bool(torch.isnan(std))
-        stds.append(0.0 if torch.isnan(std) else float(std))
-        n_zero_std += zero_std
-        if zero_std and cfg.dynamic_sampling:
-            continue
-        group.advantages = estimator(group, cfg)  # [G] or [G, L]
-        kept.append(group)
-
-    removed = balance_answers(kept) if getattr(cfg, "balance_answers", False) else 0.0
-    abs_sum = sum(float(g.advantages.abs().sum()) for g in kept)
-    abs_count = sum(g.advantages.numel() for g in kept)
-    n = len(groups)
+        zero_std = False
+        if scored >= 2:
+            std = group_std(group.rewards)
+            zero_std = bool(torch.isclose(std, torch.zeros_like(std)))
+            stds.append(float(std))
+            n_zero_std += zero_std
+        if not (zero_std and cfg.dynamic_sampling):
+            kept.append(group)
     metrics = {
-        "advantage/balance_removed": removed,
-        "advantage/groups_dropped": float(n - len(kept)),
+        "advantage/groups_dropped": float(len(groups) - len(kept)),
         "advantage/groups_failed": float(n_failed),
         "advantage/groups_kept": float(len(kept)),
-        "advantage/mean_abs": abs_sum / abs_count if abs_count else 0.0,
         "reward/group_std_mean": sum(stds) / len(stds) if stds else 0.0,
         "reward/frac_zero_std": n_zero_std / len(stds) if stds else 0.0,
     }
-    return AdvantageResult(groups=kept, metrics=metrics)
+    return Selection(kept, metrics)
+
+
+def balance_answers(
+    adv: torch.Tensor, answers: Sequence[Any], group_size: int, scored: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """Project sequence-level advantages so every answer class gets the same net push (module docstring).
+
+    Args:
+        adv: ``[N]`` advantages, groups summing to 0 (G consecutive rows per task).
+        answers: N answer classes (``outcome["answer"]``; ``None`` = unparseable, in no class).
+        group_size: G.
+        scored: ``[N]`` False for failed rollouts (left out entirely, advantage 0).
+
+    Returns:
+        The balanced ``[N]`` advantages and the fraction of ``|A|²`` the projection removed.
+
+    >>> adv = torch.tensor([1.0, -1.0, -0.5, 0.5])
+    >>> new, removed = balance_answers(adv, ["FLAG", "CLEAR"] * 2, 2, torch.ones(4, dtype=torch.bool))
+    >>> new.tolist(), round(removed, 4)
+    ([0.75, -0.75, -0.75, 0.75], 0.1)
+
+    """
+    keep = scored.nonzero().squeeze(-1)  # [K]
+    a = adv.double()[keep]  # [K]
+    kept_answers = [answers[i] for i in keep.tolist()]
+    classes = sorted({x for x in kept_answers if x is not None}, key=str)
+    if len(classes) < 2 or not float(a.norm()):
+        return adv, 0.0
+    onehot = torch.tensor([[x == c for c in classes] for x in kept_answers], dtype=torch.float64)  # [K, m]
+    w = onehot[:, 1:] - onehot[:, :1]  # [K, m-1]
+    group = keep // group_size  # [K]
+    sums = torch.zeros(int(group.max()) + 1, w.shape[1], dtype=torch.float64).index_add_(0, group, w)
+    counts = torch.bincount(group).double()[:, None]
+    w = w - (sums / counts.clamp(min=1))[group]  # centred within each group
+    fix = w @ (torch.linalg.pinv(w.T @ w) @ (w.T @ a))  # [K] the component along the class priors
+    out = torch.zeros_like(adv)
+    out[keep] = (a - fix).to(adv.dtype)
+    return out, float(fix.norm() ** 2 / a.norm() ** 2)
+
+
+AllReduce = Callable[[list[float]], list[float]]
+"""Sums a list of floats over ranks (every rank calls it; the identity on one process)."""
+
+
+def whiten(
+    advantages: list[torch.Tensor], masks: list[torch.Tensor], all_reduce: AllReduce
+) -> list[torch.Tensor]:
+    """Token advantages normalised to mean 0, std 1 over every micro-batch of every rank (masked tokens 0).
+
+    ``all_reduce`` sums a list of floats over ranks (the identity on one process), so the statistics are
+    those of the whole step whatever the number of ranks.
+    """
+    sums = [0.0, 0.0, 0.0]
+    for a, m in zip(advantages, masks, strict=True):
+        m = m.double()
+        sums = [sums[0] + float(m.sum()), sums[1] + float((a * m).sum()), sums[2] + float((a**2 * m).sum())]
+    n, s, s2 = all_reduce(sums)
+    if n < 2:
+        return advantages
+    mean = s / n
+    var = max(s2 / n - mean**2, 0.0) * n / (n - 1)  # unbiased, as verl's masked_whiten
+    return [(a - mean) / math.sqrt(var + 1e-8) * m for a, m in zip(advantages, masks, strict=True)]
+
+
+def inputs_of(batch: Batch, cfg: AdvantageConfig) -> EstimatorInputs:
+    """A micro-batch's estimator inputs; the KL penalty ``β·(old - ref)`` when ``cfg.kl_in_reward``."""
+    penalty = None
+    if getattr(cfg, "kl_in_reward", False) and cfg.beta > 0:
+        if batch.old_logp is None or batch.ref_logp is None:
+            raise ValueError("kl_in_reward needs the experience pass's old and reference log-probs")
+        penalty = cfg.beta * (batch.old_logp - batch.ref_logp)  # [N, Lc] k1 per token, as verl
+    return EstimatorInputs(batch.rewards, batch.loss_mask, batch.group_size, batch.values, penalty)
+
+
+def assign(
+    batches: list[Batch],
+    cfg: AdvantageConfig,
+    all_reduce: AllReduce | None = None,
+) -> dict[str, float]:
+    """Set ``advantages`` (and ``returns``) on every micro-batch of a step with ``cfg.estimator``.
+
+    Answer balancing (sequence-level estimators) and whitening (``cfg.whiten``, token-level) act on the
+    whole step. Returns ``advantage/mean_abs`` (over kept rollouts, or model tokens) and
+    ``advantage/balance_removed``.
+
+    Raises:
+        KeyError: If ``cfg.estimator`` names no registered estimator.
+        ValueError: From the estimator (e.g. gae without values), or balancing token-level advantages.
+
+    """
+    estimator = estimator_for(cfg.estimator)
+    estimates = [estimator(inputs_of(b, cfg), cfg) for b in batches]
+    advs = [e.advantages for e in estimates]
+    removed = 0.0
+    if cfg.balance_answers and batches:
+        if any(a.dim() != 1 for a in advs):
+            raise ValueError(f"balance_answers needs a sequence-level estimator, not {cfg.estimator!r}")
+        flat, removed = balance_answers(
+            torch.cat(advs),
+            [x for b in batches for x in b.answers],
+            batches[0].group_size,
+            torch.cat([b.keep for b in batches]),
+        )
+        advs = list(flat.split([len(a) for a in advs]))
+    if cfg.whiten and advs and advs[0].dim() == 2:
+        advs = whiten(advs, [b.loss_mask for b in batches], all_reduce or (lambda v: v))
+    total = count = 0.0
+    for batch, adv, est in zip(batches, advs, estimates, strict=True):
+        batch.advantages, batch.returns = adv, est.returns
+        weight = batch.keep.float() if adv.dim() == 1 else batch.loss_mask
+        total += float((adv.abs() * weight).sum())
+        count += float(weight.sum())
+    return {"advantage/mean_abs": total / count if count else 0.0, "advantage/balance_removed": removed}

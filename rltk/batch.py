@@ -6,6 +6,7 @@ keeping them here avoids import cycles between stages.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -83,20 +84,18 @@ class Rollout:
 
 @dataclass
 class Group:
-    """G rollouts of one task; advantages are computed within a group.
+    """G rollouts of one task (group-relative estimators compare them).
 
     Attributes:
         task: The task.
         prompt_ids: ``[Lp]`` the rendered prompt (chat template + generation prompt), no padding.
         rollouts: The G rollouts.
-        advantages: ``[G]`` (or ``[G, L]`` for token-level estimators), set by the advantage stage.
 
     """
 
     task: Task
     prompt_ids: torch.Tensor  # [Lp]
     rollouts: list[Rollout]
-    advantages: torch.Tensor | None = None  # [G] or [G, L]
 
     @property
     def rewards(self) -> torch.Tensor:  # [G]
@@ -109,7 +108,9 @@ class Batch:
     """A micro-batch for the update: P whole groups of G completions sharing P prompts.
 
     Prompts are left-padded (so the last prompt token sits at column ``Lp - 1``), completions right-padded.
-    Row ``i`` of the completion tensors belongs to prompt ``i // group_size``.
+    Row ``i`` of the completion tensors belongs to prompt ``i // group_size``. :func:`collate` fills the
+    rollouts' tensors; the experience pass adds ``old_logp``, ``ref_logp`` and ``values``, and the advantage
+    stage ``advantages`` and ``returns``.
     """
 
     prompt_ids: torch.Tensor  # [P, Lp] left-padded
@@ -117,10 +118,14 @@ class Batch:
     completion_ids: torch.Tensor  # [P*G, Lc] right-padded
     completion_mask: torch.Tensor  # [P*G, Lc] 1 = real token (model or env)
     loss_mask: torch.Tensor  # [P*G, Lc] 1 = model-generated token (trained on)
-    advantages: torch.Tensor  # [P*G] or [P*G, Lc]
     group_size: int
+    rewards: torch.Tensor | None = None  # [P*G] the rubric's reward, NaN = a failed rollout
+    answers: list[Any] = field(default_factory=list)  # P*G answer classes (outcome["answer"]), for balancing
+    advantages: torch.Tensor | None = None  # [P*G] (sequence-level) or [P*G, Lc] (token-level)
+    returns: torch.Tensor | None = None  # [P*G, Lc] value targets (critic)
     old_logp: torch.Tensor | None = None  # [P*G, Lc] policy log-probs before the update (PPO ratio)
     ref_logp: torch.Tensor | None = None  # [P*G, Lc] reference log-probs (KL)
+    values: torch.Tensor | None = None  # [P*G, Lc] the critic's values before the update
     sample_logp: torch.Tensor | None = None  # [P*G, Lc] log-probs at sampling time (mismatch metric)
     keep: torch.Tensor | None = None  # [P*G] bool, False = a failed rollout (no loss term, not counted)
 
@@ -153,16 +158,16 @@ def left_pad(seqs: list[torch.Tensor] | list[list[int]], pad_id: int) -> tuple[t
 
 
 def collate(groups: list[Group], pad_id: int) -> Batch:
-    """Pack whole groups into one :class:`Batch` (advantages must be set on every group).
+    """Pack whole groups into one :class:`Batch`.
 
     Args:
         groups: Groups of equal size G, each with ``advantages`` set.
         pad_id: Token id used for padding (masked out everywhere).
 
     Returns:
-        The batch; ``sample_logp`` and ``keep`` are filled from the rollouts, ``old_logp``/``ref_logp`` are
-        left ``None``. A failed rollout (``rollout.failed``) gets ``keep`` False and an all-zero
-        ``loss_mask``.
+        The batch; ``rewards``, ``answers``, ``sample_logp`` and ``keep`` are filled from the rollouts, the
+        experience and advantage fields are left ``None``. A failed rollout (``rollout.failed``) gets
+        ``keep`` False, an all-zero ``loss_mask`` and a NaN reward.
 
     """
     if not groups:
@@ -185,27 +190,15 @@ def collate(groups: list[Group], pad_id: int) -> Batch:
         if not r.failed:
             loss_mask[j, :k] = r.loss_mask.float()
         sample_logp[j, :k] = r.sample_logp.float()
-    advs = []
-    for gr in groups:
-        if gr.advantages is None:
-            raise ValueError(f"group of task {gr.task.id} has no advantages; run the advantage stage first")
-        advs.append(gr.advantages)
-    if advs[0].dim() == 1:
-        advantages = torch.cat(advs)  # [P*G]
-    else:  # token-level advantages [G, L_group] → pad to [P*G, Lc]
-        advantages = torch.zeros((n, lc), dtype=torch.float32)
-        row = 0
-        for a in advs:
-            advantages[row : row + a.shape[0], : a.shape[1]] = a
-            row += a.shape[0]
     return Batch(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
         completion_ids=completion_ids,
         completion_mask=completion_mask,
         loss_mask=loss_mask,
-        advantages=advantages,
         group_size=g,
+        rewards=torch.tensor([math.nan if r.failed else r.reward for r in rollouts], dtype=torch.float32),
+        answers=[r.outcome.get("answer") for r in rollouts],
         sample_logp=sample_logp,
         keep=torch.tensor([not r.failed for r in rollouts], dtype=torch.bool),  # [P*G]
     )

@@ -11,13 +11,12 @@ Each field's range sits next to it (``_f(default, "> 0")``); the schema is docum
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from rltk.typedyaml import apply_override, build, check, join_path, one_of, problem, read_yaml
+from rltk.typedyaml import apply_override, build, check, one_of, problem, read_yaml
 
 Resolver = Callable[[str, str], Any]
 TRAIN_TIME_FILE = "train_time.json"  # a run's training wall time, for SFT-only runs of equal time
@@ -108,7 +107,7 @@ class RolloutConfig:
     """Sampling: P prompts per step, G completions per prompt, generation limits."""
 
     prompts_per_step: int = _f(4, "> 0")
-    group_size: int = _f(8, ">= 2", "advantages compare completions within a group")
+    group_size: int = _f(8, ">= 1", "rollouts per task; group-relative estimators need >= 2")
     max_new_tokens: int = _f(16, "> 0")
     min_new_tokens: int = _f(0, ">= 0")
     temperature: float = _f(1.0, "> 0")
@@ -121,6 +120,10 @@ class RolloutConfig:
     env_timeout_s: float = _f(30.0, "> 0", "an episode step or check past it fails its rollout")
     max_turns: int = _f(0, ">= 0", "assistant turns per rollout; 0 = the env's max_turns")
     max_rollout_tokens: int = _f(0, ">= 0", "model + env tokens per rollout; 0 = the model's context")
+    backend: Literal["hf", "vllm"] = _f(
+        "hf", "", "the sampler: transformers on the policy, or vLLM in its own venv (scripts/setup_vllm.sh)"
+    )
+    vllm_python: str = _f("", "", "the vLLM venv's python; empty = $RLTK_VLLM_PYTHON or .venv-vllm")
 
 
 @dataclass(frozen=True)
@@ -128,46 +131,105 @@ class AlgorithmView:
     """The algorithm with its presets applied (no ``None`` left); what advantage and loss read."""
 
     name: str
+    estimator: str
     scale_std: bool
     dynamic_sampling: bool
     epsilon_low: float
     epsilon_high: float
     aggregation: str
-    estimator: str
+    ratio: str
     beta: float
+    kl_in_reward: bool
     entropy_coef: float
-    updates_per_batch: int
+    epochs: int
+    minibatches: int
+    target_kl: float
+    tis_cap: float
+    gamma: float
+    lam: float
+    whiten: bool
+    critic: bool
+    vf_coef: float
+    value_clip: float
+    critic_lr: float
+    critic_warmup_steps: int
     shared_prompt: str
     balance_answers: bool
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "grpo": {"scale_std": True, "dynamic_sampling": False, "aggregation": "seq_mean", "epsilon_high": None},
-    "dr_grpo": {
+    "grpo": {"estimator": "grpo", "scale_std": True, "dynamic_sampling": False, "aggregation": "seq_mean"},
+    "dr_grpo": {"estimator": "grpo", "scale_std": False, "dynamic_sampling": False, "aggregation": "dr_grpo"},
+    "dapo": {
+        "estimator": "grpo",
+        "scale_std": True,
+        "dynamic_sampling": True,
+        "aggregation": "token_mean",
+        "epsilon_high": 0.28,
+    },
+    "maxrl": {"estimator": "maxrl", "scale_std": False, "dynamic_sampling": False, "aggregation": "seq_mean"},
+    "rloo": {
+        "estimator": "rloo",
         "scale_std": False,
         "dynamic_sampling": False,
-        "aggregation": "dr_grpo",
-        "epsilon_high": None,
+        "aggregation": "seq_mean",
+        "ratio": "sequence",
     },
-    "dapo": {"scale_std": True, "dynamic_sampling": True, "aggregation": "token_mean", "epsilon_high": 0.28},
-    "maxrl": {"scale_std": False, "dynamic_sampling": False, "aggregation": "seq_mean", "epsilon_high": None},
+    "ppo": {
+        "estimator": "gae",
+        "scale_std": False,
+        "dynamic_sampling": False,
+        "aggregation": "token_mean",
+        "critic": True,
+        "whiten": True,
+        "kl_in_reward": True,
+        "epochs": 2,
+        "lam": 0.95,
+    },
 }
-"""Per algorithm, the value of each field left ``null`` (``epsilon_high: None`` means ``= epsilon_low``)."""
+"""Per algorithm, the value of each field left ``null``; a field a preset leaves out takes :data:`BASE`."""
+
+BASE: dict[str, Any] = {
+    "epsilon_high": None,  # = epsilon_low
+    "ratio": "token",
+    "critic": False,
+    "whiten": False,
+    "kl_in_reward": False,
+    "epochs": 1,
+    "lam": 1.0,
+}
+"""What a ``null`` field takes when the algorithm's preset does not set it."""
 
 
 @dataclass
 class AlgorithmConfig:
-    """GRPO-family algorithm; ``null`` fields take the preset of ``name`` (see :data:`PRESETS`)."""
+    """An advantage estimator plus a loss; ``null`` fields take the preset of ``name`` (:data:`PRESETS`)."""
 
-    name: Literal["grpo", "dr_grpo", "dapo", "maxrl"] = "grpo"
+    name: Literal["grpo", "dr_grpo", "dapo", "maxrl", "rloo", "ppo"] = "grpo"
+    estimator: str | None = _f(None, "", "advantage estimator (advantage.ESTIMATORS); null takes the preset")
     scale_std: bool | None = None
     dynamic_sampling: bool | None = None
     epsilon_low: float = _f(0.2, ">= 0")
     epsilon_high: float | None = _f(None, ">= 0", "null takes the preset")
     aggregation: Literal["token_mean", "seq_mean", "dr_grpo"] | None = None
+    ratio: Literal["token", "sequence"] | None = _f(
+        None, "", "importance ratio per token, or per rollout (exp of the summed log-ratio, as TRL's RLOO)"
+    )
     beta: float = _f(0.0, ">= 0", "KL coefficient, 0 = no KL")
+    kl_in_reward: bool | None = _f(None, "", "KL as a per-token penalty in the reward (ppo), not a loss term")
     entropy_coef: float = _f(0.0, ">= 0", "entropy bonus coefficient, 0 = off")
-    updates_per_batch: int = _f(1, ">= 1")
+    epochs: int | None = _f(None, ">= 1", "passes over each step's rollouts (ppo 2, others 1)")
+    minibatches: int = _f(1, ">= 1", "optimizer steps per epoch (whole groups each)")
+    target_kl: float = _f(0.0, ">= 0", "stop a step's epochs once the approximate KL passes it; 0 = off")
+    tis_cap: float = _f(0.0, ">= 0", "truncated importance sampling: min(π_old / π_sampler, cap); 0 = off")
+    gamma: float = _f(1.0, "[0, 1]", "discount (estimator gae)")
+    lam: float | None = _f(None, "[0, 1]", "GAE lambda (estimator gae; ppo 0.95)")
+    whiten: bool | None = _f(None, "", "normalise token advantages over the step (ppo)")
+    critic: bool | None = _f(None, "", "a value head on the policy's trunk (ppo)")
+    vf_coef: float = _f(0.1, ">= 0", "value loss coefficient; 0 = a frozen critic")
+    value_clip: float = _f(0.2, "> 0", "clip of the value update around the old values")
+    critic_lr: float = _f(0.0, ">= 0", "the critic's learning rate; 0 = optim.lr")
+    critic_warmup_steps: int = _f(0, ">= 0", "first RL steps that train the critic only")
     shared_prompt: Literal["kv", "packed", "off"] = "kv"
     balance_answers: bool = _f(False, "", "give every answer class the same net advantage (advantage.py)")
 
@@ -180,24 +242,17 @@ class AlgorithmConfig:
         False
         >>> AlgorithmConfig(name="dr_grpo", epsilon_low=0.1).resolved().epsilon_high
         0.1
+        >>> AlgorithmConfig(name="rloo").resolved().ratio, AlgorithmConfig().resolved().ratio
+        ('sequence', 'token')
         """
         if self.name not in PRESETS:
             raise ConfigError([problem("algorithm.name", self.name, "unknown algorithm", one_of(PRESETS))])
-        mine = {k: getattr(self, k) for k in PRESETS[self.name]}
-        values = {k: PRESETS[self.name][k] if v is None else v for k, v in mine.items()}
+        preset = {**BASE, **PRESETS[self.name]}
+        values = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in preset.items()}
         if values["epsilon_high"] is None:
             values["epsilon_high"] = self.epsilon_low
-        estimator = "max_likelihood" if self.name == "maxrl" else "group_relative"
-        rest = (
-            "name",
-            "epsilon_low",
-            "beta",
-            "entropy_coef",
-            "updates_per_batch",
-            "shared_prompt",
-            "balance_answers",
-        )
-        return AlgorithmView(**values, estimator=estimator, **{k: getattr(self, k) for k in rest})
+        rest = {f.name: getattr(self, f.name) for f in fields(AlgorithmView) if f.name not in values}
+        return AlgorithmView(**values, **rest)
 
 
 @dataclass
@@ -289,11 +344,11 @@ class Config:
 
         Examples:
             >>> Config().validate()
-            >>> Config(rollout=RolloutConfig(group_size=1, top_p=0.0)).validate()
+            >>> Config(rollout=RolloutConfig(group_size=0, top_p=0.0)).validate()
             Traceback (most recent call last):
             ...
             rltk.config.ConfigError: invalid config: 2 problems
-              - rollout.group_size: 1 (must be >= 2; advantages compare completions within a group) → e.g. rollout.group_size=8
+              - rollout.group_size: 0 (must be >= 1; rollouts per task; group-relative estimators need >= 2) → e.g. rollout.group_size=8
               - rollout.top_p: 0.0 (must be in (0, 1]) → e.g. rollout.top_p=1.0
 
         """  # noqa: E501
@@ -310,40 +365,11 @@ class Config:
         def ok(*paths: str) -> bool:
             return not any(p == b or p.startswith(b + ".") or not b for p in paths for b in bad)
 
-        pair = ("algorithm.shared_prompt", "model.gradient_checkpointing")
-        if ok(*pair) and self.algorithm.shared_prompt == "kv" and self.model.gradient_checkpointing:
-            why = "transformers drops the KV cache under model.gradient_checkpointing=true"
-            fix = "use algorithm.shared_prompt=packed, or model.gradient_checkpointing=false"
-            problems.append(problem("algorithm.shared_prompt", "kv", why, fix))
-        if ok("rollout.min_new_tokens", "rollout.max_new_tokens"):
-            lo, hi = self.rollout.min_new_tokens, self.rollout.max_new_tokens
-            if lo > hi:
-                why = f"greater than rollout.max_new_tokens={hi}"
-                problems.append(problem("rollout.min_new_tokens", lo, why, f"set it <= {hi}"))
-        if ok("warmstart.enabled", "warmstart.steps") and self.warmstart.enabled and not self.warmstart.steps:
-            why = "warmstart.enabled is true but it has no steps"
-            problems.append(problem("warmstart.steps", 0, why, "set warmstart.steps > 0 or enabled=false"))
-        problems += self._report_problems(ok)
-        if resolve is not None and ok("env", "rewards"):
-            problems += _check_plugins(self, resolve, bad)
-        return problems
+        from rltk.config_checks import cross_field_problems, plugin_problems  # they read this schema
 
-    def _report_problems(self, ok: Callable[..., bool]) -> list[str]:
-        """Cross-field checks of eval.report and of the SFT-only comparison (warmstart.equal_time_as)."""
-        problems = []
-        rep, ws = self.eval.report, self.warmstart
-        if ok("eval.report.bon", "eval.report.samples") and rep.bon > rep.samples:
-            why = f"best-of-N picks from the samples, and eval.report.samples={rep.samples}"
-            problems.append(problem("eval.report.bon", rep.bon, why, f"set it <= {rep.samples}"))
-        if ok("warmstart.equal_time_as", "warmstart.enabled") and ws.equal_time_as:
-            if not ws.enabled:
-                why = "an SFT-only comparison is a warm start"
-                problems.append(problem("warmstart.enabled", False, why, "set warmstart.enabled=true"))
-            if not Path(ws.equal_time_as, TRAIN_TIME_FILE).is_file():
-                why = f"{ws.equal_time_as}/{TRAIN_TIME_FILE} is missing (a finished rltk train run writes it)"
-                problems.append(
-                    problem("warmstart.equal_time_as", ws.equal_time_as, why, "name a finished run dir")
-                )
+        problems += cross_field_problems(self, ok)
+        if resolve is not None and ok("env", "rewards"):
+            problems += plugin_problems(self, resolve, bad)
         return problems
 
 
@@ -398,52 +424,3 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
         return [plain(v) for v in value] if isinstance(value, list | tuple) else value
 
     return plain(dataclasses.asdict(cfg))
-
-
-def _check_plugins(cfg: Config, resolve: Resolver, bad: set[str]) -> list[str]:
-    """Resolve env and reward names; check env options and reward params against their signatures."""
-    problems: list[str] = []
-    wanted = [("env", "env.name", cfg.env.name, "env.options", cfg.env.options)]
-    for i, r in enumerate(cfg.rewards):
-        wanted.append(("reward", f"rewards.{i}.name", r.name, f"rewards.{i}.params", r.params))
-    for kind, path, name, kw_path, kwargs in wanted:
-        if path in bad or kw_path in bad:
-            continue
-        try:
-            plugin = resolve(kind, name)
-        except Exception as exc:  # reported, not raised: the point is every problem at once
-            why = getattr(exc, "why", None) or f"{type(exc).__name__}: {exc}"
-            problems.append(problem(path, name, why, getattr(exc, "fix", None) or "check the name"))
-            continue
-        if kind == "env" and not cfg.rewards and not getattr(plugin, "default_rewards", None):
-            why = f"env '{name}' declares no default_rewards"
-            problems.append(problem("rewards", [], why, "list rewards: [{name: ..., weight: 1.0}]"))
-        before = len(problems)
-        try:
-            params = list(inspect.signature(plugin).parameters.values())[3 if kind == "reward" else 0 :]
-        except (TypeError, ValueError):  # no readable signature: nothing to check the names against
-            params = None
-        if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params):
-            accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-            for key, value in kwargs.items():
-                if key not in accepted:
-                    why = f"not a parameter of {kind} '{name}'"
-                    fix = one_of(accepted, key) if accepted else "remove it: it takes none"
-                    problems.append(problem(join_path(kw_path, key), value, why, fix))
-        if kind == "env" and len(problems) == before:
-            problems += _check_env_options(plugin, name, kwargs)
-    return problems
-
-
-def _check_env_options(env_cls: Any, name: str, options: dict[str, Any]) -> list[str]:
-    """Build the env once, so that what it rejects is reported with every other problem, not at step 0.
-
-    That catches bad option values (``difficulty: hard`` where it takes basic/varied/combined) and unknown
-    names an env's ``**options`` hides from the signature check.
-    """
-    try:
-        env_cls(**options)
-    except (TypeError, ValueError) as exc:
-        why = f"env '{name}' rejected them: {exc}"
-        return [problem("env.options", options, why, "use options and values the env accepts")]
-    return []

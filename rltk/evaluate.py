@@ -20,6 +20,7 @@ from rltk.batch import Failure, Group, Rollout
 from rltk.env import Env, Policy, Task, run_policy
 from rltk.reward import Rubric
 from rltk.rollout import ENV_TIMEOUT_S, generate, guarded_step
+from rltk.sampler import Sampler
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
 
@@ -45,7 +46,7 @@ class EvalResult:
 
 
 def judged_groups(
-    model: PreTrainedModel,
+    model: PreTrainedModel | Sampler,
     tokenizer: PreTrainedTokenizerBase,
     env: Env,
     rubric: Rubric,
@@ -121,7 +122,7 @@ def model_result(
 
 
 def model_rollouts(
-    model: PreTrainedModel,
+    model: PreTrainedModel | Sampler,
     tokenizer: PreTrainedTokenizerBase,
     env: Env,
     rubric: Rubric,

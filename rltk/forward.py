@@ -12,11 +12,12 @@ Lp=158, C=110, Lc=6 that is 10,496 (plain) vs 1,648 (per group) vs 878 (shared p
 Two exact implementations of the shared-prompt forward (identical to ``"off"`` up to float rounding, with
 identical gradients, since the prompt's activations feed every completion through the attention):
 
-* ``"kv"``: find the prefix common to all P prompts (:func:`shared_prefix_length`; 0 below
+* ``"kv"``: find the prefix common to all P prompts (:func:`rltk.prefix.shared_prefix_length`; 0 below
   ``MIN_SHARED_PREFIX`` tokens or for P=1) and move each prompt's left padding between that prefix and the
-  prompt's own suffix (:func:`shared_prefix_layout`). :func:`prefill` runs the prefix ``[1, C]`` once (with
-  grad, ``use_cache=True``), expands its KV cache P times, and runs the P suffixes on top of it; the last
-  prompt position's logits predict completion token 0. Then the G completions of each prompt run as ONE row
+  prompt's own suffix (:func:`rltk.prefix.shared_prefix_layout`). :func:`rltk.prefix.prefill` runs the
+  prefix ``[1, C]`` once (with grad, ``use_cache=True``), expands its KV cache P times, and runs the P
+  suffixes on top of it; the last prompt position's hidden state predicts completion token 0. Then the G
+  completions of each prompt run as ONE row
   ``c_1[:-1] | ... | c_G[:-1]`` on top of the prompt's cache, with the completion rows of the packed block
   mask (:func:`packed_attention_mask`: a completion token sees its prompt and its own earlier tokens) and
   position ids continuing from each prompt's length; the cache is never copied G times (the G-fold copy
@@ -35,41 +36,34 @@ identical gradients, since the prompt's activations feed every completion throug
   is boolean for SDPA and additive float for eager attention (transformers uses a 4D mask as-is). It shares
   the prompt per group only, not the prefix across groups.
 
-Every mode feeds a completion's last token nowhere (nothing is predicted from it), computes logits only for
-the positions that predict completion tokens (``logits_to_keep``), and takes the log-softmax in fp32.
+Every mode runs the model's trunk only (:class:`rltk.net.PolicyNet`) and feeds a completion's last token
+nowhere (nothing is predicted from it); :func:`rltk.logprobs.token_scores` then applies the output head to
+the positions that predict model tokens (``loss_mask``), a chunk at a time, with the log-softmax in fp32.
 Positions follow ``generate``: ``cumsum(mask) - 1`` over the prompt (so padding between a shared prefix and a
 suffix is skipped), then ``len(prompt) + t``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
-from transformers import Cache
 
 from rltk.batch import Batch
+from rltk.logprobs import TokenScores, token_scores
+from rltk.net import as_net, unwrap_net
+from rltk.prefix import (
+    MIN_SHARED_PREFIX,
+    prefill,
+    prompt_positions,
+    shared_prefix_layout,
+    shared_prefix_length,
+)
 
 Mode = Literal["off", "kv", "packed"]
 MODES: tuple[Mode, ...] = ("off", "kv", "packed")
-MIN_SHARED_PREFIX = 16  # a shorter common prefix runs with each prompt (a separate pass is not worth it)
 SEPARATE_ROWS_FROM = 48  # completions of at least this many tokens (less one) run one row each in "kv"
-
-
-def prompt_positions(prompt_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of prompts, as ``generate`` computes them (``cumsum(mask) - 1``; padding is skipped).
-
-    Args:
-        prompt_mask: ``[P, Lp]`` 1 for real tokens; padding may sit left or between prefix and suffix (its
-            positions are unused).
-
-    Returns:
-        ``[P, Lp]`` long tensor.
-
-    """
-    return (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def completion_positions(prompt_mask: torch.Tensor, length: int) -> torch.Tensor:
@@ -99,21 +93,6 @@ def completion_logprobs(
     return completion_scores(model, batch, temperature, mode).logp
 
 
-@dataclass
-class TokenScores:
-    """Per completion token: log-prob of the sampled token and entropy of the whole next-token distribution.
-
-    Attributes:
-        logp: ``[P*G, Lc]`` fp32 log-probs (0 where ``completion_mask`` is 0), differentiable.
-        entropy: ``[P*G, Lc]`` fp32 ``H(softmax(logits / T))`` (0 where masked); differentiable only when
-            asked for with ``entropy_grad=True``, else detached (a metric). ``None`` unless asked for.
-
-    """
-
-    logp: torch.Tensor
-    entropy: torch.Tensor | None = None
-
-
 def completion_scores(
     model: nn.Module,
     batch: Batch,
@@ -122,6 +101,7 @@ def completion_scores(
     *,
     entropy: bool = False,
     entropy_grad: bool = False,
+    value_head: nn.Module | None = None,
 ) -> TokenScores:
     """Log-prob of each completion token under ``softmax(logits / temperature)``, and optionally entropies.
 
@@ -132,9 +112,11 @@ def completion_scores(
         mode: ``"kv"`` or ``"packed"`` (prompt once per group) or ``"off"`` (plain forward, the reference).
         entropy: Also return the entropy of each next-token distribution (over the whole vocabulary).
         entropy_grad: Keep the entropy differentiable (for an entropy bonus in the loss).
+        value_head: A critic on the trunk (:class:`~rltk.net.ValueHead`): also return ``values``
+            ``[P*G, Lc]``, the value of the state before each token (0 where ``loss_mask`` is 0).
 
     Returns:
-        :class:`TokenScores`: ``[P*G, Lc]`` fp32 log-probs, 0 where ``completion_mask`` is 0,
+        :class:`~rltk.logprobs.TokenScores`: ``[P*G, Lc]`` fp32 log-probs, 0 where ``loss_mask`` is 0,
         differentiable w.r.t. the model; entropies if asked for.
 
     Raises:
@@ -152,28 +134,24 @@ def completion_scores(
         raise ValueError(
             f"batch has {batch.completion_ids.shape[0]} completion rows, expected P*G = {p}*{g} = {p * g}"
         )
-    if mode == "off":
-        logits = _logits_plain(model, batch)
-    elif mode == "kv":
-        logits = _logits_kv(model, batch)
-    else:
-        logits = _logits_packed(model, batch)
-    mask = batch.completion_mask
-    logp_all = (logits.float() / temperature).log_softmax(-1)  # [N, Lc, V]
-    logp = logp_all.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)  # [N, Lc]
-    scores = TokenScores(logp * mask.to(logp.dtype))
-    if entropy:
-        if entropy_grad:
-            h = -(logp_all.exp() * logp_all).sum(-1)  # [N, Lc]
-        else:  # a metric: no graph, and a few rows at a time (each row's temporary is [Lc, V])
-            with torch.no_grad():
-                h = torch.cat([-(c.exp() * c).sum(-1) for c in logp_all.detach().split(8)])  # [N, Lc]
-        scores.entropy = h * mask.to(h.dtype)
+    hidden = {"off": _hidden_plain, "kv": _hidden_kv, "packed": _hidden_packed}[mode](as_net(model), batch)
+    head = unwrap_net(as_net(model)).head
+    scores = token_scores(
+        hidden,  # [N, Lc, H]
+        head,
+        batch.completion_ids,
+        batch.loss_mask,
+        temperature,
+        entropy=entropy,
+        entropy_grad=entropy_grad,
+    )
+    if value_head is not None:
+        scores.values = value_head(hidden) * batch.loss_mask  # [N, Lc]
     return scores
 
 
-def _logits_plain(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """``mode="off"``: every row is its prompt + completion. Returns ``[P*G, Lc, V]`` logits."""
+def _hidden_plain(net: nn.Module, batch: Batch) -> torch.Tensor:
+    """``mode="off"``: every row is its prompt + completion. Returns ``[P*G, Lc, H]`` hidden states."""
     g, lc = batch.group_size, batch.completion_ids.shape[1]
     prompt_ids = batch.prompt_ids.repeat_interleave(g, 0)  # [N, Lp]
     prompt_mask = batch.prompt_mask.repeat_interleave(g, 0)  # [N, Lp]
@@ -182,128 +160,13 @@ def _logits_plain(model: nn.Module, batch: Batch) -> torch.Tensor:
     positions = torch.cat(
         [prompt_positions(prompt_mask), completion_positions(prompt_mask, lc)[:, :-1]], dim=1
     )  # [N, Lp+Lc-1]
-    out = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=lc
-    )
-    return out.logits  # [N, Lc, V]: position Lp-1+t predicts completion token t
+    hidden, _ = net(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    return hidden[:, -lc:]  # [N, Lc, H]: position Lp-1+t predicts completion token t
 
 
-def shared_prefix_length(
-    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, min_length: int = MIN_SHARED_PREFIX
-) -> int:
-    """Length C of the token prefix common to all P prompts, or 0 where sharing it is not worth a pass.
-
-    C is capped so that every prompt keeps at least one token of its own: the last prompt token's logits
-    predict completion token 0 (and ``generate`` feeds that token itself).
-
-    Args:
-        prompt_ids: ``[P, Lp]`` left-padded prompts.
-        prompt_mask: ``[P, Lp]`` 1 for real tokens.
-        min_length: Shortest prefix worth sharing; a shorter one gives 0. P=1 also gives 0.
-
-    Returns:
-        C, in ``{0} ∪ [min_length, min_i len(prompt_i) - 1]``.
-
-    """
-    p, lp = prompt_ids.shape
-    lengths = prompt_mask.long().sum(-1)  # [P]
-    width = int(lengths.min()) - 1  # the most a prefix may take
-    if p < 2 or width < max(min_length, 1):
-        return 0
-    cols = (lp - lengths)[:, None] + torch.arange(width, device=prompt_ids.device)  # [P, width]
-    heads = prompt_ids.gather(1, cols)  # [P, width]: each prompt's first tokens
-    same = (heads == heads[:1]).all(0)  # [width]
-    c = int(same.long().cumprod(0).sum())
-    return c if c >= min_length else 0
-
-
-def shared_prefix_layout(
-    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prefix_len: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move each left-padded prompt's padding to just after the shared prefix: ``prefix | pad | suffix``.
-
-    The width stays Lp and each suffix stays where it was (right-aligned): row ``i``'s first
-    ``pad_i + C`` columns are rotated left by ``pad_i``. ``prefix_len=0`` returns the inputs unchanged.
-
-    Args:
-        prompt_ids: ``[P, Lp]`` left-padded prompts sharing their first ``prefix_len`` tokens.
-        prompt_mask: ``[P, Lp]`` 1 for real tokens.
-        prefix_len: C (see :func:`shared_prefix_length`).
-
-    Returns:
-        ``(ids, mask)``, both ``[P, Lp]``; ``mask`` is 0 on the padding between prefix and suffix.
-
-    """
-    if prefix_len == 0:
-        return prompt_ids, prompt_mask
-    lp = prompt_ids.shape[1]
-    pad = lp - prompt_mask.long().sum(-1, keepdim=True)  # [P, 1]
-    col = torch.arange(lp, device=prompt_ids.device)[None]  # [1, Lp]
-    src = torch.where(col < prefix_len, col + pad, torch.where(col < prefix_len + pad, col - prefix_len, col))
-    return prompt_ids.gather(1, src), prompt_mask.gather(1, src)  # [P, Lp] each
-
-
-def last_position(length: int, device: torch.device) -> torch.Tensor:
-    """``logits_to_keep`` for the last of ``length`` positions, as an index tensor.
-
-    An int ``logits_to_keep=1`` makes transformers slice ``hidden[:, -1:, :]``, a non-contiguous view for
-    which ``matmul`` with the LM head falls back to a batched matmul over P copies of the ``[V, H]`` head
-    (measured: ~1 s of a 10 s CPU step at P=8). An index tensor gathers a contiguous ``[P, 1, H]`` instead.
-    """
-    return torch.tensor([length - 1], device=device)
-
-
-def prefill(
-    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, prefix_len: int
-) -> tuple[torch.Tensor | None, Cache | None]:
-    """Run P prompts into a KV cache: their shared prefix once, then their suffixes on top of it.
-
-    The prefix ``[1, C]`` runs once and its cache is expanded P times (``batch_repeat_interleave``, so
-    gradients of every suffix flow back to it); then the suffixes ``[P, L-C]`` run with the attention mask
-    ``[P, L]`` and position ids continuing from C. Runs with grad if grad is enabled.
-
-    Args:
-        model: A causal LM (transformers, optionally peft-wrapped).
-        ids: ``[P, L]`` prompts in :func:`shared_prefix_layout` (plainly left-padded if ``prefix_len`` is 0).
-        mask: ``[P, L]`` 1 for real tokens.
-        prefix_len: C, the shared prefix length (``ids[:, :C]`` are equal rows, all real tokens).
-
-    Returns:
-        ``(logits, cache)``: ``[P, 1, V]`` logits at the last position and the cache of all L positions
-        (batch P); ``(None, None)`` if L is 0.
-
-    """
-    p, length = ids.shape
-    if length == 0:
-        return None, None
-    positions = prompt_positions(mask)  # [P, L]
-    logits = cache = None
-    if prefix_len:
-        out = model(
-            input_ids=ids[:1, :prefix_len],
-            attention_mask=mask[:1, :prefix_len],
-            position_ids=positions[:1, :prefix_len],
-            use_cache=True,
-            logits_to_keep=last_position(prefix_len, ids.device),
-        )
-        logits, cache = out.logits.expand(p, -1, -1), out.cache  # [P, 1, V], batch 1
-        cache.batch_repeat_interleave(p)  # [1, ...] -> [P, ...], differentiable
-    if length > prefix_len:
-        out = model(
-            input_ids=ids[:, prefix_len:],  # [P, S]
-            attention_mask=mask,  # [P, C + S]
-            position_ids=positions[:, prefix_len:],  # [P, S]
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=last_position(length - prefix_len, ids.device),
-        )
-        logits, cache = out.logits, out.cache  # [P, 1, V], batch P
-    return logits, cache
-
-
-def _logits_kv(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """``mode="kv"``: shared prefix once, each prompt once, KV expanded G times. Returns ``[P*G, Lc, V]``."""
-    if checkpointing_active(model):
+def _hidden_kv(net: nn.Module, batch: Batch) -> torch.Tensor:
+    """``mode="kv"``: shared prefix once, each prompt once, KV expanded G times. Returns ``[P*G, Lc, H]``."""
+    if checkpointing_active(net):
         raise ValueError(
             "shared-prompt mode 'kv' cannot run with gradient checkpointing: transformers drops "
             "the KV cache under checkpointing, which would silently detach the completions from their "
@@ -313,8 +176,8 @@ def _logits_kv(model: nn.Module, batch: Batch) -> torch.Tensor:
     p, g, lc = batch.num_prompts, batch.group_size, batch.completion_ids.shape[1]
     c = shared_prefix_length(batch.prompt_ids, batch.prompt_mask, MIN_SHARED_PREFIX)
     ids, mask = shared_prefix_layout(batch.prompt_ids, batch.prompt_mask, c)  # [P, Lp]: prefix | pad | suffix
-    logits, cache = prefill(model, ids, mask, c)  # [P, 1, V], cache of batch P
-    first = logits.repeat_interleave(g, 0)  # [N, 1, V]: predicts completion token 0
+    last, cache = prefill(net, ids, mask, c)  # [P, 1, H], cache of batch P
+    first = last.repeat_interleave(g, 0)  # [N, 1, H]: predicts completion token 0
     if lc == 1:
         return first
     if lc - 1 >= SEPARATE_ROWS_FROM:
@@ -324,29 +187,29 @@ def _logits_kv(model: nn.Module, batch: Batch) -> torch.Tensor:
         attention = torch.cat(
             [mask.repeat_interleave(g, 0), batch.completion_mask[:, :-1]], dim=1
         )  # [N, Lp+Lc-1]: prompt (prefix | pad | suffix), then the completion (right-padded)
-        rest = model(
+        rest, _ = net(
             input_ids=batch.completion_ids[:, :-1],  # [N, Lc-1]
             attention_mask=attention,
             position_ids=completion_positions(batch.prompt_mask, lc)[:, :-1].repeat_interleave(g, 0),
             cache=cache,
             use_cache=True,
-        ).logits  # [N, Lc-1, V]
-        return torch.cat([first, rest], dim=1)  # [N, Lc, V]
+        )  # [N, Lc-1, H]
+        return torch.cat([first, rest], dim=1)  # [N, Lc, H]
     # Short completions: the G completions of a prompt run as one row on top of its cache (no G-fold copy
     # of the cache): query rows of the packed block mask, keys = the prompt's cache, then the row's own
     # completion tokens.
     rows = g * (lc - 1)
     allowed = packed_attention_mask(mask, batch.completion_mask, g)[:, :, -rows:, :]  # [P, 1, rows, Lp+rows]
     positions = completion_positions(batch.prompt_mask, lc)[:, :-1].repeat(1, g)  # [P, G*(Lc-1)]
-    rest = model(
+    rest, _ = net(
         input_ids=batch.completion_ids[:, :-1].reshape(p, rows),
-        attention_mask=model_mask(model, allowed, "kv"),
+        attention_mask=model_mask(net, allowed, "kv"),
         position_ids=positions,
         cache=cache,
         use_cache=True,
-    ).logits  # [P, G*(Lc-1), V]
-    rest = rest.reshape(p * g, lc - 1, rest.shape[-1])  # [N, Lc-1, V]
-    return torch.cat([first, rest], dim=1)  # [N, Lc, V]
+    )  # [P, G*(Lc-1), H]
+    rest = rest.reshape(p * g, lc - 1, rest.shape[-1])  # [N, Lc-1, H]
+    return torch.cat([first, rest], dim=1)  # [N, Lc, H]
 
 
 def packed_attention_mask(
@@ -394,7 +257,8 @@ def model_mask(model: nn.Module, allowed: torch.Tensor, mode: str) -> torch.Tens
     SDPA takes it boolean; eager adds it to the scores, so it becomes 0 / dtype-min. Others (flash
     attention) take no custom 4D mask: a clear error.
     """
-    inner = getattr(model, "module", model)  # DistributedDataParallel wraps the model (no .config)
+    inner = unwrap_net(model)
+    inner = getattr(inner, "lm", inner)  # a PolicyNet's causal LM
     impl = getattr(inner.config, "_attn_implementation", None) or "sdpa"
     if impl == "sdpa":
         return allowed
@@ -409,9 +273,9 @@ def model_mask(model: nn.Module, allowed: torch.Tensor, mode: str) -> torch.Tens
     )
 
 
-def _logits_packed(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """``mode="packed"``: one row per group with a block mask. Returns ``[P*G, Lc, V]`` logits."""
-    p, g = batch.num_prompts, batch.group_size
+def _hidden_packed(net: nn.Module, batch: Batch) -> torch.Tensor:
+    """``mode="packed"``: one row per group with a block mask. Returns ``[P*G, Lc, H]`` hidden states."""
+    p, g, lp = batch.num_prompts, batch.group_size, batch.prompt_ids.shape[1]
     lc = batch.completion_ids.shape[1]
     ids = torch.cat(
         [batch.prompt_ids, batch.completion_ids[:, :-1].reshape(p, g * (lc - 1))], dim=1
@@ -424,16 +288,14 @@ def _logits_packed(model: nn.Module, batch: Batch) -> torch.Tensor:
         dim=1,
     )  # [P, L]
     allowed = packed_attention_mask(batch.prompt_mask, batch.completion_mask, g)  # [P, 1, L, L]
-    mask = model_mask(model, allowed, "packed")
-    out = model(
+    hidden, _ = net(
         input_ids=ids,
-        attention_mask=mask,
+        attention_mask=model_mask(net, allowed, "packed"),
         position_ids=positions,
         use_cache=False,
-        logits_to_keep=1 + g * (lc - 1),
-    )
-    logits = out.logits  # [P, 1+G*(Lc-1), V]: position Lp-1, then each completion block
-    vocab = logits.shape[-1]
-    first = logits[:, :1, None].expand(p, 1, g, vocab).transpose(1, 2)  # [P, G, 1, V]
-    rest = logits[:, 1:].reshape(p, g, lc - 1, vocab)  # [P, G, Lc-1, V]
-    return torch.cat([first, rest], dim=2).reshape(p * g, lc, vocab)  # [N, Lc, V]
+    )  # [P, L, H]
+    hidden = hidden[:, lp - 1 :]  # [P, 1+G*(Lc-1), H]: position Lp-1, then each completion block
+    width = hidden.shape[-1]
+    first = hidden[:, :1, None].expand(p, 1, g, width).transpose(1, 2)  # [P, G, 1, H]
+    rest = hidden[:, 1:].reshape(p, g, lc - 1, width)  # [P, G, Lc-1, H]
+    return torch.cat([first, rest], dim=2).reshape(p * g, lc, width)  # [N, Lc, H]

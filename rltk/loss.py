@@ -1,4 +1,4 @@
-r"""Stage "loss": the clipped policy-gradient loss of GRPO / Dr. GRPO / DAPO, with an optional KL penalty.
+r"""Stage "loss": the clipped policy-gradient loss of GRPO / Dr. GRPO / DAPO / RLOO, with an optional KL term.
 
 Per token ``t`` of completion ``i`` (only where ``loss_mask[i, t] = 1``)::
 
@@ -15,6 +15,17 @@ estimator to π_θ; the gradient flows through both factors. Set ``cfg.kl_bias_c
 the ``ρ`` factor (TRL's ``use_bias_correction_kl=False``). The entropy bonus (verl's ``entropy_coeff``)
 keeps sampling from collapsing onto one answer: a group whose G samples agree has zero advantage, so
 nothing pulls a policy back from a confident wrong answer except a term like this one or the KL.
+
+Truncated importance sampling (``cfg.tis_cap`` > 0; TRL's and verl's correction for a sampler that is not
+the trainer, such as vLLM or bf16 sampling): each token's loss is weighted by
+``min(exp(old_it - sample_it), cap)``, the ratio of the trainer's policy to the sampler's, truncated.
+
+With ``cfg.ratio = "sequence"`` (TRL's ``RLOOTrainer``) the importance ratio is the rollout's,
+``ρ_i = exp(Σ_t m_it (logp_it - old_it))``, clipped as above against the rollout's advantage ``A_i``; every
+token of the rollout carries that surrogate (``ℓ_it = L_i``), so ``seq_mean`` averages exactly the
+per-rollout losses, as TRL does (``token_mean`` weighs each rollout by its length). With
+``cfg.kl_in_reward`` the KL is no loss term: the advantage stage took ``β·(old - ref)`` off the reward
+token by token (:mod:`rltk.advantage`).
 
 Aggregation, over the *whole* optimizer-step batch ``B`` (all micro-batches, all ranks)::
 
@@ -48,14 +59,17 @@ AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean", "dr_grpo")
 class LossConfig(Protocol):
     """What :func:`policy_loss` reads from the config (``config.algorithm.resolved()`` satisfies it).
 
-    Optional, read with ``getattr``: ``kl_bias_correction: bool`` (default True), ``entropy_coef: float``
-    (default 0).
+    ``value_clip`` is read by :func:`value_loss` only. Optional, read with ``getattr``:
+    ``kl_bias_correction: bool`` (default True), ``entropy_coef: float``
+    (default 0), ``ratio: str`` (``"token"`` or ``"sequence"``, default ``"token"``), ``kl_in_reward: bool``
+    (default False), ``tis_cap: float`` (default 0 = off).
     """
 
     epsilon_low: float
     epsilon_high: float
     beta: float
     aggregation: str
+    value_clip: float
 
 
 @dataclass
@@ -176,25 +190,23 @@ def policy_loss(
     mask = batch.loss_mask.to(logp.dtype)  # [P*G, Lc]
     valid = mask > 0  # [P*G, Lc]
     old = batch.old_logp if batch.old_logp is not None else logp.detach()  # [P*G, Lc]
-    adv = batch.advantages.to(logp.dtype)
-    if adv.dim() == 1:
-        adv = adv.unsqueeze(1)  # [P*G, 1]
-
     # Masked positions get log-ratio 0 so that garbage there can never overflow exp() into inf·0 = NaN.
     log_ratio = torch.where(valid, logp - old, torch.zeros_like(logp))  # [P*G, Lc]
-    ratio = torch.exp(log_ratio)  # [P*G, Lc]
-    clipped = torch.clamp(ratio, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)  # [P*G, Lc]
-    per_token = -torch.min(ratio * adv, clipped * adv)  # [P*G, Lc]
+    per_token, ratio, adv = _surrogate(log_ratio, batch.advantages.to(logp.dtype), mask, cfg)
+    tis_cap = float(getattr(cfg, "tis_cap", 0.0))
+    if tis_cap > 0 and batch.sample_logp is not None:  # the sampler is not the trainer (vLLM, bf16)
+        gap = torch.where(valid, old - batch.sample_logp, torch.zeros_like(old))  # [P*G, Lc]
+        per_token = per_token * torch.exp(gap).clamp(max=tis_cap).detach()
 
     kl = None
-    if cfg.beta != 0.0:
+    if cfg.beta != 0.0 and not getattr(cfg, "kl_in_reward", False):
         ref = ref_logp if ref_logp is not None else batch.ref_logp
         if ref is None:
             raise ValueError("beta > 0 needs reference log-probs (batch.ref_logp or ref_logp=)")
         delta = torch.where(valid, ref - logp, torch.zeros_like(logp))  # [P*G, Lc]
         kl = torch.exp(delta) - delta - 1  # [P*G, Lc] k3
         if getattr(cfg, "kl_bias_correction", True):
-            kl = kl * ratio
+            kl = kl * torch.exp(log_ratio)
         per_token = per_token + cfg.beta * kl
 
     entropy_coef = float(getattr(cfg, "entropy_coef", 0.0))
@@ -203,27 +215,111 @@ def policy_loss(
             raise ValueError("entropy_coef > 0 needs the entropies (completion_scores(..., entropy=True))")
         per_token = per_token - entropy_coef * torch.where(valid, entropy, torch.zeros_like(entropy))
 
-    if cfg.aggregation == "seq_mean":
-        per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # [P*G]
-        loss = per_seq.sum() / normalizer
-    else:  # token_mean, dr_grpo: a token sum over a global denominator
-        loss = (per_token * mask).sum() / normalizer
-
-    with torch.no_grad():
-        n_tok = mask.sum()
-        denom = n_tok.clamp(min=1.0)
-        low = (ratio < 1 - cfg.epsilon_low) & (adv < 0)  # [P*G, Lc]
-        high = (ratio > 1 + cfg.epsilon_high) & (adv > 0)  # [P*G, Lc]
-        metrics = {
-            "loss/clip_low_frac": float((low.to(mask.dtype) * mask).sum() / denom),
-            "loss/clip_high_frac": float((high.to(mask.dtype) * mask).sum() / denom),
-            "loss/clip_region_frac": float(((low | high).to(mask.dtype) * mask).sum() / denom),
-            "loss/ratio_mean": float((ratio * mask).sum() / denom),
-            "loss/tokens": float(n_tok),
-            "loss/value": float(loss.detach()),
-        }
-        if kl is not None:
-            metrics["loss/kl_mean"] = float((kl * mask).sum() / denom)
-        if entropy is not None:
-            metrics["loss/entropy_mean"] = float((entropy.detach() * mask).sum() / denom)
+    loss = aggregate(per_token, mask, cfg.aggregation, normalizer)
+    metrics = _metrics(ratio, adv, mask, cfg, kl, entropy)
+    approx_kl = (torch.exp(log_ratio) - 1 - log_ratio).detach() * mask  # [P*G, Lc] k3 of old vs now
+    metrics["loss/approx_kl"] = float(approx_kl.sum() / mask.sum().clamp(min=1.0))
+    metrics["loss/value"] = float(loss.detach())
     return LossOutput(loss=loss, metrics=metrics)
+
+
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, aggregation: str, normalizer: float
+) -> torch.Tensor:
+    """A micro-batch's share of the step's loss from per-token terms ``[N, Lc]``.
+
+    Summed as ``aggregation`` says (module docstring), over the step's global ``normalizer``.
+    """
+    if aggregation == "seq_mean":
+        per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # [N]
+        return per_seq.sum() / normalizer
+    return (per_token * mask).sum() / normalizer  # token_mean, dr_grpo: a token sum over a global denominator
+
+
+def value_loss(values: torch.Tensor, batch: Batch, cfg: LossConfig, normalizer: float) -> LossOutput:
+    """PPO's clipped value loss on the model tokens, aggregated and normalised as the policy loss.
+
+    ::
+
+        V_clip = V_old + clip(V - V_old, -ε_v, ε_v)          # ε_v = cfg.value_clip
+        ℓ^V_it = ½ · max((V_it - R_it)², (V_clip,it - R_it)²)   # R = the returns of the advantage stage
+
+    Args:
+        values: ``[P*G, Lc]`` the critic's values now (with grad).
+        batch: ``loss_mask``, ``values`` (before the update) and ``returns``, all ``[P*G, Lc]``.
+        cfg: ``value_clip`` and ``aggregation``.
+        normalizer: The step's global denominator (:func:`normalizer_for`).
+
+    Returns:
+        The loss (times ``vf_coef`` by the caller) and ``value/loss``, ``value/clip_frac``, ``value/mean``.
+
+    """
+    if batch.values is None or batch.returns is None:
+        raise ValueError(
+            "the value loss needs the experience pass's values and the advantage stage's returns"
+        )
+    mask = batch.loss_mask.to(values.dtype)  # [P*G, Lc]
+    old = batch.values
+    clipped = old + (values - old).clamp(-cfg.value_clip, cfg.value_clip)  # [P*G, Lc]
+    unclipped_sq, clipped_sq = (values - batch.returns) ** 2, (clipped - batch.returns) ** 2
+    loss = aggregate(0.5 * torch.max(unclipped_sq, clipped_sq), mask, cfg.aggregation, normalizer)
+    denom = mask.sum().clamp(min=1.0)
+    metrics = {
+        "value/loss": float(loss.detach()),
+        "value/clip_frac": float(((clipped_sq > unclipped_sq).to(mask.dtype) * mask).sum() / denom),
+        "value/mean": float((values.detach() * mask).sum() / denom),
+    }
+    return LossOutput(loss, metrics)
+
+
+def _surrogate(
+    log_ratio: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, cfg: LossConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The clipped surrogate per token: ``(loss [N, Lc], ratio [N, Lc], advantage [N, Lc] | [N, 1])``.
+
+    With ``cfg.ratio == "sequence"`` (TRL's RLOO) the ratio is the rollout's, ``exp(Σ_t log_ratio)``, and
+    every token of the rollout carries its surrogate, so ``seq_mean`` gives exactly the per-rollout loss.
+    """
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(1)  # [N, 1]
+    if getattr(cfg, "ratio", "token") == "sequence":
+        if adv.shape[1] != 1:
+            raise ValueError(
+                "ratio 'sequence' needs sequence-level advantages [N] (not a token-level estimator)"
+            )
+        ratio = torch.exp((log_ratio * mask).sum(-1, keepdim=True))  # [N, 1]
+        clipped = torch.clamp(ratio, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
+        per_seq = -torch.min(ratio * adv, clipped * adv)  # [N, 1]
+        per_token = per_seq * mask  # [N, Lc]: every token carries its rollout's loss
+        return per_token, ratio.expand_as(mask), adv
+    ratio = torch.exp(log_ratio)  # [N, Lc]
+    clipped = torch.clamp(ratio, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)  # [N, Lc]
+    return -torch.min(ratio * adv, clipped * adv), ratio, adv
+
+
+@torch.no_grad()
+def _metrics(
+    ratio: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: LossConfig,
+    kl: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+) -> dict[str, float]:
+    """Token means over the loss-mask tokens (see :class:`LossOutput`), and ``loss/tokens``."""
+    n_tok = mask.sum()
+    denom = n_tok.clamp(min=1.0)
+    low = (ratio < 1 - cfg.epsilon_low) & (adv < 0)  # [N, Lc]
+    high = (ratio > 1 + cfg.epsilon_high) & (adv > 0)  # [N, Lc]
+    metrics = {
+        "loss/clip_low_frac": float((low.to(mask.dtype) * mask).sum() / denom),
+        "loss/clip_high_frac": float((high.to(mask.dtype) * mask).sum() / denom),
+        "loss/clip_region_frac": float(((low | high).to(mask.dtype) * mask).sum() / denom),
+        "loss/ratio_mean": float((ratio * mask).sum() / denom),
+        "loss/tokens": float(n_tok),
+    }
+    if kl is not None:
+        metrics["loss/kl_mean"] = float((kl * mask).sum() / denom)
+    if entropy is not None:
+        metrics["loss/entropy_mean"] = float((entropy.detach() * mask).sum() / denom)
+    return metrics

@@ -28,7 +28,7 @@ def run_warm_start(trainer: Trainer, max_seconds: float | None = None) -> None:
 
     trainer.heartbeat.beat(0, "warmstart")
     trainer.warmstart_seconds = warm_start(trainer, max_seconds)["warmstart/time_s"]
-    trainer.snapshot_reference()
+    trainer.policy.snapshot_reference()
     trainer.save(0)
 
 

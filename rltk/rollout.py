@@ -1,24 +1,11 @@
 """Stage "rollout": sample G completions per task and play them through the env.
 
-    tasks ──render──▶ prompt ids ──sample_turn──▶ G samples per prompt ──env.episode──▶ Group(Rollouts)
+    tasks ──render──▶ prompt ids ──Sampler.sample──▶ G samples per prompt ──env.episode──▶ Group(Rollouts)
 
-:func:`sample_turn` is the engine for one assistant turn. It left-pads the P prompts and prefills all but
-each prompt's last token into a KV cache, sharing work at two levels: the token prefix common to all P prompts
-(system prompt, written policy; :func:`rltk.forward.shared_prefix_length`) runs once and its cache is expanded
-P times, then each prompt's own suffix runs once (not G times); the cache is expanded G times with
-``batch_repeat_interleave`` and ``model.generate`` continues from the last prompt token. For this the prompts
-are laid out ``prefix | pad | suffix`` (:func:`rltk.forward.shared_prefix_layout`) and ``generate`` gets that
-layout's attention mask: it derives position ids as ``cumsum(attention_mask) - 1``, so the padding between
-prefix and suffix is skipped and every real token keeps the position it has in the left-padded batch. The
-model's forward consumes no randomness in eval mode, so under the same seed the sampled tokens are those of
-``model.generate(prompts, num_return_sequences=G, do_sample=True)``, token for token (the logits differ only
-by float rounding, as with any change of batch shape).
-
-Generated ids are kept exactly as sampled (no decode/re-encode), cut after the first EOS; the EOS stays in
-``token_ids`` and ``loss_mask`` (it is a model action; TRL does the same). ``sample_logp`` is the log-prob
-of each token under the processed sampling distribution (after temperature, top-k and top-p, and min-length
-EOS suppression): with ``top_k=0``/``top_p=1`` it equals ``forward.completion_logprobs`` at the same
-temperature up to float rounding.
+The sampler (:mod:`rltk.sampler`: transformers on the policy itself, or vLLM) returns each turn's ids
+exactly as sampled (no decode/re-encode), cut after the first EOS; the EOS stays in ``token_ids`` and
+``loss_mask`` (it is a model action; TRL does the same). ``sample_logp`` is the log-prob of each token under
+the processed sampling distribution (after temperature, top-k and top-p, and min-length EOS suppression).
 
 Multi-turn envs (``Env.max_turns > 1``, tool use): every rollout plays its own episode. After each turn the
 env answers; its observation is appended as tokens the model did not generate (``loss_mask`` 0,
@@ -44,64 +31,29 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from rltk.batch import Failure, Group, Rollout, left_pad
+from rltk.batch import Failure, Group, Rollout
 from rltk.chat import env_answer_ids, render_prompt, turn_close_ids
 from rltk.deadline import CallTimeout, call_with_timeout
 from rltk.env import Env, Episode, Message, Step, Task
-from rltk.forward import prefill, shared_prefix_layout, shared_prefix_length
-from rltk.models import context_length
+from rltk.sampler import HFSampler, Sampler, SamplingParams, TurnSample
 
 ENV_TIMEOUT_S = 30.0
 """Default deadline of one episode step (the env's tools and check), as ``rollout.env_timeout_s``."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to sample one assistant turn (see :func:`generate`); ``temperature=0`` means greedy decoding."""
-
-    max_new_tokens: int
-    min_new_tokens: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    stop_strings: tuple[str, ...] = ()  # a turn also ends once its text contains one of these
-
-
-@dataclass
-class TurnSample:
-    """One sampled assistant turn.
-
-    Attributes:
-        token_ids: ``[T]`` the generated ids, cut after the first EOS (kept), no padding.
-        sample_logp: ``[T]`` log-prob of each token under the processed sampling distribution.
-        finished: True if the turn ended with an EOS or a stop string, False if ``max_new_tokens`` cut it.
-
-    """
-
-    token_ids: torch.Tensor  # [T]
-    sample_logp: torch.Tensor  # [T]
-    finished: bool
 
 
 class PromptTooLongError(ValueError):
     """A task's rendered prompt does not fit the model's context (minus the completion budget)."""
 
 
-def eos_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Return the ids that end a turn: the tokenizer's EOS plus the model's generation-config EOS ids."""
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    return sorted(i for i in ids if i is not None)
-
-
 def check_prompt_length(
-    task: Task, n_tokens: int, model: nn.Module, max_new_tokens: int, max_prompt_tokens: int | None
+    task: Task, n_tokens: int, ctx: int, max_new_tokens: int, max_prompt_tokens: int | None
 ) -> None:
-    """Raise :class:`PromptTooLongError` naming the task, its length, the limit and the fix."""
-    ctx = context_length(model)
+    """Raise :class:`PromptTooLongError` naming the task, its length, the limit and the fix.
+
+    ``ctx`` is the model's context length; the limit is ``ctx - max_new_tokens``, or ``max_prompt_tokens``.
+    """
     limit, why = ctx - max_new_tokens, f"model context {ctx} - max_new_tokens {max_new_tokens}"
     if max_prompt_tokens is not None and max_prompt_tokens < limit:
         limit, why = max_prompt_tokens, "max_prompt_tokens"
@@ -111,104 +63,6 @@ def check_prompt_length(
             "Shorten the prompt (the env's messages), or raise the limit (max_prompt_tokens, or a model "
             "with a longer context), or lower rollout.max_new_tokens."
         )
-
-
-@torch.no_grad()
-def sample_turn(
-    model: nn.Module,
-    prompts: Sequence[torch.Tensor],
-    repeats: int,
-    params: SamplingParams,
-    eos_ids: Sequence[int],
-    pad_id: int,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-) -> list[TurnSample]:
-    """Sample ``repeats`` continuations of each prompt; prefill the shared prefix once and each prompt once.
-
-    Args:
-        model: A causal LM (transformers, optionally peft-wrapped), in eval mode.
-        prompts: P unpadded ``[Lp_i]`` id tensors.
-        repeats: G, continuations per prompt.
-        params: Sampling parameters.
-        eos_ids: Ids that end a turn.
-        pad_id: Padding id (masked out).
-        tokenizer: Needed only with ``params.stop_strings``.
-
-    Returns:
-        P*G samples; those of prompt ``i`` are at ``i*G .. i*G+G-1``.
-
-    """
-    device = model.get_input_embeddings().weight.device
-    ids, mask = left_pad(list(prompts), pad_id)  # [P, Lp]
-    ids, mask, lp = ids.to(device), mask.to(device), ids.shape[1]
-    c = shared_prefix_length(ids, mask)
-    ids, mask = shared_prefix_layout(ids, mask, c)  # [P, Lp]: prefix | pad | suffix
-    _, cache = prefill(model, ids[:, :-1], mask[:, :-1], c)  # all but the last token; generate feeds it
-    if cache is not None:
-        cache.batch_repeat_interleave(repeats)  # [P, ...] -> [P*G, ...]
-    greedy = params.temperature == 0
-    config = GenerationConfig(
-        do_sample=not greedy,
-        max_new_tokens=params.max_new_tokens,
-        min_new_tokens=params.min_new_tokens,
-        temperature=None if greedy else params.temperature,
-        top_p=None if greedy else params.top_p,
-        top_k=None if greedy else params.top_k,
-        repetition_penalty=1.0,
-        eos_token_id=list(eos_ids),
-        pad_token_id=pad_id,
-        return_dict_in_generate=True,
-        output_scores=True,
-        disable_compile=True,
-        stop_strings=list(params.stop_strings) or None,
-    )
-    if params.stop_strings and tokenizer is None:
-        raise ValueError("sample_turn needs the tokenizer to stop at stop_strings")
-    out = model.generate(
-        input_ids=ids.repeat_interleave(repeats, 0),  # [P*G, Lp]
-        attention_mask=mask.repeat_interleave(repeats, 0),  # [P*G, Lp]: covers prefix, pad, suffix
-        cache=cache,
-        generation_config=config,
-        **({"tokenizer": tokenizer} if params.stop_strings else {}),
-    )
-    new = out.sequences[:, lp:]  # [P*G, T]
-    logp = torch.stack(
-        [s.float().log_softmax(-1).gather(-1, new[:, t, None]).squeeze(-1) for t, s in enumerate(out.scores)],
-        dim=1,
-    )  # [P*G, T]
-    is_eos = torch.isin(new, torch.tensor(list(eos_ids), device=new.device))  # [P*G, T]
-    samples = []
-    for row in range(new.shape[0]):
-        hits = is_eos[row].nonzero()
-        finished = len(hits) > 0
-        end = int(hits[0]) + 1 if finished else new.shape[1]
-        if params.stop_strings and tokenizer is not None:
-            stop = stop_string_end(new[row, :end].tolist(), tokenizer, params.stop_strings)
-            if stop is not None:
-                end, finished = stop, True
-        samples.append(TurnSample(new[row, :end].cpu(), logp[row, :end].cpu(), finished))
-    return samples
-
-
-def stop_string_end(
-    ids: list[int], tokenizer: PreTrainedTokenizerBase, stop_strings: Sequence[str]
-) -> int | None:
-    """Length of the shortest prefix of ``ids`` whose text contains a stop string (None: no stop string).
-
-    The token that completes the stop string is kept whole, even where it carries text past it.
-    """
-
-    def hit(n: int) -> bool:
-        text = tokenizer.decode(ids[:n], skip_special_tokens=True)
-        return any(s in text for s in stop_strings)
-
-    if not ids or not hit(len(ids)):
-        return None
-    lo, hi = 1, len(ids)  # containment is monotone in the prefix length: binary search
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if hit(mid) else (mid + 1, hi)
-    return lo
 
 
 def cut_at_stop_string(text: str, stop_strings: Sequence[str]) -> str:
@@ -322,7 +176,7 @@ def play_turn(state: RolloutState, sample: TurnSample, ctx: TurnContext, last: b
 
 
 def generate(
-    model: nn.Module,
+    policy: nn.Module | Sampler,
     tokenizer: PreTrainedTokenizerBase,
     env: Env,
     tasks: Sequence[Task],
@@ -342,8 +196,8 @@ def generate(
     """Sample ``group_size`` rollouts of every task and play them through ``env`` (one or several turns).
 
     Args:
-        model: A causal LM (transformers, optionally peft-wrapped). Put in eval mode for sampling; its mode
-            is restored afterwards.
+        policy: A :class:`~rltk.sampler.Sampler`, or a causal LM (transformers, optionally peft-wrapped)
+            to sample from with :class:`~rltk.sampler.HFSampler`.
         tokenizer: Its tokenizer, with a chat template.
         env: The environment; its ``stop_strings`` end a turn early (tool protocols).
         tasks: The P tasks.
@@ -383,18 +237,18 @@ def generate(
         )
     if not tasks:
         return []
+    sampler = HFSampler(policy, tokenizer) if isinstance(policy, nn.Module) else policy
+    limits = sampler.limits
     prompts = []
     for task in tasks:
         ids = render_prompt(tokenizer, task.messages, tools=task.tools)
-        check_prompt_length(task, len(ids), model, max_new_tokens, max_prompt_tokens)
+        check_prompt_length(task, len(ids), limits.context_length, max_new_tokens, max_prompt_tokens)
         prompts.append(torch.tensor(ids, dtype=torch.long))
     stop_strings = tuple(getattr(env, "stop_strings", ()))
     params = SamplingParams(max_new_tokens, min_new_tokens, temperature, top_p, top_k, stop_strings)
-    eos_ids = eos_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    close_ids = turn_close_ids(tokenizer, eos_ids) if turns > 1 else []
-    ctx = TurnContext(tokenizer, frozenset(eos_ids), close_ids, stop_strings, env_timeout_s)
-    limit = context_length(model)
+    close_ids = turn_close_ids(tokenizer, list(limits.eos_ids)) if turns > 1 else []
+    ctx = TurnContext(tokenizer, frozenset(limits.eos_ids), close_ids, stop_strings, env_timeout_s)
+    limit = limits.context_length
     states = [
         RolloutState(
             task,
@@ -406,27 +260,21 @@ def generate(
         for task, prompt in zip(tasks, prompts, strict=True)
         for _ in range(group_size)
     ]
-    device = model.get_input_embeddings().weight.device
-    devices = [device] if device.type == "cuda" else []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
-            for turn in range(turns):
-                live = [s for s in states if not s.stop_reason]
-                if not live:
-                    break
-                if turn == 0:  # the G rollouts of a task share its prompt: prefill it once
-                    samples = sample_turn(model, prompts, group_size, params, eos_ids, pad_id, tokenizer)
-                else:
-                    histories = [torch.tensor(s.prompt_ids + s.token_ids) for s in live]
-                    samples = sample_turn(model, histories, 1, params, eos_ids, pad_id, tokenizer)
-                for state, sample in zip(live, samples, strict=True):
-                    play_turn(state, sample, ctx, last=turn == turns - 1)
-    finally:
-        model.train(was_training)
+    cuda = list(range(torch.cuda.device_count()))  # HF sampling on a GPU draws from its RNG
+    with torch.random.fork_rng(devices=cuda, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for turn in range(turns):
+            live = [s for s in states if not s.stop_reason]
+            if not live:
+                break
+            if turn == 0:  # the G rollouts of a task share its prompt: the sampler may prefill it once
+                samples = sampler.sample(prompts, group_size, params)
+            else:
+                histories = [torch.tensor(s.prompt_ids + s.token_ids) for s in live]
+                samples = sampler.sample(histories, 1, params)
+            for state, sample in zip(live, samples, strict=True):
+                play_turn(state, sample, ctx, last=turn == turns - 1)
     return [
         Group(
             task=task,

@@ -90,7 +90,7 @@ class TrainReport:
         if t.accelerator.is_main_process:
             t.heartbeat.beat(0, f"report: {name}")
             result = report.evaluate_model(
-                t.policy, t.tokenizer, t.env, t.rubric, self.tasks, self.settings, name, source
+                t.policy.lm, t.tokenizer, t.env, t.rubric, self.tasks, self.settings, name, source
             )
             self._path(name).parent.mkdir(parents=True, exist_ok=True)
             _dump(result, self._path(name))

@@ -1,10 +1,13 @@
 """The engine: one optimizer step = rollout → reward → advantage → update, for every algorithm.
 
-    env.tasks ─▶ rollout.generate ─▶ Rubric.score ─▶ advantage.compute ─▶ collate ─▶ forward + loss ─▶ step
-                                                                                     └▶ metrics, checkpoint
+    env.tasks ─▶ rollout.generate ─▶ Rubric.score ─▶ advantage.select ─▶ collate ─▶ experience (no-grad:
+    ref / old log-probs) ─▶ advantage.assign ─▶ epochs × minibatches of (forward + loss) ─▶ optimizer step
+                                                                               └▶ metrics, checkpoint
 
-An algorithm (GRPO, Dr. GRPO, DAPO; PPO later) is an advantage estimator plus a loss configuration
-(``AlgorithmView``); the loop below is shared by all of them.
+An algorithm (GRPO, Dr. GRPO, DAPO, MaxRL, RLOO, PPO) is an advantage estimator plus a loss configuration
+(``AlgorithmView``); the loop below is shared by all of them. The stages live in their modules:
+:mod:`rltk.rollout`, :mod:`rltk.reward`, :mod:`rltk.experience` (with :mod:`rltk.advantage`),
+:mod:`rltk.update`; :class:`rltk.policy.Policy` owns the trained modules.
 
 Determinism: every step reseeds python/numpy/torch from (seed, step, rank), so a run killed after step k
 and resumed from its checkpoint replays steps k+1.. exactly (given the same thread count). Several ranks
@@ -15,13 +18,10 @@ ranks.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import math
 import random
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,16 +29,19 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
+from transformers import PreTrainedTokenizerBase, get_scheduler
 
-from rltk import advantage, checkpoint, distributed, evaluate, forward, loss, plugins, rollout, rundir
-from rltk.batch import Batch, Group, collate
+from rltk import checkpoint, distributed, evaluate, experience, plugins, rollout, rundir
+from rltk.batch import Batch, Group
 from rltk.config import Config, config_to_dict
 from rltk.env import Env, Task
-from rltk.failures import FailureGuard, NonFiniteGuard
+from rltk.failures import FailureGuard
 from rltk.metrics import MetricsLogger, Progress, outcome_metrics
-from rltk.models import build_policy, load_tokenizer
+from rltk.models import load_tokenizer
+from rltk.policy import Policy
 from rltk.reward import Rubric
+from rltk.sampler import make_sampler
+from rltk.update import Updater
 
 log = logging.getLogger("rltk")
 
@@ -91,13 +94,14 @@ class Trainer:
             cfg.rewards, self.env, timeout_s=cfg.rollout.reward_timeout_s, workers=cfg.rollout.reward_workers
         )
         self.failure_guard = FailureGuard(cfg.rollout.max_reward_error_rate, cfg.rollout.reward_error_window)
-        self.nonfinite_guard = NonFiniteGuard()
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(cfg.model.name)
         seed_everything(cfg.run.seed, -1)  # model init (LoRA A matrices) is seeded, equal on every rank
-        self.model = build_policy(cfg)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.policy = Policy(cfg, self.accelerator)
         self.optimizer = torch.optim.AdamW(
-            params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas)
+            self.policy.param_groups(),
+            lr=cfg.optim.lr,
+            weight_decay=cfg.optim.weight_decay,
+            betas=tuple(cfg.optim.betas),
         )
         self.scheduler = get_scheduler(
             cfg.optim.schedule,
@@ -105,12 +109,12 @@ class Trainer:
             num_warmup_steps=cfg.optim.warmup_steps,
             num_training_steps=cfg.run.steps,
         )
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        # KL reference = the policy at the start of RL. A LoRA run without warm start gets it for free
-        # (adapters disabled); otherwise it is a snapshot of the trainable weights (see snapshot_reference).
-        self.reference: dict[str, torch.Tensor] | None = None
-        if self.algo.beta > 0 and not cfg.model.lora.enabled:
-            self.snapshot_reference()
+        self.optimizer = self.policy.prepare(self.optimizer)
+        self.updater = Updater(
+            cfg, self.policy, self.optimizer, self.scheduler, self.accelerator, self._all_reduce_sums
+        )
+        python = {"python": cfg.rollout.vllm_python} if cfg.rollout.vllm_python else {}
+        self.sampler = make_sampler(cfg.rollout.backend, self.policy.lm, self.tokenizer, **python)
         self.train_tasks = self.env.tasks("train", self.train_pool_size(), seed=cfg.run.seed)
         self.start_step = 0
         # training wall time so far (evals and saves excluded), kept in checkpoints: train_time.json
@@ -128,7 +132,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
     def close(self) -> None:
-        """Close the metrics, stop the reward workers and release the run dir (idempotent).
+        """Close the metrics, stop the reward workers and the sampler, release the run dir (idempotent).
 
         Also after a failed :meth:`build`, which may have stopped before creating some of them.
         """
@@ -136,6 +140,8 @@ class Trainer:
             self.metrics.close()
         if hasattr(self, "rubric"):
             self.rubric.close()
+        if hasattr(self, "sampler"):
+            self.sampler.close()
         if self.lock is not None:
             self.lock.release()
 
@@ -143,11 +149,6 @@ class Trainer:
     def train_pool_size(self) -> int:
         """Train tasks to generate: one fresh task per prompt slot of the run (at least 64)."""
         return max(64, self.cfg.run.steps * self.cfg.rollout.prompts_per_step * self.world)
-
-    @property
-    def policy(self) -> PreTrainedModel:
-        """The model without DDP wrapping (what generation and saving use)."""
-        return self.accelerator.unwrap_model(self.model)
 
     def lock_run_dir(self) -> rundir.RunDirLock | None:
         """Create the run dir and lock it (main process); every rank fails alike if another run holds it."""
@@ -172,9 +173,10 @@ class Trainer:
         if path is None:
             self.metrics.truncate_after(-1)
             return
-        state = checkpoint.load(path, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler)
-        if "reference" in state["extra"]:
-            self.reference = state["extra"]["reference"]
+        state = checkpoint.load(
+            path, model=self.policy.lm, optimizer=self.optimizer, scheduler=self.scheduler
+        )
+        self.policy.load_checkpoint_extra(state["extra"])
         seconds = state["extra"].get("train_seconds", {})
         self.warmstart_seconds, self.rl_seconds = seconds.get("warmstart", 0.0), seconds.get("rl", 0.0)
         self.start_step = int(state["step"])
@@ -200,6 +202,7 @@ class Trainer:
             total=cfg.run.steps, start=self.start_step, enabled=self.accelerator.is_main_process
         )
         try:
+            self.sampler.push_weights(self.policy.lm)  # as warm-started or resumed
             if cfg.eval.every and self.start_step == 0:
                 self.held_out_eval(0)  # the policy RL starts from (after the warm start, if any)
             for step in range(self.start_step, cfg.run.steps):
@@ -217,7 +220,9 @@ class Trainer:
             progress.close()
             if close:
                 self.close()
-        log.info("rank %d/%d final weights sha256 %s", self.rank, self.world, self.weights_digest()[:16])
+        log.info(
+            "rank %d/%d final weights sha256 %s", self.rank, self.world, self.policy.weights_digest()[:16]
+        )
 
     @property
     def eval_max_new_tokens(self) -> int:
@@ -239,7 +244,7 @@ class Trainer:
         start = time.perf_counter()
         tasks = self.env.tasks(cfg.split, cfg.n, seed=0)
         mine = evaluate.model_rollouts(
-            self.policy,
+            self.sampler,
             self.tokenizer,
             self.env,
             self.rubric,
@@ -271,15 +276,6 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return result
 
-    def weights_digest(self) -> str:
-        """Sha256 over the trainable parameters: equal on every rank when replicas are in sync."""
-        digest = hashlib.sha256()
-        for name, p in sorted(self.policy.named_parameters()):
-            if p.requires_grad:
-                digest.update(name.encode())
-                digest.update(p.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
-
     def save(self, step: int) -> None:
         """Write a checkpoint of the current state (main process writes, all ranks wait)."""
         self.heartbeat.beat(step, "save")
@@ -288,28 +284,28 @@ class Trainer:
             checkpoint.save(
                 self.run_dir,
                 step,
-                model=self.policy,
+                model=self.policy.lm,
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
                 extra={
                     "data_position": (step * self.world) * self.cfg.rollout.prompts_per_step,
                     "train_seconds": {"warmstart": self.warmstart_seconds, "rl": self.rl_seconds},
-                    **({"reference": self.reference} if self.reference is not None else {}),
+                    **self.policy.checkpoint_extra(),
                 },
                 keep_last_n=self.cfg.run.keep_last_n,
             )
         self.accelerator.wait_for_everyone()
 
     def step(self, step: int) -> StepResult:
-        """One RL step: rollout → reward → advantage → update."""
-        cfg, algo = self.cfg, self.algo
+        """One RL step: rollout → reward → experience (advantages) → update."""
+        cfg = self.cfg
         seed_everything(cfg.run.seed, step, self.rank)
         t0 = time.perf_counter()
 
         # rollout: G samples per task, prompt prefilled once per group
         self.heartbeat.beat(step, "rollout")
         groups = rollout.generate(
-            self.policy,
+            self.sampler,
             self.tokenizer,
             self.env,
             self.tasks_for_step(step),
@@ -331,14 +327,15 @@ class Trainer:
         m.update(self.check_failures(groups))
         m.update(outcome_metrics(groups))
 
-        # advantage: group-relative; dynamic sampling may drop zero-variance groups
-        adv = advantage.compute(groups, algo)
-        m.update(adv.metrics)
-
-        # update: forward (shared prompt) + loss, micro-batches of whole groups
+        # experience: the kept groups as micro-batches, one no-grad pass where needed, then advantages
         self.heartbeat.beat(step, "update")
         t1 = time.perf_counter()
-        m.update(self.update(adv.groups, step))
+        batches, experience_metrics = self.make_experience(groups)
+        m.update(experience_metrics)
+
+        # update: epochs × minibatches of whole groups, forward (shared prompt) + loss per micro-batch
+        m.update(self.updater.update(batches, step))
+        self.sampler.push_weights(self.policy.lm)  # the next rollouts sample from the updated policy
         t_train = time.perf_counter() - t1
 
         elapsed = time.perf_counter() - t0
@@ -358,6 +355,18 @@ class Trainer:
         )
         return StepResult(metrics=m, groups=groups)
 
+    def make_experience(self, groups: list[Group]) -> tuple[list[Batch], dict[str, float]]:
+        """This rank's micro-batches of the groups the step learns from, experience and advantages done."""
+        return experience.make_experience(
+            self.policy,
+            self.algo,
+            groups,
+            per_micro_batch=self.cfg.optim.groups_per_micro_batch,
+            pad_id=self.tokenizer.pad_token_id,
+            device=self.accelerator.device,
+            all_reduce=self._all_reduce_sums,
+        )
+
     def check_failures(self, groups: list[Group]) -> dict[str, float]:
         """Count this step's failed rollouts per source over all ranks; stop the run past the allowed rate.
 
@@ -374,149 +383,6 @@ class Trainer:
         counts = {s: int(k) for s, k in zip(sources, per_source, strict=True) if k}
         self.failure_guard.check(int(n), counts, examples)
         return {"rollout/failed_frac": failed / max(1.0, n)}
-
-    def update(self, groups: list[Group], step: int) -> dict[str, float]:
-        """Optimizer step(s) of RL step ``step`` on the kept groups; returns loss metrics.
-
-        The loss normaliser is one global count (all micro-batches, all ranks), so the summed micro-batch
-        gradients are the full-batch gradient (:meth:`backward`). An optimizer step whose loss or gradient
-        norm is not finite is skipped on every rank (:meth:`optimizer_step`).
-        """
-        batches, normalizer = self.micro_batches(groups)
-        if normalizer <= 0:  # no rank kept a group: nothing to learn from this step
-            self.advance_schedule()
-            return {"update/skipped": 1.0}
-        self.model.train()
-        sums: dict[str, float] = {}
-        for _ in range(self.algo.updates_per_batch):
-            sums = self.backward(batches, normalizer)
-            sums.update(self.optimizer_step(step, sums["loss"]))
-        self.advance_schedule()
-        self.model.eval()
-        return sums
-
-    def advance_schedule(self) -> None:
-        """Step the LR schedule, which counts RL steps, those without an optimizer step too.
-
-        A step can keep no group or have a non-finite loss, so torch's warning about a scheduler stepped
-        before its optimizer is expected here.
-        """
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
-            self.scheduler.step()
-
-    def micro_batches(self, groups: list[Group]) -> tuple[list[Batch], float]:
-        """This rank's micro-batches of whole groups (on the device) and the step's global loss normaliser."""
-        per_mb, pad = self.cfg.optim.groups_per_micro_batch, self.tokenizer.pad_token_id
-        batches = [collate(groups[i : i + per_mb], pad) for i in range(0, len(groups), per_mb)]
-        normalizer = loss.normalizer_for(
-            batches, self.algo.aggregation, self.cfg.rollout.max_new_tokens, all_reduce=self.all_reduce_sum
-        )
-        return [b.to(self.accelerator.device) for b in batches], normalizer
-
-    def backward(self, batches: list[Batch], normalizer: float) -> dict[str, float]:
-        """Accumulate the gradient of the whole step's loss over ``batches``; returns the loss metrics.
-
-        DDP averages gradients over ranks, hence ``backward(loss * world)``. A rank left without groups
-        (dynamic sampling, failures) still runs a zero-loss backward so DDP's gradient all-reduce has every
-        rank.
-        """
-        cfg, algo = self.cfg, self.algo
-        sums = {"loss": 0.0, "loss/tokens": 0.0}
-        weighted: dict[str, float] = {}
-        for i, batch in enumerate(batches):
-            last = i == len(batches) - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
-                if batch.ref_logp is None and algo.beta > 0:
-                    batch.ref_logp = self.reference_logprobs(batch)
-                scores = forward.completion_scores(
-                    self.model,
-                    batch,
-                    temperature=cfg.rollout.temperature,
-                    mode=algo.shared_prompt,
-                    entropy=True,  # logged always; differentiable only for an entropy bonus
-                    entropy_grad=algo.entropy_coef > 0,
-                )
-                logp = scores.logp  # [P*G, Lc]
-                if batch.old_logp is None and algo.updates_per_batch > 1:
-                    batch.old_logp = logp.detach()  # later passes are off-policy by one update
-                result = loss.policy_loss(logp, batch, algo, normalizer, entropy=scores.entropy)
-                self.accelerator.backward(result.loss * self.world)
-            tokens = result.metrics.pop("loss/tokens")
-            sums["loss/tokens"] += tokens
-            sums["loss"] += result.metrics.pop("loss/value")
-            for k, v in result.metrics.items():
-                weighted[k] = weighted.get(k, 0.0) + v * tokens
-            if batch.sample_logp is not None and tokens:
-                gap = (logp.detach() - batch.sample_logp).abs() * batch.loss_mask
-                weighted["mismatch/logp_abs_mean"] = weighted.get("mismatch/logp_abs_mean", 0.0) + float(
-                    gap.sum()
-                )
-        if not batches:  # this rank has nothing but must join the gradient all-reduce
-            zero = sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
-            self.accelerator.backward(zero)
-        sums.update({k: v / max(1.0, sums["loss/tokens"]) for k, v in weighted.items()})
-        return sums
-
-    def optimizer_step(self, step: int, loss_value: float) -> dict[str, float]:
-        """Clip and apply the accumulated gradient, unless the loss or its norm is not finite on any rank.
-
-        A skipped step leaves the weights and the optimizer state as they were; three in a row stop the run
-        (:class:`~rltk.failures.NonFiniteGuard`). The verdict is all-reduced, so every rank skips alike.
-        """
-        params = self.model.parameters()
-        grad_norm = float(self.accelerator.clip_grad_norm_(params, self.cfg.optim.max_grad_norm))
-        bad = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
-        apply = self.nonfinite_guard.check(step + 1, finite=not self.all_reduce_sum(float(bad)))
-        if apply:
-            self.optimizer.step()
-        else:
-            log.warning("step %d: non-finite loss (%s) or gradient norm (%s); optimizer step skipped",
-                        step + 1, loss_value, grad_norm)  # fmt: skip
-        self.optimizer.zero_grad(set_to_none=True)
-        out = {"update/nonfinite_skipped": float(not apply)}
-        if apply:
-            out["grad_norm"] = grad_norm
-        return out
-
-    def snapshot_reference(self) -> None:
-        """Freeze the current trainable weights as the KL reference (the policy at the start of RL).
-
-        Only the trainable tensors are copied (LoRA: the adapters, a few MB), and only when ``beta > 0``.
-        The snapshot travels in every checkpoint, so a resumed run keeps the same reference.
-        """
-        if self.algo.beta > 0:
-            self.reference = {
-                name: p.detach().clone() for name, p in self.policy.named_parameters() if p.requires_grad
-            }
-
-    def reference_logprobs(self, batch: Batch) -> torch.Tensor:  # [P*G, Lc]
-        """Log-probs under the reference policy, without a second model.
-
-        With a snapshot (warm start, or a full fine-tune), its weights are swapped into the trainable
-        parameters for one no-grad forward and swapped back; otherwise (LoRA from scratch) the reference is
-        the base with adapters disabled.
-        """
-        policy = self.policy
-
-        def run() -> torch.Tensor:
-            return forward.completion_logprobs(
-                policy, batch, temperature=self.cfg.rollout.temperature, mode=self.algo.shared_prompt
-            )
-
-        with torch.no_grad():
-            if self.reference is not None:
-                params = {n: p for n, p in policy.named_parameters() if n in self.reference}
-                current = {n: p.data for n, p in params.items()}
-                try:
-                    for n, p in params.items():
-                        p.data = self.reference[n].to(p.device)
-                    return run()
-                finally:
-                    for n, p in params.items():
-                        p.data = current[n]
-            with policy.disable_adapter():
-                return run()
 
     def all_reduce_sum(self, value: float) -> float:
         """``value`` summed over ranks (itself on one process): decisions every rank must take alike."""

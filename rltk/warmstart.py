@@ -112,7 +112,7 @@ def demonstration_group(
         )
     prompt = render_prompt(tokenizer, task.messages, tools=task.tools)
     rollout = Rollout(task, turns, torch.tensor(ids), torch.tensor(mask), torch.zeros(len(ids)))
-    return Group(task, torch.tensor(prompt), [rollout], advantages=torch.zeros(1))
+    return Group(task, torch.tensor(prompt), [rollout])
 
 
 def demonstrator(env: Env, demos: str) -> Policy:
@@ -145,10 +145,10 @@ def warm_start(trainer: Trainer, max_seconds: float | None = None) -> dict[str, 
     policy = demonstrator(trainer.env, ws.demos)
     n = ws.steps * ws.batch_size * trainer.world
     tasks = trainer.env.tasks("train", n, seed=cfg.run.seed + WARMSTART_SEED_OFFSET)
-    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    params = [p for p in trainer.policy.net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=ws.lr, weight_decay=0.0)
     scheduler = get_scheduler(ws.schedule, opt, num_warmup_steps=0, num_training_steps=max(1, ws.steps))
-    trainer.model.train()
+    trainer.policy.net.train()
     metrics: dict[str, float] = {}
     t0 = time.perf_counter()
     for step in range(ws.steps):
@@ -156,10 +156,12 @@ def warm_start(trainer: Trainer, max_seconds: float | None = None) -> dict[str, 
         chunk = tasks[start : start + ws.batch_size]
         groups = [demonstration_group(trainer.tokenizer, trainer.env, t, policy) for t in chunk]
         batch = collate(groups, trainer.tokenizer.pad_token_id).to(acc.device)
-        logp = forward.completion_logprobs(trainer.model, batch, mode=trainer.algo.shared_prompt)  # [B, Lc]
+        logp = forward.completion_logprobs(
+            trainer.policy.net, batch, mode=trainer.algo.shared_prompt
+        )  # [B, Lc]
         loss = -(logp * batch.loss_mask).sum() / batch.loss_mask.sum()
         acc.backward(loss)
-        acc.clip_grad_norm_(trainer.model.parameters(), cfg.optim.max_grad_norm)
+        acc.clip_grad_norm_(trainer.policy.net.parameters(), cfg.optim.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         opt.step()
         scheduler.step()
@@ -171,7 +173,7 @@ def warm_start(trainer: Trainer, max_seconds: float | None = None) -> dict[str, 
         if max_seconds is not None and trainer.all_reduce_sum(float(spent)):
             log.info("warm start stopped at step %d: %.0f s time budget spent", step + 1, max_seconds)
             break
-    trainer.model.eval()
+    trainer.policy.net.eval()
     metrics["warmstart/time_s"] = time.perf_counter() - t0
     trainer.metrics.log(0, metrics)
     return metrics

@@ -12,7 +12,6 @@ import yaml
 from rltk import plugins
 from rltk.config import (
     AlgorithmConfig,
-    AlgorithmView,
     Config,
     ConfigError,
     RewardConfig,
@@ -99,7 +98,8 @@ def test_unknown_keys_suggest_the_closest_name(tmp_path: Path) -> None:
         ("model.lora.enabled=maybe", "model.lora.enabled: 'maybe' (expected a bool (true/false), got str)"),
         ("optim.lr=fast", "optim.lr: 'fast' (expected a number, got str) → e.g. optim.lr=1.0e-05"),
         ("rollout.temperature=.nan", "rollout.temperature: nan (expected a number, got float)"),
-        ("rollout.group_size=1", "rollout.group_size: 1 (must be >= 2; advantages compare completions"),
+        ("rollout.group_size=0", "rollout.group_size: 0 (must be >= 1; rollouts per task"),
+        ("rollout.group_size=1", "rollout.group_size: 1 (estimator 'grpo' compares the rollouts of a task)"),
         ("rollout.temperature=0", "rollout.temperature: 0.0 (must be > 0) → e.g. rollout.temperature=1.0"),
         ("rollout.top_p=1.5", "rollout.top_p: 1.5 (must be in (0, 1]) → e.g. rollout.top_p=1.0"),
         ("rollout.top_p=0", "rollout.top_p: 0.0 (must be in (0, 1])"),
@@ -113,7 +113,10 @@ def test_unknown_keys_suggest_the_closest_name(tmp_path: Path) -> None:
         ),
         ("optim.betas=[0.9]", "optim.betas: [0.9] (expected a list of 2)"),
         ("model.name=''", "model.name: '' (must be not empty)"),
-        ("algorithm.name=ppo2", "algorithm.name: 'ppo2' (not a valid choice) → valid: grpo, dr_grpo, dapo"),
+        (
+            "algorithm.name=ppo2",
+            "algorithm.name: 'ppo2' (not a valid choice) → did you mean 'ppo'? valid: grpo, dr_grpo, dapo",
+        ),
         ("algorithm.name=dapoo", "algorithm.name: 'dapoo' (not a valid choice) → did you mean 'dapo'?"),
         (
             "run.report_to=[jsonl,wandbb]",
@@ -216,59 +219,62 @@ def test_validate_checks_programmatic_configs() -> None:
     assert Config().problems() == []
 
 
+FIELDS = ("estimator", "scale_std", "dynamic_sampling", "epsilon_low", "epsilon_high", "aggregation", "ratio")
+
+
 @pytest.mark.parametrize(
-    ("algo", "view"),
+    ("algo", "preset", "rest"),
     [
-        (
-            AlgorithmConfig(),
-            AlgorithmView(
-                "grpo", True, False, 0.2, 0.2, "seq_mean", "group_relative", 0.0, 0.0, 1, "kv", False
-            ),
-        ),
-        (
-            AlgorithmConfig(name="dr_grpo"),
-            AlgorithmView(
-                "dr_grpo", False, False, 0.2, 0.2, "dr_grpo", "group_relative", 0.0, 0.0, 1, "kv", False
-            ),
-        ),
-        (
-            AlgorithmConfig(name="maxrl"),
-            AlgorithmView(
-                "maxrl", False, False, 0.2, 0.2, "seq_mean", "max_likelihood", 0.0, 0.0, 1, "kv", False
-            ),
-        ),
-        (
-            AlgorithmConfig(name="dapo"),
-            AlgorithmView(
-                "dapo", True, True, 0.2, 0.28, "token_mean", "group_relative", 0.0, 0.0, 1, "kv", False
-            ),
-        ),
+        (AlgorithmConfig(), ("grpo", True, False, 0.2, 0.2, "seq_mean", "token"), {}),
+        (AlgorithmConfig(name="dr_grpo"), ("grpo", False, False, 0.2, 0.2, "dr_grpo", "token"), {}),
+        (AlgorithmConfig(name="maxrl"), ("maxrl", False, False, 0.2, 0.2, "seq_mean", "token"), {}),
+        (AlgorithmConfig(name="dapo"), ("grpo", True, True, 0.2, 0.28, "token_mean", "token"), {}),
+        (AlgorithmConfig(name="rloo"), ("rloo", False, False, 0.2, 0.2, "seq_mean", "sequence"), {}),
         (
             AlgorithmConfig(
                 name="dapo", epsilon_high=0.25, scale_std=False, dynamic_sampling=False, beta=0.04
             ),
-            AlgorithmView(
-                "dapo", False, False, 0.2, 0.25, "token_mean", "group_relative", 0.04, 0.0, 1, "kv", False
-            ),
+            ("grpo", False, False, 0.2, 0.25, "token_mean", "token"),
+            {"beta": 0.04},
         ),
         (
             AlgorithmConfig(name="grpo", epsilon_low=0.1, aggregation="token_mean", shared_prompt="off"),
-            AlgorithmView(
-                "grpo", True, False, 0.1, 0.1, "token_mean", "group_relative", 0.0, 0.0, 1, "off", False
-            ),
+            ("grpo", True, False, 0.1, 0.1, "token_mean", "token"),
+            {"shared_prompt": "off"},
         ),
         (
-            AlgorithmConfig(name="dr_grpo", scale_std=True, aggregation="seq_mean", updates_per_batch=2),
-            AlgorithmView(
-                "dr_grpo", True, False, 0.2, 0.2, "seq_mean", "group_relative", 0.0, 0.0, 2, "kv", False
+            AlgorithmConfig(
+                name="dr_grpo", scale_std=True, aggregation="seq_mean", epochs=2, estimator="rloo"
             ),
+            ("rloo", True, False, 0.2, 0.2, "seq_mean", "token"),
+            {"epochs": 2, "minibatches": 1},
         ),
     ],
 )
-def test_presets_fill_only_unset_fields(algo: AlgorithmConfig, view: AlgorithmView) -> None:
-    assert algo.resolved() == view
+def test_presets_fill_only_unset_fields(algo: AlgorithmConfig, preset: tuple, rest: dict) -> None:
+    view = algo.resolved()
+    assert tuple(getattr(view, k) for k in FIELDS) == preset
+    assert {k: getattr(view, k) for k in rest} == rest
+    assert view.name == algo.name
     with pytest.raises(dataclasses.FrozenInstanceError):
         view.beta = 1.0  # type: ignore[misc]
+
+
+def test_algorithm_cross_checks_list_every_problem() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            None,
+            [
+                "algorithm.estimator=rlooo",
+                "algorithm.minibatches=5",
+                "rollout.prompts_per_step=4",
+            ],
+        )
+    text = str(info.value)
+    assert "algorithm.estimator: 'rlooo' (unknown estimator) → did you mean 'rloo'?" in text
+    assert "algorithm.minibatches: 5 (more than rollout.prompts_per_step=4" in text
+    with pytest.raises(ConfigError, match="gae needs a critic"):
+        load_config(None, ["algorithm.estimator=gae"])
 
 
 def test_round_trip_through_yaml(tmp_path: Path) -> None:

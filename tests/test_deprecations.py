@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rltk.forward import MODES, SEPARATE_ROWS_FROM, completion_scores
 from rltk.models import add_lora
-from rltk.rollout import SamplingParams, sample_turn
+from rltk.sampler import SamplingParams, sample_turn
 
 LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -57,7 +57,7 @@ def _inject_nan_loss(monkeypatch: pytest.MonkeyPatch, steps: set[int]) -> None:
 
 
 def _trainable(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad}
+    return {n: p.detach().clone() for n, p in trainer.policy.lm.named_parameters() if p.requires_grad}
 
 
 def test_a_nan_loss_skips_the_step_and_the_run_goes_on(
@@ -70,7 +70,7 @@ def test_a_nan_loss_skips_the_step_and_the_run_goes_on(
     assert result.metrics["update/nonfinite_skipped"] == 1.0 and "grad_norm" not in result.metrics
     after = _trainable(trainer)
     assert all(torch.equal(before[n], after[n]) for n in before), "a NaN step moved the weights"
-    assert all(p.grad is None for p in trainer.policy.parameters())  # nothing carried into the next step
+    assert all(p.grad is None for p in trainer.policy.lm.parameters())  # nothing carried into the next step
     moved = trainer.step(1)  # the run goes on, and learns again
     assert moved.metrics["update/nonfinite_skipped"] == 0.0 and math.isfinite(moved.metrics["grad_norm"])
     assert any(not torch.equal(after[n], t) for n, t in _trainable(trainer).items())
@@ -78,7 +78,7 @@ def test_a_nan_loss_skips_the_step_and_the_run_goes_on(
 
 def test_a_nan_gradient_element_skips_the_step(tiny_model_dir: str, tmp_path: Path) -> None:
     trainer = _trainer(tiny_model_dir, tmp_path, *VOWELS)
-    named = trainer.policy.named_parameters()
+    named = trainer.policy.lm.named_parameters()
     name, param = next((n, p) for n, p in named if p.requires_grad and "lora_B" in n)
 
     def poison(grad: torch.Tensor) -> torch.Tensor:

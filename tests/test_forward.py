@@ -12,15 +12,8 @@ from transformers import PreTrainedTokenizerBase
 
 from rltk import forward
 from rltk.batch import Batch
-from rltk.forward import (
-    MIN_SHARED_PREFIX,
-    completion_logprobs,
-    completion_scores,
-    packed_attention_mask,
-    prompt_positions,
-    shared_prefix_layout,
-    shared_prefix_length,
-)
+from rltk.forward import completion_logprobs, completion_scores, packed_attention_mask
+from rltk.prefix import MIN_SHARED_PREFIX, prompt_positions, shared_prefix_layout, shared_prefix_length
 
 PROMPT_LENS = [9, 14, 5]  # ragged: left padding
 PREFIX_LEN = 40  # the common prefix of make_batch(prefix_len=...): longer than MIN_SHARED_PREFIX

@@ -372,3 +372,69 @@ def test_on_policy_default_and_errors() -> None:
         loss.policy_loss(logp, on_policy, LossCfg(EPS_LOW, EPS_HIGH, 0.04, "token_mean"), 10.0)
     with pytest.raises(ValueError, match="normalizer"):
         loss.policy_loss(logp, on_policy, cfg, 0.0)
+
+
+@dataclass(frozen=True)
+class RlooCfg(LossCfg):
+    ratio: str = "sequence"
+
+
+def test_rloo_loss_and_gradients_equal_trl_rloo_trainer(
+    fixed_batch: Batch, model_dir: Path, tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    """algorithm.name=rloo (sequence-level ratio, seq_mean) against TRL 1.16's ``RLOOTrainer.compute_loss``.
+
+    TRL's RLOO has no env-token mask, so every completion token is a model token here; its advantages are
+    RLOO's own (rltk's ``rloo`` estimator on the batch's rewards), its old log-probs per sequence.
+    """
+    from trl import RLOOConfig, RLOOTrainer
+
+    from rltk.advantage import EstimatorInputs, leave_one_out
+
+    mask = fixed_batch.completion_mask.float()
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 0.0, 1.0, 0.25])
+    adv = leave_one_out(EstimatorInputs(rewards, mask, G), None).advantages  # [P*G]
+    batch = Batch(**{**fixed_batch.__dict__, "loss_mask": mask, "advantages": adv, "ref_logp": None})
+    old_logps = (batch.old_logp * mask).sum(1)  # [P*G]: TRL's RLOO keeps sequence log-probs
+
+    args = RLOOConfig(
+        output_dir=str(tmp_path),
+        bf16=False,
+        per_device_train_batch_size=P * G,
+        num_generations=G,
+        max_completion_length=MAX_COMPLETION_LENGTH,
+        temperature=TEMPERATURE,
+        beta=0.0,
+        epsilon=EPS_LOW,
+        epsilon_high=EPS_HIGH,
+        report_to=[],
+        use_cpu=True,
+    )
+    trl_model = load(model_dir)
+    trainer = RLOOTrainer(
+        model=trl_model,
+        reward_funcs=zero_reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["a", "b"]}),
+        processing_class=tokenizer,
+    )
+    inputs = {
+        "prompt_ids": batch.prompt_ids.repeat_interleave(G, dim=0),  # [B, Lp]
+        "prompt_mask": batch.prompt_mask.repeat_interleave(G, dim=0),  # [B, Lp]
+        "completion_ids": batch.completion_ids,  # [B, Lc]
+        "completion_mask": batch.completion_mask,  # [B, Lc]
+        "advantages": adv,  # [B]
+        "old_logps": old_logps,  # [B]
+    }
+    trl_loss = trainer.compute_loss(trainer.model, inputs)
+    trl_loss.backward()
+
+    model = load(model_dir)
+    cfg = RlooCfg(EPS_LOW, EPS_HIGH, 0.0, "seq_mean")
+    normalizer = loss.normalizer_for([batch], "seq_mean")
+    logp = forward.completion_logprobs(model, batch, TEMPERATURE, mode="off")  # [P*G, Lc]
+    out = loss.policy_loss(logp, batch, cfg, normalizer)
+    out.loss.backward()
+    assert float(out.loss) == pytest.approx(float(trl_loss), abs=1e-5)
+    assert out.metrics["loss/clip_region_frac"] > 0  # the perturbed old log-probs make clipping fire
+    assert max_rel_grad_diff(grads(model), grads(trl_model)) < 1e-4

@@ -15,7 +15,8 @@ from rltk.batch import collate
 from rltk.chat import render_prompt, turn_close_ids
 from rltk.config import load_config
 from rltk.env import run_policy
-from rltk.rollout import eos_token_ids, generate
+from rltk.rollout import generate
+from rltk.sampler import eos_token_ids
 from rltk.tools import FinalAnswer, Malformed, ToolCall, ToolEpisode, parse_action
 from rltk.trainer import Trainer
 
@@ -47,8 +48,6 @@ def test_ragged_three_turn_batch_is_on_policy(tiny_model, tokenizer) -> None:
     lengths = {len(r.token_ids) for r in rollouts}
     assert len(lengths) > 1, "the batch should be ragged"
     assert any(0 < int(r.loss_mask.sum()) < 3 * 6 for r in rollouts)  # some turns ended at the stop string
-    for g in groups:
-        g.advantages = torch.zeros(len(g.rollouts))
     batch = collate(groups, tokenizer.pad_token_id)
     mask = batch.loss_mask.bool()
     assert (batch.sample_logp[~mask] == 0).all()
@@ -178,13 +177,13 @@ def test_trainer_runs_a_multi_turn_env(tiny_model_dir: str, tmp_path: Path) -> N
         "rollout.max_new_tokens=6",
     ]
     trainer = Trainer(load_config(RECIPE, overrides))
-    before = {k: v.clone() for k, v in trainer.policy.named_parameters() if v.requires_grad}
+    before = {k: v.clone() for k, v in trainer.policy.lm.named_parameters() if v.requires_grad}
     trainer.train()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[-1]["rollout/turns_mean"] == 3 and rows[-1]["rollout/stopped_max_turns"] == 1.0
     assert rows[-1]["mismatch/logp_abs_mean"] < 1e-4  # env tokens masked, model tokens on-policy
-    after = dict(trainer.policy.named_parameters())
+    after = dict(trainer.policy.lm.named_parameters())
     assert any(not torch.equal(before[k], after[k]) for k in before), "no parameter moved"
 
 

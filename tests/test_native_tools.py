@@ -267,8 +267,6 @@ def test_two_turn_rollout_masks_the_env_tokens(tool_tokenizer: PreTrainedTokeniz
             assert "<|im_start|>user\n<tool_response>\n<error>" in text, text
             assert text.endswith("\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
             assert (r.sample_logp[r.loss_mask == 0] == 0).all()
-    for g in groups:
-        g.advantages = torch.zeros(len(g.rollouts))
     batch = collate(groups, tool_tokenizer.pad_token_id)
     with torch.no_grad():
         logp = forward.completion_logprobs(model, batch, temperature=1.0, mode="off")

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-from rltk import advantage, rollout
+from rltk import advantage, loss, rollout
 from rltk.batch import Group
 from rltk.config import load_config
 from rltk.reward import reward_fn
@@ -87,7 +87,7 @@ def _trainer(model_dir: str, run_dir: Path, *extra: str) -> Trainer:
 def _groups(trainer: Trainer) -> list[Group]:
     cfg = trainer.cfg
     return rollout.generate(
-        trainer.policy,
+        trainer.policy.lm,
         trainer.tokenizer,
         trainer.env,
         trainer.tasks_for_step(0),
@@ -108,11 +108,14 @@ def _script(groups: list[Group], failing: Mapping[tuple[int, int], str], scale: 
 def _gradient(trainer: Trainer, groups: list[Group]) -> dict[str, torch.Tensor]:
     """The step's gradient on ``groups`` (reward, advantage, backward), without an optimizer step."""
     trainer.rubric.score(groups)
-    kept = advantage.compute(groups, trainer.algo).groups
-    batches, normalizer = trainer.micro_batches(kept)
-    trainer.model.train()
-    trainer.backward(batches, normalizer)
-    grads = {n: p.grad.detach().clone() for n, p in trainer.policy.named_parameters() if p.grad is not None}
+    batches, _ = trainer.make_experience(groups)
+    algo = trainer.algo
+    normalizer = loss.normalizer_for(batches, algo.aggregation, trainer.cfg.rollout.max_new_tokens)
+    trainer.policy.train()
+    trainer.updater.backward(batches, normalizer, step=0)
+    grads = {
+        n: p.grad.detach().clone() for n, p in trainer.policy.lm.named_parameters() if p.grad is not None
+    }
     trainer.optimizer.zero_grad(set_to_none=True)
     return grads
 
@@ -168,14 +171,13 @@ def test_a_crashing_negative_reward_cannot_raise_an_advantage(tiny_model_dir: st
     for gs in (groups, deleted):
         trainer.rubric.score(gs)
     trainer.rubric.close()
-    kept = advantage.compute(groups, trainer.algo).groups
-    reference = advantage.compute(deleted, trainer.algo).groups
-    assert len(kept) == len(reference) == 2
-    for g, ref in zip(kept, reference, strict=True):
-        live = [a for r, a in zip(g.rollouts, g.advantages.tolist(), strict=True) if not r.failed]
-        assert live == pytest.approx(ref.advantages.tolist(), abs=1e-6)
-        assert all(a == 0.0 for r, a in zip(g.rollouts, g.advantages.tolist(), strict=True) if r.failed)
-    batches, _ = trainer.micro_batches(kept)
+    batches, metrics = trainer.make_experience(groups)
+    reference, _ = trainer.make_experience(deleted)
+    assert metrics["advantage/groups_kept"] == 2
+    adv = torch.cat([b.advantages for b in batches])
+    keep = torch.cat([b.keep for b in batches])
+    torch.testing.assert_close(adv[keep], torch.cat([b.advantages for b in reference]), rtol=0, atol=1e-6)
+    assert (adv[~keep] == 0).all()
     for b in batches:  # the failed rows are in no loss term
         assert all(bool(k) or float(m.sum()) == 0.0 for k, m in zip(b.keep, b.loss_mask, strict=True))
 
@@ -186,7 +188,7 @@ def test_a_group_left_with_one_rollout_is_dropped(tiny_model_dir: str, tmp_path:
     groups = _groups(trainer)
     _script(groups, {(0, 0): "raise", (0, 1): "nan", (0, 2): "type"})  # G = 4: one scored rollout left
     trainer.rubric.score(groups)
-    result = advantage.compute(groups, trainer.algo)
+    result = advantage.select(groups, trainer.algo)
     assert [g.task.id for g in result.groups] == [groups[1].task.id]
     assert result.metrics["advantage/groups_failed"] == 1.0
 

@@ -14,7 +14,8 @@ from transformers import PreTrainedTokenizerBase
 from rltk.batch import Group, collate
 from rltk.chat import observation_ids, render_prompt
 from rltk.env import Env, Message, Task
-from rltk.forward import MIN_SHARED_PREFIX, completion_logprobs, shared_prefix_length
+from rltk.forward import completion_logprobs
+from rltk.prefix import MIN_SHARED_PREFIX, shared_prefix_length
 from rltk.rollout import generate
 
 G = 4
@@ -210,7 +211,6 @@ def test_sample_logp_matches_training_forward(tokenizer: PreTrainedTokenizerBase
         min_new_tokens=min_new, temperature=0.9, seed=3,
     )  # fmt: skip
     for gr in groups:
-        gr.advantages = torch.zeros(G)
         assert all(len(r.token_ids) > min_new for r in gr.rollouts)
     batch = collate(groups, tokenizer.pad_token_id)
     with torch.no_grad():
@@ -266,7 +266,5 @@ def test_groups_collate(tokenizer: PreTrainedTokenizerBase, tiny_model: nn.Modul
     groups: list[Group] = generate(
         tiny_model, tokenizer, env, env.tasks("train", 2), group_size=2, max_new_tokens=3
     )
-    for gr in groups:
-        gr.advantages = torch.zeros(2)
     batch = collate(groups, tokenizer.pad_token_id)
     assert batch.completion_ids.shape == (4, 3) and batch.prompt_ids.shape[0] == 2

@@ -45,14 +45,14 @@ def _adapter(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 def test_steps_log_metrics_and_checkpoint(tiny_model_dir: str, tmp_path: Path) -> None:
     cfg = load_config(RECIPE, [*tiny_overrides(tiny_model_dir, tmp_path), *VOWELS])
     trainer = Trainer(cfg)
-    before = {k: v.clone() for k, v in trainer.policy.named_parameters() if v.requires_grad}
+    before = {k: v.clone() for k, v in trainer.policy.lm.named_parameters() if v.requires_grad}
     trainer.train()
     rows = _metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("reward/mean", "loss", "grad_norm", "time/step_s", "tokens/per_s", "mismatch/logp_abs_mean"):
         assert key in rows[-1], key
     assert rows[-1]["mismatch/logp_abs_mean"] < 1e-3  # old log-probs from the training path match sampling
-    after = dict(trainer.policy.named_parameters())
+    after = dict(trainer.policy.lm.named_parameters())
     assert any(not torch.equal(before[k], after[k]) for k in before), "no parameter moved"
     assert (tmp_path / "checkpoints" / "step-000002" / "manifest.json").is_file()
     assert (tmp_path / "config.yaml").is_file()
@@ -66,7 +66,7 @@ def test_held_out_eval_before_rl_every_n_steps_and_at_the_end(tiny_model_dir: st
     assert [r["step"] for r in evals] == [0, 2, 3]
     tasks = trainer.env.tasks("eval", 12, seed=0)  # the set `rltk eval --n 12` scores
     final = evaluate.model_result(
-        trainer.policy,
+        trainer.policy.lm,
         trainer.tokenizer,
         trainer.env,
         trainer.rubric,
@@ -139,10 +139,8 @@ def _fixed_batch(trainer: Trainer) -> Batch:
     torch.manual_seed(0)
     tasks = trainer.tasks_for_step(0)
     groups = rollout.generate(
-        trainer.policy, trainer.tokenizer, trainer.env, tasks, group_size=2, max_new_tokens=4
+        trainer.policy.lm, trainer.tokenizer, trainer.env, tasks, group_size=2, max_new_tokens=4
     )
-    for g in groups:
-        g.advantages = torch.zeros(len(g.rollouts))
     return collate(groups, trainer.tokenizer.pad_token_id)
 
 
@@ -158,24 +156,26 @@ def test_kl_reference_is_the_warm_started_policy(tiny_model_dir: str, tmp_path: 
     trainer = Trainer(load_config(RECIPE, overrides))
 
     run_warm_start(trainer)
-    assert trainer.reference is not None
-    warm = {k: v.clone() for k, v in trainer.policy.named_parameters() if v.requires_grad}
-    assert all(torch.equal(trainer.reference[k], warm[k]) for k in warm)
+    assert trainer.policy.reference is not None
+    warm = {k: v.clone() for k, v in trainer.policy.lm.named_parameters() if v.requires_grad}
+    assert all(torch.equal(trainer.policy.reference[k], warm[k]) for k in warm)
     batch = _fixed_batch(trainer)
-    ref_before = trainer.reference_logprobs(batch)
-    trainer.reference = None  # without a snapshot the reference is the base (adapters disabled) ...
-    base = trainer.reference_logprobs(batch)
-    trainer.reference = {k: v.clone() for k, v in warm.items()}
+    ref_before = trainer.policy.reference_logprobs(batch)
+    trainer.policy.reference = None  # without a snapshot the reference is the base (adapters disabled) ...
+    base = trainer.policy.reference_logprobs(batch)
+    trainer.policy.reference = {k: v.clone() for k, v in warm.items()}
     assert not torch.allclose(ref_before, base)  # ... which the warm start moved away from
     trainer.train()
-    moved = dict(trainer.policy.named_parameters())
+    moved = dict(trainer.policy.lm.named_parameters())
     assert any(not torch.equal(warm[k], moved[k]) for k in warm), "RL did not move the policy"
-    assert torch.equal(trainer.reference_logprobs(batch), ref_before), "the reference moved with the policy"
-    now = dict(trainer.policy.named_parameters())
+    assert torch.equal(trainer.policy.reference_logprobs(batch), ref_before), (
+        "the reference moved with the policy"
+    )
+    now = dict(trainer.policy.lm.named_parameters())
     assert all(torch.equal(moved[k], now[k]) for k in warm)  # the policy's weights were swapped back
     resumed = Trainer(load_config(RECIPE, overrides))
-    assert resumed.start_step == 2 and resumed.reference is not None
-    assert all(torch.equal(resumed.reference[k], warm[k]) for k in warm)
+    assert resumed.start_step == 2 and resumed.policy.reference is not None
+    assert all(torch.equal(resumed.policy.reference[k], warm[k]) for k in warm)
 
 
 def test_full_finetune_kl_reference_is_the_initial_weights(tiny_model_dir: str, tmp_path: Path) -> None:
@@ -183,11 +183,11 @@ def test_full_finetune_kl_reference_is_the_initial_weights(tiny_model_dir: str, 
     overrides.append("algorithm.beta=0.1")
     trainer = Trainer(load_config(RECIPE, [*overrides, *VOWELS]))
     batch = _fixed_batch(trainer)
-    ref_before = trainer.reference_logprobs(batch)
+    ref_before = trainer.policy.reference_logprobs(batch)
     trainer.train()
     assert _metrics(tmp_path)[-1]["loss/kl_mean"] >= 0.0
-    assert torch.equal(trainer.reference_logprobs(batch), ref_before)
-    assert not torch.equal(forward.completion_logprobs(trainer.policy, batch).detach(), ref_before)
+    assert torch.equal(trainer.policy.reference_logprobs(batch), ref_before)
+    assert not torch.equal(forward.completion_logprobs(trainer.policy.lm, batch).detach(), ref_before)
 
 
 def test_bf16_mixed_precision_runs_and_keeps_fp32_weights(tiny_model_dir: str, tmp_path: Path) -> None:
@@ -204,7 +204,7 @@ def test_bf16_mixed_precision_runs_and_keeps_fp32_weights(tiny_model_dir: str, t
     row = _metrics(tmp_path)[-1]
     assert torch.isfinite(torch.tensor(row["loss"])) and row["grad_norm"] > 0
     assert 0 < row["mismatch/logp_abs_mean"] < 0.5  # bf16 rounding shows up, but small
-    assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
+    assert all(p.dtype == torch.float32 for p in trainer.policy.lm.parameters())
 
 
 def test_maxrl_with_answer_balancing_runs_and_logs_answer_shares(tiny_model_dir: str, tmp_path: Path) -> None:
@@ -213,7 +213,7 @@ def test_maxrl_with_answer_balancing_runs_and_logs_answer_shares(tiny_model_dir:
     overrides = [*tiny_overrides(tiny_model_dir, tmp_path, steps=1), accuracy_reward]
     overrides += ["algorithm.name=maxrl", "algorithm.balance_answers=true"]
     trainer = Trainer(load_config(RECIPE, overrides))
-    assert trainer.algo.estimator == "max_likelihood" and trainer.algo.balance_answers
+    assert trainer.algo.estimator == "maxrl" and trainer.algo.balance_answers
     trainer.train()
     row = _metrics(tmp_path)[-1]
     assert "advantage/balance_removed" in row and torch.isfinite(torch.tensor(row["loss"]))

@@ -1,0 +1,155 @@
+"""Step time (sampling and update apart) and peak memory of recipes × samplers × dtypes, in one run.
+
+    python benchmarks/step_matrix.py --out benchmarks/results/step_matrix.json
+    python benchmarks/step_matrix.py --backends hf --dtypes float32 --cases support_refund
+
+Each combination runs :mod:`benchmarks.multiturn_step` in its own process (``--warmup`` untimed steps, then
+``--steps`` timed ones), so one combination's memory never counts against another's. Peak memory is the
+largest resident set of the whole process tree, sampled every 0.1 s: with ``rollout.backend=vllm`` the vLLM
+worker is a child process whose memory ``ru_maxrss`` would not show. Run it alone on the machine: two
+CPU-heavy processes on 2 cores halve each other.
+
+Cases: ``quickstart`` (recipes/quickstart.yaml, single-turn) and ``support_refund`` (recipes/
+support_refund_grpo.yaml at P=2, G=8: five-turn tool episodes of ~660 tokens, the step whose memory the
+issue measured at 11.7 GiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+HERE = Path(__file__).resolve().parent
+CASES = {
+    "quickstart": ["recipes/quickstart.yaml"],
+    "support_refund": [
+        "recipes/support_refund_grpo.yaml",
+        "rollout.prompts_per_step=2",
+        "rollout.group_size=8",
+    ],
+}
+
+
+class TreeRss:
+    """Peak resident memory of a process and its descendants, sampled in a thread."""
+
+    def __init__(self, pid: int, every_s: float = 0.1) -> None:
+        self.root, self.every_s, self.peak = psutil.Process(pid), every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+                total = 0
+                for p in procs:
+                    with contextlib.suppress(psutil.Error):  # a child that just exited
+                        total += p.memory_info().rss
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                return
+            time.sleep(self.every_s)
+
+    def stop(self) -> float:
+        """Stop sampling; the peak in GiB."""
+        self._stop.set()
+        self._thread.join()
+        return self.peak / 2**30
+
+
+def run_case(case: str, backend: str, dtype: str, steps: int, warmup: int, threads: int) -> dict:
+    """One combination in its own process; its per-step figures and the tree's peak memory."""
+    recipe, *overrides = CASES[case]
+    with tempfile.TemporaryDirectory(prefix="rltk-matrix-") as tmp:
+        out = Path(tmp) / "steps.json"
+        cmd = [
+            sys.executable,
+            str(HERE / "multiturn_step.py"),
+            recipe,
+            *overrides,
+            f"rollout.backend={backend}",
+            f"model.dtype={dtype}",
+            "eval.every=0",
+            "--steps",
+            str(steps),
+            "--warmup",
+            str(warmup),
+            "--threads",
+            str(threads),
+            "--out",
+            str(out),
+        ]
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd, cwd=HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        rss = TreeRss(proc.pid)
+        log, _ = proc.communicate()
+        peak = rss.stop()
+        row = {"case": case, "backend": backend, "dtype": dtype, "wall_s": time.perf_counter() - start}
+        if proc.returncode != 0:
+            return {
+                **row,
+                "error": log.strip().splitlines()[-1] if log.strip() else f"exit {proc.returncode}",
+            }
+        steps_run = json.loads(out.read_text())["steps"]
+        mean = {k: sum(s[k] for s in steps_run) / len(steps_run) for k in steps_run[0] if k != "peak_rss_gib"}
+        return {**row, "peak_tree_rss_gib": peak, "mean": mean, "steps": steps_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every combination asked for, print a table, write JSON with ``--out``."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--backends", nargs="+", default=["hf", "vllm"], choices=["hf", "vllm"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    rows = []
+    for case in args.cases:
+        for backend in args.backends:
+            for dtype in args.dtypes:
+                row = run_case(case, backend, dtype, args.steps, args.warmup, args.threads)
+                rows.append(row)
+                if "error" in row:
+                    print(f"{case:15s} {backend:5s} {dtype:9s} failed: {row['error']}", flush=True)
+                    continue
+                m = row["mean"]
+                print(
+                    f"{case:15s} {backend:5s} {dtype:9s} step {m['time/step_s']:6.1f} s "
+                    f"(sampling {m['time/generate_s']:6.1f} s, update {m['time/update_s']:6.1f} s), "
+                    f"peak RSS {row['peak_tree_rss_gib']:5.2f} GiB",
+                    flush=True,
+                )
+    if args.out:
+        meta = {
+            "machine": f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}",
+            "steps": args.steps,
+            "warmup": args.warmup,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

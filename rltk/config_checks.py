@@ -1,0 +1,139 @@
+"""The config's cross-field and plugin checks: what no single field's type and bounds can say.
+
+Each returns problem lines (``path: value (why) → fix``) and never raises, so that
+:meth:`rltk.config.Config.validate` lists every problem at once. ``ok(*paths)`` says whether those fields
+passed their own checks (a cross-field check on a bad field would only repeat it).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from rltk.config import TRAIN_TIME_FILE, AlgorithmConfig, Config, Resolver
+from rltk.typedyaml import join_path, one_of, problem
+
+Ok = Callable[..., bool]
+
+
+def cross_field_problems(cfg: Config, ok: Ok) -> list[str]:
+    """Every cross-field check of ``cfg``."""
+    problems: list[str] = []
+    pair = ("algorithm.shared_prompt", "model.gradient_checkpointing")
+    if ok(*pair) and cfg.algorithm.shared_prompt == "kv" and cfg.model.gradient_checkpointing:
+        why = "transformers drops the KV cache under model.gradient_checkpointing=true"
+        fix = "use algorithm.shared_prompt=packed, or model.gradient_checkpointing=false"
+        problems.append(problem("algorithm.shared_prompt", "kv", why, fix))
+    if ok("rollout.min_new_tokens", "rollout.max_new_tokens"):
+        lo, hi = cfg.rollout.min_new_tokens, cfg.rollout.max_new_tokens
+        if lo > hi:
+            why = f"greater than rollout.max_new_tokens={hi}"
+            problems.append(problem("rollout.min_new_tokens", lo, why, f"set it <= {hi}"))
+    if ok("warmstart.enabled", "warmstart.steps") and cfg.warmstart.enabled and not cfg.warmstart.steps:
+        why = "warmstart.enabled is true but it has no steps"
+        problems.append(problem("warmstart.steps", 0, why, "set warmstart.steps > 0 or enabled=false"))
+    problems += algorithm_problems(cfg, ok)
+    problems += report_problems(cfg, ok)
+    return problems
+
+
+def algorithm_problems(cfg: Config, ok: Ok) -> list[str]:
+    """Cross-field checks of ``algorithm``: a registered estimator that gets what it needs."""
+    from rltk.advantage import ESTIMATORS, GROUPED, estimator_for  # filled when rltk.advantage is imported
+
+    if not ok(*(f"algorithm.{f.name}" for f in fields(AlgorithmConfig))):
+        return []
+    algo, problems = cfg.algorithm.resolved(), []
+    try:
+        estimator_for(algo.estimator)
+    except Exception as exc:  # reported with every other problem, not raised
+        why = "unknown estimator" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        fix = one_of(sorted(ESTIMATORS), algo.estimator) + "; or pkg.module:function"
+        problems.append(problem("algorithm.estimator", algo.estimator, why, fix))
+    if algo.estimator == "gae" and not algo.critic:
+        why = "gae needs a critic's values"
+        fix = "set algorithm.critic=true (as ppo does)"
+        problems.append(problem("algorithm.estimator", "gae", why, fix))
+    elif algo.estimator in GROUPED and ok("rollout.group_size") and cfg.rollout.group_size < 2:
+        why = f"estimator {algo.estimator!r} compares the rollouts of a task"
+        fix = "use rollout.group_size >= 2, or algorithm.name=ppo"
+        problems.append(problem("rollout.group_size", cfg.rollout.group_size, why, fix))
+    if algo.balance_answers and algo.estimator == "gae":
+        why = "balancing acts on sequence-level advantages"
+        problems.append(problem("algorithm.balance_answers", True, why, "set it false"))
+    if ok("rollout.prompts_per_step") and algo.minibatches > cfg.rollout.prompts_per_step:
+        why = f"more than rollout.prompts_per_step={cfg.rollout.prompts_per_step} (whole groups each)"
+        fix = f"set it <= {cfg.rollout.prompts_per_step}"
+        problems.append(problem("algorithm.minibatches", algo.minibatches, why, fix))
+    return problems
+
+
+def report_problems(cfg: Config, ok: Ok) -> list[str]:
+    """Cross-field checks of eval.report and of the SFT-only comparison (warmstart.equal_time_as)."""
+    problems = []
+    rep, ws = cfg.eval.report, cfg.warmstart
+    if ok("eval.report.bon", "eval.report.samples") and rep.bon > rep.samples:
+        why = f"best-of-N picks from the samples, and eval.report.samples={rep.samples}"
+        problems.append(problem("eval.report.bon", rep.bon, why, f"set it <= {rep.samples}"))
+    if ok("warmstart.equal_time_as", "warmstart.enabled") and ws.equal_time_as:
+        if not ws.enabled:
+            why = "an SFT-only comparison is a warm start"
+            problems.append(problem("warmstart.enabled", False, why, "set warmstart.enabled=true"))
+        if not Path(ws.equal_time_as, TRAIN_TIME_FILE).is_file():
+            why = f"{ws.equal_time_as}/{TRAIN_TIME_FILE} is missing (a finished rltk train run writes it)"
+            problems.append(
+                problem("warmstart.equal_time_as", ws.equal_time_as, why, "name a finished run dir")
+            )
+    return problems
+
+
+def plugin_problems(cfg: Config, resolve: Resolver, bad: set[str]) -> list[str]:
+    """Resolve env and reward names; check env options and reward params against their signatures."""
+    problems: list[str] = []
+    wanted = [("env", "env.name", cfg.env.name, "env.options", cfg.env.options)]
+    for i, r in enumerate(cfg.rewards):
+        wanted.append(("reward", f"rewards.{i}.name", r.name, f"rewards.{i}.params", r.params))
+    for kind, path, name, kw_path, kwargs in wanted:
+        if path in bad or kw_path in bad:
+            continue
+        try:
+            plugin = resolve(kind, name)
+        except Exception as exc:  # reported, not raised: the point is every problem at once
+            why = getattr(exc, "why", None) or f"{type(exc).__name__}: {exc}"
+            problems.append(problem(path, name, why, getattr(exc, "fix", None) or "check the name"))
+            continue
+        if kind == "env" and not cfg.rewards and not getattr(plugin, "default_rewards", None):
+            why = f"env '{name}' declares no default_rewards"
+            problems.append(problem("rewards", [], why, "list rewards: [{name: ..., weight: 1.0}]"))
+        before = len(problems)
+        try:
+            params = list(inspect.signature(plugin).parameters.values())[3 if kind == "reward" else 0 :]
+        except (TypeError, ValueError):  # no readable signature: nothing to check the names against
+            params = None
+        if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params):
+            accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            for key, value in kwargs.items():
+                if key not in accepted:
+                    why = f"not a parameter of {kind} '{name}'"
+                    fix = one_of(accepted, key) if accepted else "remove it: it takes none"
+                    problems.append(problem(join_path(kw_path, key), value, why, fix))
+        if kind == "env" and len(problems) == before:
+            problems += env_option_problems(plugin, name, kwargs)
+    return problems
+
+
+def env_option_problems(env_cls: Any, name: str, options: dict[str, Any]) -> list[str]:
+    """Build the env once, so that what it rejects is reported with every other problem, not at step 0.
+
+    That catches bad option values (``difficulty: hard`` where it takes basic/varied/combined) and unknown
+    names an env's ``**options`` hides from the signature check.
+    """
+    try:
+        env_cls(**options)
+    except (TypeError, ValueError) as exc:
+        why = f"env '{name}' rejected them: {exc}"
+        return [problem("env.options", options, why, "use options and values the env accepts")]
+    return []
