@@ -35,6 +35,14 @@ def cross_field_problems(cfg: Config, ok: Ok) -> list[str]:
     if ok("warmstart.enabled", "warmstart.steps") and cfg.warmstart.enabled and not cfg.warmstart.steps:
         why = "warmstart.enabled is true but it has no steps"
         problems.append(problem("warmstart.steps", 0, why, "set warmstart.steps > 0 or enabled=false"))
+    if ok("rollout.backend", "rollout.vllm_python") and cfg.rollout.backend == "vllm":
+        from rltk.vllm_sampler import resolve_python
+
+        try:
+            resolve_python(cfg.rollout.vllm_python or None)
+        except FileNotFoundError as exc:
+            fix = "run `bash scripts/setup_vllm.sh` (or set rollout.vllm_python), or use rollout.backend=hf"
+            problems.append(problem("rollout.backend", "vllm", str(exc).split(". ")[0], fix))
     problems += algorithm_problems(cfg, ok)
     problems += report_problems(cfg, ok)
     return problems

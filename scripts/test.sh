@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The test command: set up the venv if needed, lint, then run the unit tests and the slow tests marked `ci`
+# The test command: set up the venvs if needed (rltk's, and vLLM's for the vLLM sampler), lint, then run the
+# unit tests and the slow tests marked `ci`
 # (those use the real SmolLM2-135M). Extra arguments go to pytest (e.g. scripts/test.sh -m slow).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/setup_vllm.sh  # the vLLM sampler's own venv (tests/test_vllm_sampler.py)
 . "${VENV:-.venv}/bin/activate"
 ruff check .
 ruff format --check .

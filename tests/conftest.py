@@ -16,18 +16,26 @@ def tokenizer() -> PreTrainedTokenizerBase:
     return load_tokenizer(DEFAULT_MODEL)
 
 
-def make_tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
-    """A 2-layer Llama with SmolLM2's vocabulary, random weights, fp32, eval mode."""
+def make_tiny_model(
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int = 0,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    init_range: float = 0.02,
+) -> LlamaForCausalLM:
+    """A 2-layer Llama with SmolLM2's vocabulary, random weights, fp32, eval mode (head size 64 / heads)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
+        initializer_range=init_range,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

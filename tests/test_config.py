@@ -339,3 +339,10 @@ def test_every_shipped_recipe_is_valid(recipe: Path) -> None:
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
 def test_every_shipped_recipe_names_plugins_that_load(recipe: Path) -> None:
     load_config(recipe, [], resolve=plugins.resolve)
+
+
+def test_the_vllm_backend_without_its_venv_names_the_setup_script() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["rollout.backend=vllm", "rollout.vllm_python=/no/such/python"])
+    assert "rollout.backend: 'vllm' (the vLLM python /no/such/python does not exist)" in str(info.value)
+    assert "bash scripts/setup_vllm.sh" in str(info.value)
