@@ -11,7 +11,8 @@ CPU-heavy processes on 2 cores halve each other.
 
 Cases: ``quickstart`` (recipes/quickstart.yaml, single-turn) and ``support_refund`` (recipes/
 support_refund_grpo.yaml at P=2, G=8: five-turn tool episodes of ~660 tokens, the step whose memory the
-issue measured at 11.7 GiB).
+issue measured at 11.7 GiB); ``support_refund_ckpt`` is that step with gradient checkpointing (and the
+packed shared-prompt forward it needs).
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ CASES = {
         "recipes/support_refund_grpo.yaml",
         "rollout.prompts_per_step=2",
         "rollout.group_size=8",
+    ],
+    "support_refund_ckpt": [  # the same step with activations recomputed layer by layer in the backward
+        "recipes/support_refund_grpo.yaml",
+        "rollout.prompts_per_step=2",
+        "rollout.group_size=8",
+        "model.gradient_checkpointing=true",
+        "algorithm.shared_prompt=packed",
     ],
 }
 
@@ -115,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=["quickstart", "support_refund"], choices=list(CASES))
     parser.add_argument("--backends", nargs="+", default=["hf", "vllm"], choices=["hf", "vllm"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--steps", type=int, default=2)

@@ -24,6 +24,11 @@ Multi-rank: only the main process writes (model and optimizer are replicated und
 everyone's). Per-rank RNG states are gathered with :func:`rltk.rng.gather_rng_states` (a collective: call it
 on every rank) and passed to :func:`save` on the main rank. Every rank then resumes with :func:`load` and
 :func:`rltk.rng.restore_rng` with its own rank.
+
+FSDP2 (:mod:`rltk.fsdp`): the files are the same, full tensors (a checkpoint resumes under DDP or FSDP, on
+any number of ranks). Every rank holds the full weights, so the main process writes them alone; the
+optimizer state is sharded and is all-gathered by :func:`save`, which every rank calls. :func:`load` runs
+on every rank: each keeps its shards.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_model
 
+from rltk import fsdp
 from rltk.durable import fsync_dir
 from rltk.rng import rng_state
 
@@ -130,9 +136,13 @@ def _refuse_nonfinite(model: torch.nn.Module, step: int) -> None:
 
 
 def _save_model(model: torch.nn.Module, target: Path) -> str:
-    """Save the trainable weights into ``target``; return the model kind ("peft" or "full")."""
+    """Save the trainable weights into ``target``; return the model kind ("peft" or "full").
+
+    Under FSDP the state dict (the full weights) is read without FSDP's hooks (:func:`fsdp.plain_state_dict`).
+    """
+    full = {"state_dict": fsdp.plain_state_dict(model)} if fsdp.root_of(model) is not None else {}
     if _is_peft(model):
-        model.save_pretrained(target, safe_serialization=True)
+        model.save_pretrained(target, safe_serialization=True, **full)
         return "peft"
     if hasattr(model, "save_pretrained"):
         hf_logging = sys.modules.get("transformers.utils.logging")
@@ -140,7 +150,7 @@ def _save_model(model: torch.nn.Module, target: Path) -> str:
         if bars:  # "Writing model shards" bars would spam logs on every save
             hf_logging.disable_progress_bar()
         try:
-            model.save_pretrained(target, safe_serialization=True)
+            model.save_pretrained(target, safe_serialization=True, **full)
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
@@ -242,7 +252,8 @@ def save(
         extra: Trainer state (data position, sampler state, ...). JSON-able values go to state.json, others
             (tensors) to extra.pt; :func:`load` returns them merged under ``"extra"``.
         keep_last_n: If set, delete older checkpoints beyond the newest ``keep_last_n`` valid ones.
-        is_main_process: Non-main ranks return None without touching the disk.
+        is_main_process: Non-main ranks return None without touching the disk (under FSDP after gathering
+            the optimizer state with the main process).
         rng_states: Per-rank RNG states from :func:`rltk.rng.gather_rng_states`; default: this process's.
 
     Returns:
@@ -252,6 +263,9 @@ def save(
         CheckpointError: The model holds a NaN or an inf; nothing is written (older checkpoints stay).
 
     """
+    optimizer_state = None
+    if optimizer is not None and fsdp.has_sharded_state(optimizer):  # every rank, or gathered ahead
+        optimizer_state = fsdp.full_optimizer_state(optimizer, keep=is_main_process)  # a collective
     if not is_main_process:
         return None
     _refuse_nonfinite(_unwrap(model), step)
@@ -265,7 +279,8 @@ def save(
     try:
         kind = _save_model(_unwrap(model), tmp / "model")
         if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            state_dict = optimizer.state_dict() if optimizer_state is None else optimizer_state
+            torch.save(state_dict, tmp / "optimizer.pt")
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         for rank, state in enumerate(states):
@@ -369,6 +384,27 @@ def _load_weights(model: torch.nn.Module, model_dir: Path, kind: str) -> None:
         )
 
 
+def _load_weights_sharded(model: torch.nn.Module, root: torch.nn.Module, model_dir: Path, kind: str) -> None:
+    """:func:`_load_weights` under FSDP, on every rank: each copies its shard of the full tensors saved."""
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        weights.update(load_file(str(file)))
+    rename = None
+    if kind == "peft":
+        from peft import get_peft_model_state_dict
+
+        def rename(targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # saved names -> adapters
+            return get_peft_model_state_dict(model, state_dict=targets)
+
+    targets = fsdp.load_full(root, model, weights, rename)
+    loaded = {id(t) for k, t in targets.items() if k in weights}
+    unexpected = sorted(weights.keys() - targets.keys())
+    # save_pretrained drops one name of each tied pair: accept a missing name whose parameter was loaded
+    missing = sorted(k for k in targets.keys() - weights.keys() if id(targets[k]) not in loaded)
+    if unexpected or missing:
+        raise ValueError(f"weights do not match the model: unexpected {unexpected}, missing {missing}")
+
+
 def _load_error(path: Path, detail: str) -> CheckpointError:
     others = [str(p) for _, p in step_dirs(path.parent) if p != path and not verify(p)]
     if not path.is_dir():
@@ -388,6 +424,9 @@ def load(
 ) -> dict[str, Any]:
     """Verify the checkpoint at ``path`` and restore the model weights, optimizer and scheduler in place.
 
+    Under FSDP (``model`` registered with :func:`rltk.fsdp.register_root`) every rank calls it: each keeps its
+    shards of the weights and of the optimizer state, and the full weights are gathered again.
+
     RNG states are restored separately with :func:`rltk.rng.restore_rng`.
 
     Returns:
@@ -403,14 +442,19 @@ def load(
     state = json.loads((path / "state.json").read_text())
     model = _unwrap(model)
     kind = state["model_kind"]
+    root = fsdp.root_of(model)
     try:
         if (kind == "peft") != _is_peft(model):
             raise ValueError(f"it holds a {kind} model, the model given is {type(model).__name__}")
-        _load_weights(model, path / "model", kind)
+        if root is not None:
+            _load_weights_sharded(model, root, path / "model", kind)
+        else:
+            _load_weights(model, path / "model", kind)
         if optimizer is not None and (path / "optimizer.pt").is_file():
-            optimizer.load_state_dict(
-                torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-            )
+            saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+            if fsdp.has_sharded_state(optimizer):
+                saved = fsdp.shard_optimizer_state(optimizer, saved)
+            optimizer.load_state_dict(saved)
         if scheduler is not None and (path / "scheduler.pt").is_file():
             scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         if (path / "extra.pt").is_file():

@@ -47,18 +47,68 @@ def make_accelerator(cfg: Config) -> Accelerator:
     """The run's Accelerator: CPU when no GPU is visible, ``model.mixed_precision``, ``run.dist_timeout_s``.
 
     The timeout goes to ``init_process_group``; gloo applies it to every collective (checked on torch 2.13:
-    barrier, all_reduce, broadcast, gather_object and DDP's gradient all-reduce all raise after it).
+    barrier, all_reduce, broadcast, gather_object and DDP's gradient all-reduce all raise after it). An FSDP
+    config (``ACCELERATE_USE_FSDP``) shards on CPU ranks too (:func:`_fsdp_on_cpu`).
+
+    Raises:
+        ConfigError: Under a DeepSpeed or FSDP1 config, which rltk does not run under.
+
     """
     import torch
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    _refuse_unsupported_engines()
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.run.dist_timeout_s))
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=cfg.model.mixed_precision,
-        kwargs_handlers=[timeout],
-    )
+    cpu = not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.model.mixed_precision, kwargs_handlers=[timeout])
+    if cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        _fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def _refuse_unsupported_engines() -> None:
+    """Stop a launch with a DeepSpeed or FSDP1 config (``accelerate launch`` sets ``ACCELERATE_USE_*``).
+
+    Raises:
+        ConfigError: Naming the engine, why rltk does not run under it, and the config to use instead.
+
+    """
+    from rltk.config import ConfigError
+    from rltk.typedyaml import problem
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        why = (
+            "under DeepSpeed accelerate's backward steps the optimizer at every micro-batch, while rltk "
+            "accumulates a minibatch's micro-batches, clips, checks for a non-finite loss and then steps"
+        )
+        fix = "launch with recipes/accelerate/fsdp.yaml (sharded) or ddp.yaml"
+        raise ConfigError([problem("accelerate config", "DEEPSPEED", why, fix)])
+    version = os.environ.get("FSDP_VERSION", "1")  # accelerate's default
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and version != "2":
+        why = "rltk shards with FSDP2 (torch's fully_shard) only: rltk/fsdp.py"
+        raise ConfigError([problem("accelerate config: fsdp_version", version, why, "set fsdp_version: 2")])
+
+
+def _fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Turn a CPU run launched with an FSDP config into FSDP (accelerate makes it plain multi-CPU DDP).
+
+    accelerate enables FSDP only for GPU-like devices, so an FSDP config on a machine without GPUs would run
+    as DDP without a word. torch's FSDP2 shards on CPU gloo ranks (checked on torch 2.13: ``fully_shard``,
+    its all-gathers and reduce-scatters), so the run gets the plugin the launcher described (``FSDP_*``
+    environment variables): the code paths a GPU run takes, testable on a CPU.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables (FSDP2: checked above)
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    AcceleratorState._shared_state["fsdp_plugin"] = plugin
+    AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def die_with_parent() -> None:

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from rltk.batch import Batch
-from rltk.logprobs import TokenScores, token_scores
+from rltk.logprobs import TokenScores
 from rltk.net import as_net, unwrap_net
 from rltk.prefix import (
     MIN_SHARED_PREFIX,
@@ -134,17 +134,19 @@ def completion_scores(
         raise ValueError(
             f"batch has {batch.completion_ids.shape[0]} completion rows, expected P*G = {p}*{g} = {p * g}"
         )
-    hidden = {"off": _hidden_plain, "kv": _hidden_kv, "packed": _hidden_packed}[mode](as_net(model), batch)
-    head = unwrap_net(as_net(model)).head
-    scores = token_scores(
-        hidden,  # [N, Lc, H]
-        head,
-        batch.completion_ids,
-        batch.loss_mask,
-        temperature,
-        entropy=entropy,
-        entropy_grad=entropy_grad,
-    )
+    net = as_net(model)
+    hidden = {"off": _hidden_plain, "kv": _hidden_kv, "packed": _hidden_packed}[mode](
+        net, batch
+    )  # [N, Lc, H]
+    score = {
+        "hidden": hidden,
+        "targets": batch.completion_ids,
+        "mask": batch.loss_mask,
+        "temperature": temperature,
+        "entropy": entropy,
+        "entropy_grad": entropy_grad,
+    }
+    scores = net(score=score)
     if value_head is not None:
         scores.values = value_head(hidden) * batch.loss_mask  # [N, Lc]
     return scores

@@ -8,21 +8,29 @@ The LM's own forward would apply its output head to every position and hand back
 were most of a step's peak memory. Here the trunk returns hidden states, and :mod:`rltk.logprobs` applies the
 head to a few hundred positions at a time, recomputing each chunk in the backward pass.
 
-The trainer prepares ``PolicyNet`` (not the LM) with accelerate, so under DDP every trunk call goes through
-the wrapper's forward, as DDP requires. Sampling, saving and export use :attr:`PolicyNet.lm`.
+The trainer prepares ``PolicyNet`` (not the LM) with accelerate, and the trunk, the head and the critic all
+run through its ``forward``: a data-parallel wrapper sees every use of the weights (DDP prepares its gradient
+reduction there, FSDP registers its gradients' reduce-scatter there). Sampling, saving and export use
+:attr:`PolicyNet.lm`; under FSDP it holds the full weights on every rank (:mod:`rltk.fsdp`).
 
-:class:`ValueHead` is PPO's critic on the same trunk. :class:`rltk.policy.Policy` owns both.
+:class:`ValueHead` is PPO's critic on the same trunk; the policy's ``PolicyNet`` holds it (``value_head``) and
+runs it through ``forward`` too. :class:`rltk.policy.Policy` owns the net.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from rltk import fsdp
+from rltk.logprobs import TokenScores, token_scores
 from rltk.models import context_length
 
-__all__ = ["PolicyNet", "ValueHead", "as_net", "unwrap_net"]
+__all__ = ["PolicyNet", "ValueHead", "ValuesThroughNet", "as_net", "unwrap_net"]
 
 
 class PolicyNet(nn.Module):
@@ -30,13 +38,15 @@ class PolicyNet(nn.Module):
 
     Args:
         lm: A transformers causal LM, optionally peft-wrapped (LoRA layers live inside the trunk).
+        value_head: PPO's critic, kept here so that one module holds every trained weight (FSDP2 prepares a
+            single module) and runs through :meth:`forward` (``value=``).
 
     Raises:
         ValueError: For an LM whose logits are not ``head(hidden)`` (logit soft-capping or scaling).
 
     """
 
-    def __init__(self, lm: nn.Module) -> None:
+    def __init__(self, lm: nn.Module, value_head: ValueHead | None = None) -> None:
         super().__init__()
         config = lm.config
         if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", 1.0) != 1.0:
@@ -46,11 +56,17 @@ class PolicyNet(nn.Module):
                 "lm_head(hidden states) (Llama, Qwen, Mistral, SmolLM, ...)"
             )
         self.lm = lm
+        self.value_head = value_head
 
     @property
     def config(self) -> PretrainedConfig:
         """The LM's config."""
         return self.lm.config
+
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The LM's block classes (decoder layers): FSDP's transformer auto-wrap makes each its own unit."""
+        return getattr(self.lm, "_no_split_modules", None)
 
     @property
     def head(self) -> nn.Module:
@@ -66,14 +82,63 @@ class PolicyNet(nn.Module):
         """The LM's maximum sequence length."""
         return context_length(self.lm)
 
-    def forward(self, **inputs: object) -> tuple:
-        """Run the trunk; returns ``(hidden [B, S, H], cache)`` (the cache is ``None`` without ``use_cache``).
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]:
+        """``nn.Module``'s, but under FSDP the shards: what optimizers update and gradients land on.
 
-        ``inputs`` are the decoder's keyword arguments: ``input_ids``, ``attention_mask``, ``position_ids``,
-        ``cache``, ``use_cache``.
+        The modules inside hold the full weights, gathered on every rank (:mod:`rltk.fsdp`): read those
+        through :attr:`lm` (sampling, saving, the KL reference).
         """
+        if recurse and fsdp.root_of(self) is self:
+            return fsdp.sharded_parameters(self, prefix)
+        return super().named_parameters(prefix, recurse, remove_duplicate)
+
+    def forward(
+        self, score: dict[str, Any] | None = None, value: torch.Tensor | None = None, **inputs: Any
+    ) -> tuple | TokenScores | torch.Tensor:
+        """Run the trunk; or, on hidden states, the output head (``score``) or the critic (``value``).
+
+        All go through this method so that a data-parallel wrapper sees every use of the weights: DDP
+        prepares its gradient reduction in ``forward``, and FSDP its gradients' reduce-scatter.
+
+        Args:
+            score: Keyword arguments of :func:`rltk.logprobs.token_scores` but the head (``hidden``,
+                ``targets``, ``mask``, ``temperature``, ``entropy``, ``entropy_grad``): returns their
+                :class:`~rltk.logprobs.TokenScores`.
+            value: ``[..., H]`` hidden states: returns the critic's ``[...]`` values (:attr:`value_head`).
+            **inputs: The decoder's keyword arguments: ``input_ids``, ``attention_mask``,
+                ``position_ids``, ``cache``, ``use_cache``.
+
+        Returns:
+            ``(hidden [B, S, H], cache)`` (the cache is ``None`` without ``use_cache``), the scores, or
+            the values.
+
+        """
+        if score is not None:
+            return token_scores(head=self.head, **score)
+        if value is not None:
+            if self.value_head is None:
+                raise ValueError("this PolicyNet has no value head")
+            return self.value_head(value)
         out = self.trunk(**inputs)
         return out.last_hidden_state, getattr(out, "cache", None)
+
+
+class ValuesThroughNet(nn.Module):
+    """``hidden → values`` by way of ``net(value=hidden)``: the critic inside a (wrapped) :class:`PolicyNet`.
+
+    What :func:`rltk.forward.completion_scores` takes as its ``value_head``. ``net`` is held, not registered:
+    this module owns no weights.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["net"] = net  # not a submodule
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., H]`` hidden states → ``[...]`` values."""
+        return self.net(value=hidden)
 
 
 def unwrap_net(model: nn.Module) -> nn.Module:

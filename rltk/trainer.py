@@ -277,23 +277,26 @@ class Trainer:
         return result
 
     def save(self, step: int) -> None:
-        """Write a checkpoint of the current state (main process writes, all ranks wait)."""
+        """Write a checkpoint of the current state; every rank calls it, the main process writes.
+
+        Under FSDP the ranks gather the sharded optimizer state for it.
+        """
         self.heartbeat.beat(step, "save")
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            checkpoint.save(
-                self.run_dir,
-                step,
-                model=self.policy.lm,
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-                extra={
-                    "data_position": (step * self.world) * self.cfg.rollout.prompts_per_step,
-                    "train_seconds": {"warmstart": self.warmstart_seconds, "rl": self.rl_seconds},
-                    **self.policy.checkpoint_extra(),
-                },
-                keep_last_n=self.cfg.run.keep_last_n,
-            )
+        checkpoint.save(
+            self.run_dir,
+            step,
+            model=self.policy.lm,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            extra={
+                "data_position": (step * self.world) * self.cfg.rollout.prompts_per_step,
+                "train_seconds": {"warmstart": self.warmstart_seconds, "rl": self.rl_seconds},
+                **self.policy.checkpoint_extra(),
+            },
+            keep_last_n=self.cfg.run.keep_last_n,
+            is_main_process=self.accelerator.is_main_process,
+        )
         self.accelerator.wait_for_everyone()
 
     def step(self, step: int) -> StepResult:

@@ -160,6 +160,8 @@ def warm_start(trainer: Trainer, max_seconds: float | None = None) -> dict[str, 
             trainer.policy.net, batch, mode=trainer.algo.shared_prompt
         )  # [B, Lc]
         loss = -(logp * batch.loss_mask).sum() / batch.loss_mask.sum()
+        if trainer.policy.critic is not None:  # DDP reduces a gradient for every trainable weight: a zero one
+            loss = loss + 0.0 * sum(p.sum() for p in trainer.policy.critic.parameters() if p.requires_grad)
         acc.backward(loss)
         acc.clip_grad_norm_(trainer.policy.net.parameters(), cfg.optim.max_grad_norm)
         lr = scheduler.get_last_lr()[0]

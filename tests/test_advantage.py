@@ -266,6 +266,7 @@ def test_whitening_is_the_same_on_one_and_two_ranks() -> None:
         1, abs=1e-5
     )
     # two ranks, one micro-batch each: each whitens its own tensors with the statistics summed over both
+    # (the real two-process check: tests/test_distributed.py)
     both = _sum_of_both(advs, masks)
     split = [advantage.whiten([a], [m], lambda _mine: both) for a, m in zip(advs, masks, strict=True)]
     for got, want in zip(split, whole, strict=True):

@@ -205,3 +205,39 @@ def test_a_failed_collective_names_the_rank_that_stalled(
     assert message.startswith(head), message
     assert re.search(expected, message), message
     assert distributed.read_beat(distributed.beat_path(tmp_path, 0)).failed  # so rank 1 does not name rank 0
+
+
+def _whiten_on_rank(
+    rank: int, init: str, advs: list[torch.Tensor], masks: list[torch.Tensor], out: str
+) -> None:
+    """One gloo rank: whiten its own micro-batch with the statistics all-reduced over both ranks."""
+    import torch.distributed as dist
+
+    from rltk.advantage import whiten
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+
+    def all_reduce(values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    (mine,) = whiten([advs[rank]], [masks[rank]], all_reduce)
+    torch.save(mine, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_whiten_advantages_like_one(tmp_path: Path) -> None:
+    """PPO's whitening over the whole step: two gloo ranks, one micro-batch each, equal one process."""
+    from rltk.advantage import whiten
+
+    gen = torch.Generator().manual_seed(0)
+    advs = [torch.randn(3, 5, generator=gen), torch.randn(2, 7, generator=gen)]
+    masks = [(torch.rand(3, 5, generator=gen) > 0.3).float(), (torch.rand(2, 7, generator=gen) > 0.3).float()]
+    whole = whiten(advs, masks, lambda v: v)
+    out = str(tmp_path / "whitened")
+    torch.multiprocessing.spawn(
+        _whiten_on_rank, args=(f"file://{tmp_path / 'rendezvous'}", advs, masks, out), nprocs=2, join=True
+    )
+    for rank in (0, 1):
+        torch.testing.assert_close(torch.load(f"{out}.{rank}"), whole[rank], rtol=0, atol=1e-6)

@@ -338,7 +338,7 @@ def test_unequal_micro_batches_sum_to_the_full_batch_loss(aggregation: str) -> N
     norm = loss.normalizer_for(micro, aggregation, MAX_COMPLETION_LENGTH)
     total = sum(loss.policy_loss(logp[s], mb, cfg, norm).loss for s, mb in zip(parts, micro, strict=True))
     (g_micro,) = torch.autograd.grad(total, logp)
-    assert float(total.detach()) == pytest.approx(float(ref.loss), abs=1e-6)
+    assert float(total.detach()) == pytest.approx(float(ref.loss.detach()), abs=1e-6)
     torch.testing.assert_close(g_micro, g_full, rtol=1e-5, atol=1e-7)
 
 
@@ -365,7 +365,7 @@ def test_on_policy_default_and_errors() -> None:
     out = loss.policy_loss(logp, on_policy, cfg, loss.normalizer_for([on_policy], "token_mean"))
     # ratio ≡ 1: loss = -Σ m A / N, no clipping
     expected = -(on_policy.advantages.unsqueeze(1) * on_policy.loss_mask).sum() / on_policy.loss_mask.sum()
-    assert float(out.loss) == pytest.approx(float(expected), abs=1e-6)
+    assert float(out.loss.detach()) == pytest.approx(float(expected), abs=1e-6)
     assert out.metrics["loss/ratio_mean"] == pytest.approx(1.0)
     assert out.metrics["loss/clip_region_frac"] == 0.0
     with pytest.raises(ValueError, match="reference"):
@@ -435,6 +435,6 @@ def test_rloo_loss_and_gradients_equal_trl_rloo_trainer(
     logp = forward.completion_logprobs(model, batch, TEMPERATURE, mode="off")  # [P*G, Lc]
     out = loss.policy_loss(logp, batch, cfg, normalizer)
     out.loss.backward()
-    assert float(out.loss) == pytest.approx(float(trl_loss), abs=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(float(trl_loss.detach()), abs=1e-5)
     assert out.metrics["loss/clip_region_frac"] > 0  # the perturbed old log-probs make clipping fire
     assert max_rel_grad_diff(grads(model), grads(trl_model)) < 1e-4
