@@ -3,6 +3,12 @@ config, so unit tests run in seconds on a CPU."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
@@ -78,3 +84,16 @@ def tiny_overrides(model_dir: str, run_dir: str | object, steps: int = 2) -> lis
         "eval.n=8",
         "eval.report.enabled=false",  # tests of the report enable it themselves
     ]
+
+
+def sigkill_once_saved(cmd: list[str], env: dict[str, str], run_dir: Path, step: int) -> None:
+    """Start the training command ``cmd`` and SIGKILL it as soon as checkpoint ``step`` of ``run_dir`` is
+    complete (its manifest written); fails if the run ended or hung first."""
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    manifest = run_dir / "checkpoints" / f"step-{step:06d}" / "manifest.json"
+    deadline = time.time() + 120
+    while not manifest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert manifest.exists(), f"checkpoint {step} never completed"

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import sigkill_once_saved, tiny_overrides
 from transformers import AutoModelForCausalLM
 
 from rltk.config import ConfigError, load_config
@@ -85,14 +83,8 @@ def test_a_killed_ppo_run_resumes_to_the_uninterrupted_weights_and_exports_a_pla
 ) -> None:
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(_train_cmd(tiny_model_dir, full, 4), env=_env(), check=True, capture_output=True)
-    proc = subprocess.Popen(_train_cmd(tiny_model_dir, killed, 4), env=_env(), stderr=subprocess.DEVNULL)
-    manifest = killed / "checkpoints" / "step-000002" / "manifest.json"
-    deadline = time.time() + 120
-    while not manifest.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert manifest.exists() and not (killed / "checkpoints" / "step-000004").exists()
+    sigkill_once_saved(_train_cmd(tiny_model_dir, killed, 4), _env(), killed, 2)
+    assert not (killed / "checkpoints" / "step-000004").exists()
     subprocess.run(_train_cmd(tiny_model_dir, killed, 4), env=_env(), check=True, capture_output=True)
     a, b = _checkpoint(full, 4), _checkpoint(killed, 4)
     assert a.keys() == b.keys() and any(k.startswith("critic.") for k in a)

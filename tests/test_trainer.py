@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import sigkill_once_saved, tiny_overrides
 from safetensors.torch import load_file
 
 from rltk import evaluate, forward, rollout
@@ -89,14 +87,7 @@ def test_sigkill_after_step_3_then_resume_equals_uninterrupted(tiny_model_dir: s
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(_train_cmd(tiny_model_dir, full, 6), env=_env(), check=True, capture_output=True)
 
-    proc = subprocess.Popen(_train_cmd(tiny_model_dir, killed, 6), env=_env(), stderr=subprocess.DEVNULL)
-    manifest = killed / "checkpoints" / "step-000003" / "manifest.json"
-    deadline = time.time() + 120
-    while not manifest.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert manifest.exists()
+    sigkill_once_saved(_train_cmd(tiny_model_dir, killed, 6), _env(), killed, 3)
     assert not (killed / "checkpoints" / "step-000006" / "manifest.json").exists(), (
         "run ended before the kill"
     )
