@@ -159,14 +159,19 @@ class Policy:
         """Every trainable parameter (gradient clipping, the zero-loss backward of an idle rank)."""
         return [p for m in self.modules() for p in m.parameters() if p.requires_grad]
 
-    def scores(self, batch: Batch, *, entropy_grad: bool = False, values: bool = False) -> TokenScores:
-        """Log-probs and entropies (and values, with ``values``) of ``batch``'s model tokens, with grad."""
+    def scores(
+        self, batch: Batch, *, entropy: bool = True, entropy_grad: bool = False, values: bool = False
+    ) -> TokenScores:
+        """Log-probs of ``batch``'s model tokens, their entropies and values; with grad if grad is enabled.
+
+        ``entropy``: also the next-token entropies (the update logs them); ``values``: the critic's values.
+        """
         return completion_scores(
             self.net,
             batch,
             temperature=self.cfg.rollout.temperature,
             mode=self.algo.shared_prompt,
-            entropy=True,  # logged always; differentiable only for an entropy bonus
+            entropy=entropy,
             entropy_grad=entropy_grad,
             value_head=ValuesThroughNet(self.net) if values and self.critic is not None else None,
         )
@@ -178,7 +183,7 @@ class Policy:
         if self.algo.beta > 0:
             batch.ref_logp = self.reference_logprobs(batch)
         if old or self.critic is not None:
-            scores = self.scores(batch, values=self.critic is not None)
+            scores = self.scores(batch, entropy=False, values=self.critic is not None)  # no entropy: unused
             batch.old_logp = scores.logp if old else None
             batch.values = scores.values
 
