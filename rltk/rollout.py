@@ -175,6 +175,49 @@ def play_turn(state: RolloutState, sample: TurnSample, ctx: TurnContext, last: b
     state.messages.append({"role": role, "content": observation})
 
 
+def render_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[Task],
+    context_length: int,
+    max_new_tokens: int,
+    max_prompt_tokens: int | None,
+) -> list[torch.Tensor]:
+    """Each task's chat rendered to prompt ids ``[Lp]``, checked against the length limits first."""
+    prompts = []
+    for task in tasks:
+        ids = render_prompt(tokenizer, task.messages, tools=task.tools)
+        check_prompt_length(task, len(ids), context_length, max_new_tokens, max_prompt_tokens)
+        prompts.append(torch.tensor(ids, dtype=torch.long))
+    return prompts
+
+
+def play_turns(
+    sampler: Sampler,
+    prompts: list[torch.Tensor],
+    states: list[RolloutState],
+    group_size: int,
+    params: SamplingParams,
+    ctx: TurnContext,
+    turns: int,
+) -> None:
+    """Sample and play up to ``turns`` assistant turns of every live rollout, updating ``states`` in place.
+
+    The first turn samples ``group_size`` continuations of each prompt (the sampler may prefill it once);
+    later turns continue each live rollout's own history, one sample each.
+    """
+    for turn in range(turns):
+        live = [s for s in states if not s.stop_reason]
+        if not live:
+            return
+        if turn == 0:
+            samples = sampler.sample(prompts, group_size, params)
+        else:
+            histories = [torch.tensor(s.prompt_ids + s.token_ids) for s in live]
+            samples = sampler.sample(histories, 1, params)
+        for state, sample in zip(live, samples, strict=True):
+            play_turn(state, sample, ctx, last=turn == turns - 1)
+
+
 def generate(
     policy: nn.Module | Sampler,
     tokenizer: PreTrainedTokenizerBase,
@@ -239,11 +282,7 @@ def generate(
         return []
     sampler = HFSampler(policy, tokenizer) if isinstance(policy, nn.Module) else policy
     limits = sampler.limits
-    prompts = []
-    for task in tasks:
-        ids = render_prompt(tokenizer, task.messages, tools=task.tools)
-        check_prompt_length(task, len(ids), limits.context_length, max_new_tokens, max_prompt_tokens)
-        prompts.append(torch.tensor(ids, dtype=torch.long))
+    prompts = render_prompts(tokenizer, tasks, limits.context_length, max_new_tokens, max_prompt_tokens)
     stop_strings = tuple(getattr(env, "stop_strings", ()))
     params = SamplingParams(max_new_tokens, min_new_tokens, temperature, top_p, top_k, stop_strings)
     close_ids = turn_close_ids(tokenizer, list(limits.eos_ids)) if turns > 1 else []
@@ -264,17 +303,7 @@ def generate(
     with torch.random.fork_rng(devices=cuda, enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        for turn in range(turns):
-            live = [s for s in states if not s.stop_reason]
-            if not live:
-                break
-            if turn == 0:  # the G rollouts of a task share its prompt: the sampler may prefill it once
-                samples = sampler.sample(prompts, group_size, params)
-            else:
-                histories = [torch.tensor(s.prompt_ids + s.token_ids) for s in live]
-                samples = sampler.sample(histories, 1, params)
-            for state, sample in zip(live, samples, strict=True):
-                play_turn(state, sample, ctx, last=turn == turns - 1)
+        play_turns(sampler, prompts, states, group_size, params, ctx, turns)
     return [
         Group(
             task=task,
