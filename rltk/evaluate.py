@@ -178,11 +178,36 @@ def summarize(name: str, rollouts: list[Rollout]) -> EvalResult:
 
 
 def for_summary(rollout: Rollout) -> Rollout:
-    """``rollout`` less the tensors, turns and prompt that :func:`summarize` does not read: cheap to send."""
+    """``rollout`` less the tensors and prompt that :func:`summarize` does not read: cheap to send.
+
+    The assistant turns stay (text, for :func:`write_rollouts`).
+    """
     t = rollout.task
     task = Task(t.id, t.split, [], {}, t.info)
     empty = {"token_ids": _EMPTY, "loss_mask": _EMPTY, "sample_logp": _EMPTY.float()}
-    return replace(rollout, task=task, turns=[], **empty)
+    return replace(rollout, task=task, **empty)
+
+
+def write_rollouts(path: Path, rollouts: list[Rollout]) -> None:
+    """One JSON line per judged rollout: task id, ``correct``, reward, per-reward scores, stop reason, turns.
+
+    What a held-out eval leaves behind so two evals on the same tasks can be compared task by task (paired
+    intervals) and a wrong answer read. Written to a temporary name first: a crash leaves no half file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        for r in rollouts:
+            row = {
+                "task": r.task.id,
+                "correct": bool(r.outcome.get("correct")),
+                "reward": None if r.failed else r.reward,
+                "scores": r.scores,
+                "stop_reason": r.stop_reason,
+                "turns": r.turns,
+            }
+            f.write(json.dumps(row, default=str) + "\n")
+    tmp.replace(path)
 
 
 def baseline_results(env: Env, rubric: Rubric, tasks: list[Task]) -> list[EvalResult]:

@@ -235,8 +235,8 @@ class Trainer:
         The tasks are ``eval.n`` of ``eval.split`` with seed 0, the set ``rltk eval`` scores, so the figures
         compare. Whole episodes for multi-turn envs (:func:`rltk.evaluate.model_result`). Each rank plays
         ``tasks[rank::world]``, so no rank waits past ``run.dist_timeout_s`` while another evaluates alone;
-        the main process puts the judged rollouts back in task order and scores them as one set. Returns the
-        result there, ``None`` on other ranks.
+        the main process puts the judged rollouts back in task order, scores them as one set and writes them
+        to ``evals/step_NNNNNN.jsonl`` (one line per task). Returns the result there, ``None`` on other ranks.
         """
         cfg = self.cfg.eval
         result = None
@@ -253,6 +253,7 @@ class Trainer:
         )
         judged = distributed.gather_shards([evaluate.for_summary(r) for r in mine], self.accelerator)
         if judged is not None:
+            evaluate.write_rollouts(self.run_dir / "evals" / f"step_{step:06d}.jsonl", judged)
             result = evaluate.summarize(f"step {step}", judged)
             trivial = evaluate.best_of(evaluate.baseline_results(self.env, self.rubric, tasks), "")
             self.metrics.log(

@@ -74,6 +74,12 @@ def test_held_out_eval_before_rl_every_n_steps_and_at_the_end(tiny_model_dir: st
     )
     assert evals[-1]["eval/accuracy"] == final.accuracy
     assert evals[-1]["eval/mean_reward"] == final.mean_reward
+    rows = [json.loads(line) for line in (tmp_path / "evals" / "step_000003.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in rows] == [t.id for t in tasks]
+    assert sum(r["correct"] for r in rows) / len(rows) == final.accuracy
+    assert all(isinstance(r["turns"][0], str) for r in rows)
+    written = sorted(p.name for p in (tmp_path / "evals").iterdir())
+    assert written == [f"step_00000{i}.jsonl" for i in (0, 2, 3)]
     trivial = max(r.accuracy for r in evaluate.baseline_results(trainer.env, trainer.rubric, tasks))
     assert all(r["eval/best_trivial_accuracy"] == trivial for r in evals)
     assert trivial >= 0.5  # policy_flagging's best constant answer: never 0 on a balanced-ish split
