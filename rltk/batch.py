@@ -7,7 +7,7 @@ keeping them here avoids import cycles between stages.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -202,3 +202,65 @@ def collate(groups: list[Group], pad_id: int) -> Batch:
         sample_logp=sample_logp,
         keep=torch.tensor([not r.failed for r in rollouts], dtype=torch.bool),  # [P*G]
     )
+
+
+_ROW_FIELDS = (
+    "completion_ids",
+    "completion_mask",
+    "loss_mask",
+    "rewards",
+    "advantages",
+    "returns",
+    "old_logp",
+    "ref_logp",
+    "values",
+    "sample_logp",
+    "keep",
+)
+
+
+def split_rows(batch: Batch, rows: int) -> list[Batch]:
+    """``batch`` as micro-batches of ``rows`` completions of one prompt each, padding trimmed.
+
+    For long episodes: the update's activations grow with the rows of a micro-batch, and a whole group may
+    not fit. Every per-row field (advantages, returns, old and reference log-probs...) is sliced alike, so the
+    pieces' losses, over the same global normaliser, sum to the whole batch's. Each piece is a "group" of
+    ``rows`` (``group_size = rows``) with its prompt, so every prompt layout still applies (under
+    ``shared_prompt=kv`` the prompt's forward then runs once per piece).
+
+    >>> seqs = ([1, 2, 3], [4])
+    >>> rollouts = [Rollout(None, [], torch.tensor(s), torch.ones(len(s)), torch.zeros(len(s))) for s in seqs]
+    >>> b = collate([Group(None, torch.tensor([5, 6]), rollouts)], pad_id=0)
+    >>> [(p.completion_ids.tolist(), p.group_size) for p in split_rows(b, 1)]
+    [([[1, 2, 3]], 1), ([[4]], 1)]
+
+    Raises:
+        ValueError: If ``rows`` does not divide the batch's group size.
+
+    """
+    g = batch.group_size
+    if rows <= 0 or g % rows:
+        raise ValueError(f"rows per micro-batch ({rows}) must divide the group size ({g})")
+    if rows == g:
+        return [batch]
+    pieces = []
+    for start in range(0, batch.completion_ids.shape[0], rows):
+        p, span = start // g, slice(start, start + rows)
+        width = max(1, int(batch.completion_mask[span].sum(-1).max()))  # right padding past it is dropped
+        left = int((batch.prompt_mask[p].cumsum(0) == 0).sum())  # left padding of this prompt
+        cut = {}
+        for name in _ROW_FIELDS:
+            value = getattr(batch, name)
+            if value is not None:
+                cut[name] = value[span, :width] if value.dim() == 2 else value[span]
+        pieces.append(
+            replace(
+                batch,
+                prompt_ids=batch.prompt_ids[p : p + 1, left:],
+                prompt_mask=batch.prompt_mask[p : p + 1, left:],
+                group_size=rows,
+                answers=batch.answers[span],
+                **cut,
+            )
+        )
+    return pieces

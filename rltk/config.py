@@ -124,6 +124,7 @@ class RolloutConfig:
         "hf", "", "the sampler: transformers on the policy, or vLLM in its own venv (scripts/setup_vllm.sh)"
     )
     vllm_python: str = _f("", "", "the vLLM venv's python; empty = $RLTK_VLLM_PYTHON or .venv-vllm")
+    vllm_kv_cache_gib: int = _f(2, "> 0", "the vLLM sampler's KV cache (VLLM_CPU_KVCACHE_SPACE), GiB")
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,7 @@ class AlgorithmConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW, learning-rate schedule, clipping and micro-batching (micro-batches hold whole groups)."""
+    """AdamW, learning-rate schedule, clipping and micro-batching (whole groups, or rollouts of one group)."""
 
     lr: float = _f(1.0e-5, "> 0")
     weight_decay: float = _f(0.0, ">= 0")
@@ -266,6 +267,12 @@ class OptimConfig:
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     max_grad_norm: float = _f(1.0, "> 0")
     groups_per_micro_batch: int = _f(4, "> 0")
+    rollouts_per_micro_batch: int = _f(
+        0,
+        ">= 0",
+        "0 = whole groups; else the update's micro-batches hold this many rollouts of one group (a divisor "
+        "of group_size): less activation memory for long episodes",
+    )
 
 
 @dataclass

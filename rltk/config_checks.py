@@ -32,6 +32,12 @@ def cross_field_problems(cfg: Config, ok: Ok) -> list[str]:
         if lo > hi:
             why = f"greater than rollout.max_new_tokens={hi}"
             problems.append(problem("rollout.min_new_tokens", lo, why, f"set it <= {hi}"))
+    rows = ok("optim.rollouts_per_micro_batch") and cfg.optim.rollouts_per_micro_batch
+    g = ok("rollout.group_size") and cfg.rollout.group_size
+    if rows and g and g % rows:
+        why = f"it must divide rollout.group_size={g} (a micro-batch holds rollouts of one group)"
+        fix = "use one of " + ", ".join(str(d) for d in range(1, g + 1) if g % d == 0) + ", or 0"
+        problems.append(problem("optim.rollouts_per_micro_batch", rows, why, fix))
     if ok("warmstart.enabled", "warmstart.steps") and cfg.warmstart.enabled and not cfg.warmstart.steps:
         why = "warmstart.enabled is true but it has no steps"
         problems.append(problem("warmstart.steps", 0, why, "set warmstart.steps > 0 or enabled=false"))

@@ -14,7 +14,7 @@ import torch
 
 from rltk import advantage
 from rltk.advantage import AllReduce
-from rltk.batch import Batch, Group, collate
+from rltk.batch import Batch, Group, collate, split_rows
 from rltk.config import AlgorithmView
 from rltk.policy import Policy
 
@@ -40,8 +40,12 @@ def make_experience(
     pad_id: int,
     device: torch.device,
     all_reduce: AllReduce,
+    rows_per_micro_batch: int = 0,
 ) -> tuple[list[Batch], dict[str, float]]:
     """The groups the step learns from, as micro-batches with their no-grad pass and advantages done.
+
+    ``rows_per_micro_batch`` > 0: once the advantages are set (on whole groups), each micro-batch is split
+    into pieces of that many rollouts of one group for the update (:func:`rltk.batch.split_rows`).
 
     Returns the micro-batches and the metrics of selection, advantages and (with a critic) the critic.
     """
@@ -53,6 +57,8 @@ def make_experience(
     metrics = advantage.assign(batches, algo, all_reduce)
     if policy.critic is not None:
         metrics.update(critic_metrics(batches, all_reduce))
+    if rows_per_micro_batch:
+        batches = [piece for b in batches for piece in split_rows(b, rows_per_micro_batch)]
     return batches, {**selection.metrics, **metrics}
 
 

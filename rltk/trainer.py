@@ -113,8 +113,12 @@ class Trainer:
         self.updater = Updater(
             cfg, self.policy, self.optimizer, self.scheduler, self.accelerator, self._all_reduce_sums
         )
-        python = {"python": cfg.rollout.vllm_python} if cfg.rollout.vllm_python else {}
-        self.sampler = make_sampler(cfg.rollout.backend, self.policy.lm, self.tokenizer, **python)
+        options: dict = {}
+        if cfg.rollout.backend == "vllm":
+            options["kv_cache_gib"] = cfg.rollout.vllm_kv_cache_gib
+            if cfg.rollout.vllm_python:
+                options["python"] = cfg.rollout.vllm_python
+        self.sampler = make_sampler(cfg.rollout.backend, self.policy.lm, self.tokenizer, **options)
         self.train_tasks = self.env.tasks("train", self.train_pool_size(), seed=cfg.run.seed)
         self.start_step = 0
         # training wall time so far (evals and saves excluded), kept in checkpoints: train_time.json
@@ -366,6 +370,7 @@ class Trainer:
             self.algo,
             groups,
             per_micro_batch=self.cfg.optim.groups_per_micro_batch,
+            rows_per_micro_batch=self.cfg.optim.rollouts_per_micro_batch,
             pad_id=self.tokenizer.pad_token_id,
             device=self.accelerator.device,
             all_reduce=self._all_reduce_sums,

@@ -100,6 +100,11 @@ def test_unknown_keys_suggest_the_closest_name(tmp_path: Path) -> None:
         ("rollout.temperature=.nan", "rollout.temperature: nan (expected a number, got float)"),
         ("rollout.group_size=0", "rollout.group_size: 0 (must be >= 1; rollouts per task"),
         ("rollout.group_size=1", "rollout.group_size: 1 (estimator 'grpo' compares the rollouts of a task)"),
+        (
+            "optim.rollouts_per_micro_batch=3",
+            "optim.rollouts_per_micro_batch: 3 (it must divide rollout.group_size=8 (a micro-batch holds "
+            "rollouts of one group)) → use one of 1, 2, 4, 8, or 0",
+        ),
         ("rollout.temperature=0", "rollout.temperature: 0.0 (must be > 0) → e.g. rollout.temperature=1.0"),
         ("rollout.top_p=1.5", "rollout.top_p: 1.5 (must be in (0, 1]) → e.g. rollout.top_p=1.0"),
         ("rollout.top_p=0", "rollout.top_p: 0.0 (must be in (0, 1])"),
