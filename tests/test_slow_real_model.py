@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +57,22 @@ def test_real_model_rl_steps_then_export(tmp_path: Path) -> None:
     assert rows[-1]["mismatch/logp_abs_mean"] < 1e-3
     out = export(tmp_path / "run", tmp_path / "export")
     assert (out / "model.safetensors").stat().st_size > 100e6  # 135M parameters in fp32, merged
+
+
+@pytest.mark.skipif(
+    not (REPO / ".venv-vllm" / "bin" / "python").is_file() and not os.environ.get("RLTK_VLLM_PYTHON"),
+    reason="no vLLM venv: create it with `bash scripts/setup_vllm.sh`",
+)
+def test_vllm_greedy_equals_hf_greedy_on_real_envs(tmp_path: Path) -> None:
+    """20 eval tasks of invoice_extraction and of support_refund (5 turns): the vLLM sampler's greedy
+    episodes equal the HF sampler's, or first differ where the top-2 logits tie within 1e-4 (the 200-task
+    version is ``benchmarks/greedy_parity.py``)."""
+    out = tmp_path / "parity.json"
+    script = REPO / "benchmarks" / "greedy_parity.py"
+    subprocess.run([sys.executable, str(script), "--n", "20", "--out", str(out)], check=True, cwd=REPO)
+    rows = json.loads(out.read_text())["envs"]
+    assert [r["env"] for r in rows] == ["invoice_extraction", "support_refund"]
+    assert rows[1]["turns_mean"] > 1.5, "support_refund episodes should be multi-turn"
+    for r in rows:
+        assert r["ok"], f"{r['env']}: a greedy divergence away from a tie: {r['divergences']}"
+        assert r["identical"] >= 15, f"{r['env']}: only {r['identical']}/20 episodes token-identical"
