@@ -33,7 +33,6 @@ on every rank: each keeps its shards.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -49,7 +48,7 @@ import torch
 from safetensors.torch import load_file, save_model
 
 from rltk import fsdp
-from rltk.durable import fsync_dir
+from rltk.durable import fsync_dir, sha256_file, write_json_atomic
 from rltk.rng import rng_state
 
 FORMAT_VERSION = 1
@@ -74,27 +73,6 @@ def step_dirs(root: Path) -> list[tuple[int, Path]]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()]
     return sorted(found, reverse=True)
-
-
-def _hash_file(path: Path, fsync: bool = False) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-        if fsync:
-            os.fsync(f.fileno())
-    return digest.hexdigest()
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` to ``path`` via a temp file, fsync it, rename it over ``path`` and fsync the dir."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def _rltk_version() -> str:
@@ -221,7 +199,7 @@ def _synced_files(tmp: Path) -> dict[str, dict[str, Any]]:
     files = {}
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         files[path.relative_to(tmp).as_posix()] = {
-            "sha256": _hash_file(path, fsync=True),
+            "sha256": sha256_file(path, fsync=True),
             "size": path.stat().st_size,
         }
     for d in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
@@ -304,7 +282,7 @@ def save(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_json_atomic(final / MANIFEST, {"format_version": FORMAT_VERSION, "step": step, "files": files})
+    write_json_atomic(final / MANIFEST, {"format_version": FORMAT_VERSION, "step": step, "files": files})
     fsync_dir(root)
     if keep_last_n is not None:
         _prune(root, step, keep_last_n)
@@ -338,7 +316,7 @@ def verify(path: str | Path) -> list[str]:
             problems.append(f"{rel} is missing")
         elif (size := file.stat().st_size) != meta.get("size"):
             problems.append(f"{rel} has {size} bytes, {MANIFEST} says {meta.get('size')}")
-        elif (digest := _hash_file(file)) != meta.get("sha256"):
+        elif (digest := sha256_file(file)) != meta.get("sha256"):
             problems.append(
                 f"{rel} has sha256 {digest[:12]}…, {MANIFEST} says {str(meta.get('sha256'))[:12]}…"
             )

@@ -1,9 +1,12 @@
-"""Durable writes: what checkpoints and metrics share to survive a kill -9 or a power loss."""
+"""Durable writes and file digests: what checkpoints, exports and metrics share to survive a kill -9."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def fsync_dir(path: Path) -> None:
@@ -13,3 +16,28 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_file(path: Path, fsync: bool = False) -> str:
+    """The file's sha256 hex digest, read in 1 MiB chunks (a merged model can be many GB).
+
+    ``fsync``: also flush the file to disk (a checkpoint hashes what it just wrote).
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+        if fsync:
+            os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` via a temp file, fsync it, rename it over ``path`` and fsync the dir."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

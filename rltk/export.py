@@ -11,7 +11,6 @@ in-process model's.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import subprocess
@@ -26,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rltk import checkpoint, plugins
 from rltk.chat import render_prompt
 from rltk.config import Config, load_config
+from rltk.durable import sha256_file
 from rltk.models import build_policy, load_tokenizer
 
 SUMS = "SHA256SUMS"
@@ -60,14 +60,6 @@ def load_run(
     return model, tokenizer, cfg
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):  # chunks: a merged model can be many GB
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _files(root: Path) -> list[str]:
     """Every file under ``root`` but ``SHA256SUMS``, as sorted relative POSIX paths."""
     names = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
@@ -76,7 +68,7 @@ def _files(root: Path) -> list[str]:
 
 def write_sums(out: Path) -> None:
     """Write ``out/SHA256SUMS`` over every other file of ``out`` (``sha256sum -c`` format, sorted by name)."""
-    (out / SUMS).write_text("".join(f"{_sha256(out / name)}  {name}\n" for name in _files(out)))
+    (out / SUMS).write_text("".join(f"{sha256_file(out / name)}  {name}\n" for name in _files(out)))
 
 
 def _read_sums(path: Path) -> dict[str, str]:
@@ -117,7 +109,7 @@ def check_export(path: str | Path) -> list[str]:
     for name in have:
         if name not in want:
             problems.append(f"{name} was added (not in {SUMS})")
-        elif (digest := _sha256(path / name)) != want[name]:
+        elif (digest := sha256_file(path / name)) != want[name]:
             problems.append(f"{name} changed (sha256 {digest[:12]}…, {SUMS} says {want[name][:12]}…)")
     if problems:
         raise ExportError(

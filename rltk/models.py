@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import os
@@ -28,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rltk.durable import sha256_file
 
 if TYPE_CHECKING:
     from rltk.config import Config
@@ -78,14 +79,6 @@ def cache_dir() -> Path:
     return Path(base) / "rltk"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def find_gguf(spec: EmbeddedModel) -> Path:
     """Locate the embedded GGUF file without importing its package (it imports ``llm``, absent here)."""
     found = importlib.util.find_spec(spec.module)
@@ -106,7 +99,7 @@ def find_gguf(spec: EmbeddedModel) -> Path:
 def _convert_embedded(spec: EmbeddedModel, target: Path) -> None:
     """Dequantize the GGUF once and save it (model + tokenizer) as a plain HF directory at ``target``."""
     gguf = find_gguf(spec)
-    digest = _sha256(gguf)
+    digest = sha256_file(gguf)
     if digest != spec.sha256:
         raise ModelError(
             f"{gguf} has sha256 {digest}, expected {spec.sha256} ({spec.package}=={spec.version}). "

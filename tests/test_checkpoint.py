@@ -134,7 +134,7 @@ def test_roundtrip_lora_adapter_only(tokenizer, tmp_path):
 
 def test_manifest_is_written_last_and_lists_every_file(tmp_path, monkeypatch):
     seen: dict[str, object] = {}
-    real = checkpoint._write_json_atomic
+    real = checkpoint.write_json_atomic
 
     def spy(path: Path, data: dict) -> None:
         final = path.parent
@@ -144,7 +144,7 @@ def test_manifest_is_written_last_and_lists_every_file(tmp_path, monkeypatch):
         seen["latest_before"] = checkpoint.latest(tmp_path)
         real(path, data)
 
-    monkeypatch.setattr(checkpoint, "_write_json_atomic", spy)
+    monkeypatch.setattr(checkpoint, "write_json_atomic", spy)
     path = _save_small(tmp_path, 5, extra={"x": torch.ones(2)})
     manifest = json.loads((path / "manifest.json").read_text())
     assert seen["latest_before"] is None  # renamed into place but not valid until the manifest exists
@@ -208,7 +208,7 @@ def test_simulated_kills_leave_previous_checkpoint(tmp_path, monkeypatch):
     def killed(path: Path, data: dict) -> None:
         raise KeyboardInterrupt  # killed after the rename, before the manifest
 
-    monkeypatch.setattr(checkpoint, "_write_json_atomic", killed)
+    monkeypatch.setattr(checkpoint, "write_json_atomic", killed)
     with pytest.raises(KeyboardInterrupt):
         _save_small(tmp_path, 3)
     assert (root / "step-000003").is_dir() and not (root / "step-000003" / "manifest.json").exists()
