@@ -12,7 +12,9 @@ CPU-heavy processes on 2 cores halve each other.
 Cases: ``quickstart`` (recipes/quickstart.yaml, single-turn) and ``support_refund`` (recipes/
 support_refund_grpo.yaml at P=2, G=8: five-turn tool episodes of ~660 tokens, the step whose memory the
 issue measured at 11.7 GiB); ``support_refund_ckpt`` is that step with gradient checkpointing (and the
-packed shared-prompt forward it needs).
+packed shared-prompt forward it needs); ``support_refund_rows2`` trains on 2 rollouts of a group per
+micro-batch (``optim.rollouts_per_micro_batch``); ``support_refund_lowmem`` adds gradient checkpointing and a
+1 GiB vLLM KV cache to that.
 """
 
 from __future__ import annotations
@@ -46,14 +48,34 @@ CASES = {
         "model.gradient_checkpointing=true",
         "algorithm.shared_prompt=packed",
     ],
+    "support_refund_rows2": [  # the update's micro-batches hold 2 rollouts of a group, not all 8
+        "recipes/support_refund_grpo.yaml",
+        "rollout.prompts_per_step=2",
+        "rollout.group_size=8",
+        "optim.rollouts_per_micro_batch=2",
+    ],
+    "support_refund_lowmem": [  # 2 rollouts per micro-batch, recomputed activations, a 1 GiB vLLM KV cache
+        "recipes/support_refund_grpo.yaml",
+        "rollout.prompts_per_step=2",
+        "rollout.group_size=8",
+        "optim.rollouts_per_micro_batch=2",
+        "model.gradient_checkpointing=true",
+        "algorithm.shared_prompt=packed",
+        "rollout.vllm_kv_cache_gib=1",
+    ],
 }
 
 
 class TreeRss:
-    """Peak resident memory of a process and its descendants, sampled in a thread."""
+    """Peak resident memory of a process and its descendants, sampled in a thread.
+
+    ``peak``: of the whole tree; ``peak_root``: of the process alone (the trainer); ``peak_children``: of its
+    descendants together (the vLLM worker, reward workers).
+    """
 
     def __init__(self, pid: int, every_s: float = 0.1) -> None:
-        self.root, self.every_s, self.peak = psutil.Process(pid), every_s, 0
+        self.root, self.every_s = psutil.Process(pid), every_s
+        self.peak = self.peak_root = self.peak_children = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -61,21 +83,27 @@ class TreeRss:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                procs = [self.root, *self.root.children(recursive=True)]
-                total = 0
-                for p in procs:
+                root = self.root.memory_info().rss
+                children = 0
+                for p in self.root.children(recursive=True):
                     with contextlib.suppress(psutil.Error):  # a child that just exited
-                        total += p.memory_info().rss
-                self.peak = max(self.peak, total)
+                        children += p.memory_info().rss
+                self.peak = max(self.peak, root + children)
+                self.peak_root = max(self.peak_root, root)
+                self.peak_children = max(self.peak_children, children)
             except psutil.Error:
                 return
             time.sleep(self.every_s)
 
-    def stop(self) -> float:
-        """Stop sampling; the peak in GiB."""
+    def stop(self) -> dict[str, float]:
+        """Stop sampling; the peaks in GiB."""
         self._stop.set()
         self._thread.join()
-        return self.peak / 2**30
+        return {
+            "peak_tree_rss_gib": self.peak / 2**30,
+            "peak_trainer_rss_gib": self.peak_root / 2**30,
+            "peak_children_rss_gib": self.peak_children / 2**30,
+        }
 
 
 def run_case(case: str, backend: str, dtype: str, steps: int, warmup: int, threads: int) -> dict:
@@ -115,7 +143,7 @@ def run_case(case: str, backend: str, dtype: str, steps: int, warmup: int, threa
             }
         steps_run = json.loads(out.read_text())["steps"]
         mean = {k: sum(s[k] for s in steps_run) / len(steps_run) for k in steps_run[0] if k != "peak_rss_gib"}
-        return {**row, "peak_tree_rss_gib": peak, "mean": mean, "steps": steps_run}
+        return {**row, **peak, "mean": mean, "steps": steps_run}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{case:15s} {backend:5s} {dtype:9s} step {m['time/step_s']:6.1f} s "
                     f"(sampling {m['time/generate_s']:6.1f} s, update {m['time/update_s']:6.1f} s), "
-                    f"peak RSS {row['peak_tree_rss_gib']:5.2f} GiB",
+                    f"peak RSS {row['peak_tree_rss_gib']:5.2f} GiB (trainer "
+                    f"{row['peak_trainer_rss_gib']:5.2f}, children {row['peak_children_rss_gib']:5.2f})",
                     flush=True,
                 )
     if args.out:
