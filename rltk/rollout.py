@@ -175,6 +175,20 @@ def play_turn(state: RolloutState, sample: TurnSample, ctx: TurnContext, last: b
     state.messages.append({"role": role, "content": observation})
 
 
+def check_sampling(params: SamplingParams, group_size: int, turns: int) -> None:
+    """Raise ``ValueError`` naming every bound that the sampling arguments break."""
+    p = params
+    if group_size < 1 or p.max_new_tokens < 1 or not 0 <= p.min_new_tokens <= p.max_new_tokens or turns < 1:
+        raise ValueError(
+            f"need group_size >= 1, max_new_tokens >= 1, 0 <= min_new_tokens <= max_new_tokens and max_turns "
+            f">= 1; got {group_size}, {p.max_new_tokens}, {p.min_new_tokens}, {turns}"
+        )
+    if p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0:
+        raise ValueError(
+            f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {p.temperature}, {p.top_p}, {p.top_k}"
+        )
+
+
 def render_prompts(
     tokenizer: PreTrainedTokenizerBase,
     tasks: Sequence[Task],
@@ -269,22 +283,14 @@ def generate(
 
     """
     turns = env.max_turns if max_turns is None else max_turns
-    if group_size < 1 or max_new_tokens < 1 or not 0 <= min_new_tokens <= max_new_tokens or turns < 1:
-        raise ValueError(
-            f"need group_size >= 1, max_new_tokens >= 1, 0 <= min_new_tokens <= max_new_tokens and max_turns "
-            f">= 1; got {group_size}, {max_new_tokens}, {min_new_tokens}, {turns}"
-        )
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(
-            f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}"
-        )
+    stop_strings = tuple(getattr(env, "stop_strings", ()))
+    params = SamplingParams(max_new_tokens, min_new_tokens, temperature, top_p, top_k, stop_strings)
+    check_sampling(params, group_size, turns)
     if not tasks:
         return []
     sampler = HFSampler(policy, tokenizer) if isinstance(policy, nn.Module) else policy
     limits = sampler.limits
     prompts = render_prompts(tokenizer, tasks, limits.context_length, max_new_tokens, max_prompt_tokens)
-    stop_strings = tuple(getattr(env, "stop_strings", ()))
-    params = SamplingParams(max_new_tokens, min_new_tokens, temperature, top_p, top_k, stop_strings)
     close_ids = turn_close_ids(tokenizer, list(limits.eos_ids)) if turns > 1 else []
     ctx = TurnContext(tokenizer, frozenset(limits.eos_ids), close_ids, stop_strings, env_timeout_s)
     limit = limits.context_length

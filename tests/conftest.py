@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -97,3 +98,12 @@ def sigkill_once_saved(cmd: list[str], env: dict[str, str], run_dir: Path, step:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert manifest.exists(), f"checkpoint {step} never completed"
+
+
+def two_rank_cmd(port: int, recipe: str, overrides: list[str]) -> list[str]:
+    """``accelerate launch`` of ``rltk.train`` on two CPU gloo ranks (``--multi_gpu --num_processes 2``)."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(port), "-m", "rltk.train", recipe, *overrides,
+    ]  # fmt: skip

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import tiny_overrides, two_rank_cmd
 
 from rltk import distributed, evaluate
 from rltk.batch import Failure, Rollout
@@ -33,11 +33,7 @@ ENV = dict(os.environ, PYTHONPATH=str(REPO / "tests"), RLTK_NO_PROGRESS="1", CUD
 
 
 def _launch_cmd(port: int, overrides: list[str]) -> list[str]:
-    return [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(port), "-m", "rltk.train", RECIPE, *overrides, VOWELS,
-    ]  # fmt: skip
+    return two_rank_cmd(port, RECIPE, [*overrides, VOWELS])
 
 
 def _metrics(run_dir: Path) -> list[dict]:

@@ -10,6 +10,8 @@ import copy
 import dataclasses
 import json
 import os
+import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -444,3 +446,28 @@ def test_a_prefix_cached_before_a_push_is_not_reused(
         assert (after.sample_logp - expected.sample_logp).abs().max().item() < 1e-4
     finally:
         sampler.push_weights(model)  # the module's sampler serves the other tests
+
+
+@needs_vllm
+def test_two_ranks_each_sample_with_their_own_engine(vllm_model_dir: str, tmp_path: Path) -> None:
+    """``accelerate launch`` on two gloo ranks, each with its own vLLM worker (the one-engine-per-rank form):
+    both ranks end on the same weights and every step stays on-policy."""
+    overrides = [
+        *conftest.tiny_overrides(vllm_model_dir, tmp_path, steps=2),
+        "rollout.backend=vllm",
+        f"rollout.vllm_python={VLLM_PYTHON}",
+        "rollout.vllm_kv_cache_gib=1",
+        "rollout.temperature=0.7",
+        "rewards=[{name: 'plugins_for_tests:vowel_share', weight: 1.0}]",
+    ]
+    tests = str(Path(__file__).parent)
+    env = dict(os.environ, PYTHONPATH=tests, RLTK_NO_PROGRESS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = conftest.two_rank_cmd(29557, RECIPE, overrides)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    digests = dict(re.findall(r"rank (\d)/2 final weights sha256 ([0-9a-f]{16})", log))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], log[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["mismatch/logp_abs_mean"] <= 1e-4 for r in rows), [r["mismatch/logp_abs_mean"] for r in rows]
