@@ -220,7 +220,9 @@ class AlgorithmConfig:
     kl_in_reward: bool | None = _f(None, "", "KL as a per-token penalty in the reward (ppo), not a loss term")
     entropy_coef: float = _f(0.0, ">= 0", "entropy bonus coefficient, 0 = off")
     epochs: int | None = _f(None, ">= 1", "passes over each step's rollouts (ppo 2, others 1)")
-    minibatches: int = _f(1, ">= 1", "optimizer steps per epoch (whole groups each)")
+    minibatches: int = _f(
+        1, ">= 1", "optimizer steps per epoch (whole groups unless optim.rollouts_per_micro_batch splits)"
+    )
     target_kl: float = _f(0.0, ">= 0", "stop a step's epochs once the approximate KL passes it; 0 = off")
     tis_cap: float = _f(0.0, ">= 0", "truncated importance sampling: min(π_old / π_sampler, cap); 0 = off")
     gamma: float = _f(1.0, "[0, 1]", "discount (estimator gae)")
