@@ -41,6 +41,16 @@ def _env_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _vllm_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``VLLMSampler`` keywords from ``rltk eval``'s ``--vllm-*`` flags (none for ``--backend hf``)."""
+    if args.backend != "vllm":
+        return {}
+    options: dict[str, Any] = {"kv_cache_gib": args.vllm_kv_cache_gib}
+    if args.vllm_python:
+        options["python"] = args.vllm_python
+    return options
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a policy on an env split, beside the env's trivial policies."""
     from rltk import evaluate, plugins
@@ -84,10 +94,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = env.tasks(args.split, args.n, seed=args.seed)
     results = []
     if model is not None and tokenizer is not None:
-        with precision:
+        from rltk.sampler import make_sampler
+
+        with (
+            precision,
+            contextlib.closing(
+                make_sampler(args.backend, model, tokenizer, **_vllm_options(args))
+            ) as sampler,
+        ):
             results.append(
                 evaluate.model_result(
-                    model,
+                    sampler,
                     tokenizer,
                     env,
                     rubric,
@@ -144,7 +161,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 2
     tasks = env.tasks(args.split, args.n, seed=args.seed)
     meta = {"env_options": options, "split": args.split, "task_seed": args.seed}
-    built = compare.run(specs, env, tasks, settings, args.out, meta)
+    sampler = compare.SamplerChoice(args.backend, _vllm_options(args))
+    built = compare.run(specs, env, tasks, settings, args.out, meta, sampler)
     print(report_render.markdown(built))
     print(f"wrote {args.out}/report.json, report.md, report.png")
     return 0
@@ -233,6 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens per assistant turn (default: a run dir's eval.max_new_tokens, else the env's)",
     )
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--backend",
+        default="hf",
+        choices=["hf", "vllm"],
+        help="the sampler that plays the models, as rollout.backend in training (vllm: bash "
+        "scripts/setup_vllm.sh first)",
+    )
+    p.add_argument("--vllm-python", default="", help="the vLLM venv's python (default: .venv-vllm)")
+    p.add_argument("--vllm-kv-cache-gib", type=int, default=2, help="the vLLM sampler's KV cache, GiB")
     p.add_argument("--no-baselines", action="store_true", help="do not print the trivial policies")
     p.add_argument("--out", help="write the results as JSON here (with --compare: the report's directory)")
     p.add_argument(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,14 @@ class ModelSpec:
     def source(self) -> str:
         """How the report names where the model came from."""
         return self.model + ("" if self.step is None else f" @ step {self.step}")
+
+
+@dataclass(frozen=True)
+class SamplerChoice:
+    """Which sampler plays the models (``rltk eval --backend``): ``hf`` or ``vllm``, and the vLLM options."""
+
+    backend: str = "hf"
+    options: dict[str, Any] = field(default_factory=dict)  # VLLMSampler keywords (python, kv_cache_gib)
 
 
 def parse_specs(args: list[str]) -> list[ModelSpec]:
@@ -99,10 +107,16 @@ def env_options(specs: list[ModelSpec], env_name: str, given: dict[str, Any] | N
 
 
 def evaluate_spec(
-    spec: ModelSpec, env: Env, rubric: Rubric, tasks: list, settings: report.ReportSettings
+    spec: ModelSpec,
+    env: Env,
+    rubric: Rubric,
+    tasks: list,
+    settings: report.ReportSettings,
+    sampler: SamplerChoice,
 ) -> report.PolicyEval:
-    """Load one model, play the report's tasks with it, free it."""
+    """Load one model, play the report's tasks with it through ``sampler``'s backend, free both."""
     from rltk.models import autocast, load_model, load_tokenizer
+    from rltk.sampler import make_sampler
 
     precision = contextlib.nullcontext()
     if spec.run_dir:
@@ -117,9 +131,12 @@ def evaluate_spec(
             check_export(spec.model)  # before it loads: a damaged weight would run silently
         model, tokenizer = load_model(spec.model), load_tokenizer(spec.model)
     try:
-        with precision:
+        with (
+            precision,
+            contextlib.closing(make_sampler(sampler.backend, model, tokenizer, **sampler.options)) as engine,
+        ):
             return report.evaluate_model(
-                model, tokenizer, env, rubric, tasks, settings, spec.name, spec.source
+                engine, tokenizer, env, rubric, tasks, settings, spec.name, spec.source
             )
     finally:
         del model
@@ -133,11 +150,14 @@ def run(
     settings: report.ReportSettings,
     out_dir: str | Path,
     meta: dict[str, Any],
+    sampler: SamplerChoice | None = None,
 ) -> dict[str, Any]:
     """Evaluate every model and the env's scripted policies; write the report; return it."""
+    sampler = sampler or SamplerChoice()
+    meta = {**meta, "sampler": sampler.backend}
     rubric = Rubric.from_config([], env)
     try:
-        rows = [evaluate_spec(s, env, rubric, tasks, settings) for s in specs]
+        rows = [evaluate_spec(s, env, rubric, tasks, settings, sampler) for s in specs]
         rows += report.scripted_policies(env, rubric, tasks)
     finally:
         rubric.close()

@@ -104,7 +104,7 @@ def score(env: Env, rubric: Rubric, tasks: list[Task], answers: list[str], name:
 
 
 def model_result(
-    model: PreTrainedModel,
+    model: PreTrainedModel | Sampler,
     tokenizer: PreTrainedTokenizerBase,
     env: Env,
     rubric: Rubric,

@@ -30,6 +30,7 @@ from rltk.env import Env, FinalAnswer, Policy, Task
 from rltk.evaluate import judge, judged_groups, policy_rollouts
 from rltk.progress import Progress
 from rltk.reward import Rubric
+from rltk.sampler import Sampler
 
 PolicyKind = Literal["model", "teacher", "oracle", "trivial"]
 UNSOLVED_STOP = 50  # a model that solves none of the first 50 tasks in any sample: sampling stops there
@@ -150,7 +151,7 @@ def attempt_of(env: Env, rollout: Rollout, prompt_len: int | None) -> Attempt:
 
 
 def evaluate_model(
-    model: PreTrainedModel,
+    model: PreTrainedModel | Sampler,
     tokenizer: PreTrainedTokenizerBase,
     env: Env,
     rubric: Rubric,

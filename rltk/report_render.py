@@ -152,7 +152,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"# {report['env']}: trained model vs the workflow it replaces",
         "",
         f"Held-out split `{report.get('split', 'eval')}`, {report['tasks']} tasks "
-        f"(task seed {report.get('task_seed', 0)}); "
+        f"(task seed {report.get('task_seed', 0)}), models sampled by the `{report.get('sampler', 'hf')}` "
+        "sampler; "
         f"sampled metrics on the first {s['sampled_tasks']} tasks. Best-of-{s['bon']}: {s['selector']}. "
         f"Teacher source sha256: `{report['teacher_sha256']}`. Intervals: {report['intervals']}.",
         "",

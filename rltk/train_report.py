@@ -89,8 +89,9 @@ class TrainReport:
             return
         if t.accelerator.is_main_process:
             t.heartbeat.beat(0, f"report: {name}")
+            t.sampler.push_weights(t.policy.lm)  # the stage's weights (a warm start moved them)
             result = report.evaluate_model(
-                t.policy.lm, t.tokenizer, t.env, t.rubric, self.tasks, self.settings, name, source
+                t.sampler, t.tokenizer, t.env, t.rubric, self.tasks, self.settings, name, source
             )
             self._path(name).parent.mkdir(parents=True, exist_ok=True)
             _dump(result, self._path(name))

@@ -471,3 +471,31 @@ def test_two_ranks_each_sample_with_their_own_engine(vllm_model_dir: str, tmp_pa
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["mismatch/logp_abs_mean"] <= 1e-4 for r in rows), [r["mismatch/logp_abs_mean"] for r in rows]
+
+
+@needs_vllm
+def test_the_proof_report_plays_models_through_the_vllm_sampler(vllm_model_dir: str, tmp_path: Path) -> None:
+    """``rltk eval --compare --backend vllm`` on a multi-turn env: the greedy episodes of the HF sampler
+    (same tokens, same verdicts) and the sampler named in the report; plain ``rltk eval`` likewise."""
+    from rltk.cli import main
+
+    common = ["eval", "--env", "support_refund", "--n", "4", "--max-new-tokens", "12"]
+    reports = {}
+    for backend in ("hf", "vllm"):
+        out = tmp_path / backend
+        flags = ["--backend", backend, "--vllm-python", str(VLLM_PYTHON)]
+        assert (
+            main(
+                [*common, *flags, "--compare", f"tiny={vllm_model_dir}", "--samples", "0", "--out", str(out)]
+            )
+            == 0
+        )
+        reports[backend] = json.loads((out / "report.json").read_text())
+        assert main([*common, *flags, "--model", vllm_model_dir, "--out", str(out / "eval.json")]) == 0
+        reports[backend + "_eval"] = json.loads((out / "eval.json").read_text())
+    hf, vllm = (reports[b]["policies"][0]["greedy"] for b in ("hf", "vllm"))
+    assert reports["vllm"]["sampler"] == "vllm" and reports["hf"]["sampler"] == "hf"
+    assert hf["generated_tokens"] == vllm["generated_tokens"] and hf["turns"] == vllm["turns"], (hf, vllm)
+    assert hf["mean_reward"] == vllm["mean_reward"]
+    assert "`vllm` sampler" in (tmp_path / "vllm" / "report.md").read_text()
+    assert reports["hf_eval"]["results"][0] == reports["vllm_eval"]["results"][0]
