@@ -10,7 +10,8 @@ serves one request at a time; every request is a dict with an ``op`` and every a
 ``{"ok": True, "result": ...}`` or ``{"ok": False, "error": traceback}``:
 
 * ``init`` (``model``: an HF model directory, ``dtype``, ``engine``: extra ``vllm.LLM`` keyword arguments):
-  builds the in-process engine (``enforce_eager``, prefix caching, ``logprobs_mode="processed_logprobs"``).
+  builds the in-process engine (``enforce_eager``, prefix caching, ``logprobs_mode="processed_logprobs"``,
+  no chunked prefill: every prompt is prefilled in one step).
 * ``sample`` (``prompts``: P id lists, ``repeats``: G, ``max_tokens``, ``min_tokens``, ``temperature`` (0 =
   greedy), ``top_p``, ``top_k`` (0 = off), ``stop``: stop strings, ``stop_token_ids``: the ids that end a
   turn, ``seeds``: P*G ints or None): one request per continuation (``TokensPrompt``: the ids are never
@@ -78,6 +79,11 @@ class Engine:
             "enable_prefix_caching": True,
             "logprobs_mode": "processed_logprobs",
             "seed": 0,
+            # Every prompt is prefilled whole: a chunked prefill discards the token it samples and rewinds
+            # the request's generator, which a seeded request's CPU generator cannot do (vLLM raises
+            # "CPU Generator does not use offset" once a step's prompts exceed the token budget). Without it
+            # vLLM sets the budget to at least the context, so every prompt fits one step.
+            "enable_chunked_prefill": False,
         }
         kwargs.update(engine)
         self.llm = LLM(**kwargs)

@@ -8,7 +8,9 @@ Each (algorithm, seed) is one ``rltk train`` of ``recipes/invoice_extraction_grp
 step 0 (the warm start) and at the end; runs are made one after another (each alone on the CPU).
 ``ppo_frozen_critic`` is PPO with ``vf_coef=0``: its value head stays at zero, so GAE sees no baseline (the
 critic ablation); ``ppo_lam1`` is PPO with GAE's λ = 1 (verl's default: the outcome reward reaches every
-token undiscounted, the critic only a baseline) instead of the preset's 0.95.
+token undiscounted, the critic only a baseline) instead of the preset's 0.95, and
+``ppo_lam1_frozen_critic`` the same with ``vf_coef=0`` (λ = 1 without a baseline: REINFORCE on the
+whitened outcome).
 
 The table reads each run's ``evals/step_*.jsonl`` (per-task verdicts): final accuracy with its bootstrap 95%
 interval over tasks, the gain over the same seed's warm start with a paired interval, and the mean over seeds
@@ -41,6 +43,7 @@ ALGORITHMS = {
     "ppo": ["algorithm.name=ppo"],
     "ppo_frozen_critic": ["algorithm.name=ppo", "algorithm.vf_coef=0"],
     "ppo_lam1": ["algorithm.name=ppo", "algorithm.lam=1.0"],
+    "ppo_lam1_frozen_critic": ["algorithm.name=ppo", "algorithm.lam=1.0", "algorithm.vf_coef=0"],
 }
 COMMON = [
     "env.options.difficulty=easy",

@@ -426,6 +426,21 @@ def test_multi_turn_episodes_on_vllm_stay_on_policy_across_pushes(
 
 
 @needs_vllm
+def test_seeded_sampling_of_more_prompt_tokens_than_one_engine_step_takes(sampler: VLLMSampler) -> None:
+    """24 prompts of 1000 tokens in one call: with chunked prefill (vLLM's default) some prompt is prefilled
+    over two engine steps and vLLM fails rewinding its seeded CPU generator ("CPU Generator does not use
+    offset"), as a 5-turn support_refund step of 8x8 episodes did."""
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(100, 2000, (1000,), generator=gen) for _ in range(24)]
+    torch.manual_seed(0)
+    out = sampler.sample(prompts, 1, SamplingParams(max_new_tokens=4, temperature=1.0))
+    torch.manual_seed(0)
+    again = sampler.sample(prompts, 1, SamplingParams(max_new_tokens=4, temperature=1.0))
+    assert len(out) == 24 and all(1 <= len(s.token_ids) <= 4 for s in out)
+    assert [s.token_ids.tolist() for s in out] == [s.token_ids.tolist() for s in again]
+
+
+@needs_vllm
 def test_a_prefix_cached_before_a_push_is_not_reused(
     sampler: VLLMSampler, model: nn.Module, tokenizer: PreTrainedTokenizerBase
 ) -> None:
