@@ -5,16 +5,17 @@
 
 Each combination runs :mod:`benchmarks.multiturn_step` in its own process (``--warmup`` untimed steps, then
 ``--steps`` timed ones), so one combination's memory never counts against another's. Peak memory is the
-largest resident set of the whole process tree, sampled every 0.1 s: with ``rollout.backend=vllm`` the vLLM
-worker is a child process whose memory ``ru_maxrss`` would not show. Run it alone on the machine: two
-CPU-heavy processes on 2 cores halve each other.
+largest resident set of the whole process tree, sampled every 0.2 s: with ``rollout.backend=vllm`` the vLLM
+worker is a child process whose memory ``ru_maxrss`` would not show (:class:`TreeRss` also sums
+proportional set sizes, which count the pages a forked reward worker shares with the trainer once). Run it
+alone on the machine: two CPU-heavy processes on 2 cores halve each other.
 
 Cases: ``quickstart`` (recipes/quickstart.yaml, single-turn) and ``support_refund`` (recipes/
 support_refund_grpo.yaml at P=2, G=8: five-turn tool episodes of ~660 tokens, the step whose memory the
 issue measured at 11.7 GiB); ``support_refund_ckpt`` is that step with gradient checkpointing (and the
 packed shared-prompt forward it needs); ``support_refund_rows2`` trains on 2 rollouts of a group per
 micro-batch (``optim.rollouts_per_micro_batch``); ``support_refund_lowmem`` adds gradient checkpointing and a
-1 GiB vLLM KV cache to that.
+0.5 GiB vLLM KV cache to that.
 """
 
 from __future__ import annotations
@@ -54,43 +55,56 @@ CASES = {
         "rollout.group_size=8",
         "optim.rollouts_per_micro_batch=2",
     ],
-    "support_refund_lowmem": [  # 2 rollouts per micro-batch, recomputed activations, a 1 GiB vLLM KV cache
+    "support_refund_lowmem": [  # 2 rollouts per micro-batch, recomputed activations, a 0.5 GiB vLLM KV cache
         "recipes/support_refund_grpo.yaml",
         "rollout.prompts_per_step=2",
         "rollout.group_size=8",
         "optim.rollouts_per_micro_batch=2",
         "model.gradient_checkpointing=true",
         "algorithm.shared_prompt=packed",
-        "rollout.vllm_kv_cache_gib=1",
+        "rollout.vllm_kv_cache_gib=0.5",  # 16 five-turn episodes hold ~11k tokens: 0.25 GiB in bf16
     ],
 }
 
 
 class TreeRss:
-    """Peak resident memory of a process and its descendants, sampled in a thread.
+    """Peak memory of a process and its descendants, sampled in a thread.
 
-    ``peak``: of the whole tree; ``peak_root``: of the process alone (the trainer); ``peak_children``: of its
-    descendants together (the vLLM worker, reward workers).
+    ``peak``: resident set (RSS) of the whole tree, summed; ``peak_root``: of the process alone (the
+    trainer); ``peak_children``: of its descendants together (the vLLM worker, reward workers);
+    ``peak_vllm``: of the vLLM worker alone. A summed RSS counts twice the pages a forked reward worker still
+    shares with the trainer, so ``peak_pss`` also sums each process's proportional set size (a shared page
+    split between its sharers): the memory the tree really holds.
     """
 
-    def __init__(self, pid: int, every_s: float = 0.1) -> None:
+    def __init__(self, pid: int, every_s: float = 0.2) -> None:
         self.root, self.every_s = psutil.Process(pid), every_s
-        self.peak = self.peak_root = self.peak_children = 0
+        self.peak = self.peak_root = self.peak_children = self.peak_vllm = self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _sample(self) -> None:
+        root = self.root.memory_full_info()
+        children = vllm = 0
+        pss = root.pss
+        for p in self.root.children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # a child that just exited
+                mem = p.memory_full_info()
+                children += mem.rss
+                pss += mem.pss
+                if any("vllm_worker" in part for part in p.cmdline()):
+                    vllm += mem.rss
+        self.peak = max(self.peak, root.rss + children)
+        self.peak_root = max(self.peak_root, root.rss)
+        self.peak_children = max(self.peak_children, children)
+        self.peak_vllm = max(self.peak_vllm, vllm)
+        self.peak_pss = max(self.peak_pss, pss)
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                root = self.root.memory_info().rss
-                children = 0
-                for p in self.root.children(recursive=True):
-                    with contextlib.suppress(psutil.Error):  # a child that just exited
-                        children += p.memory_info().rss
-                self.peak = max(self.peak, root + children)
-                self.peak_root = max(self.peak_root, root)
-                self.peak_children = max(self.peak_children, children)
+                self._sample()
             except psutil.Error:
                 return
             time.sleep(self.every_s)
@@ -101,8 +115,10 @@ class TreeRss:
         self._thread.join()
         return {
             "peak_tree_rss_gib": self.peak / 2**30,
+            "peak_tree_pss_gib": self.peak_pss / 2**30,
             "peak_trainer_rss_gib": self.peak_root / 2**30,
             "peak_children_rss_gib": self.peak_children / 2**30,
+            "peak_vllm_worker_rss_gib": self.peak_vllm / 2**30,
         }
 
 
@@ -172,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{case:15s} {backend:5s} {dtype:9s} step {m['time/step_s']:6.1f} s "
                     f"(sampling {m['time/generate_s']:6.1f} s, update {m['time/update_s']:6.1f} s), "
-                    f"peak RSS {row['peak_tree_rss_gib']:5.2f} GiB (trainer "
-                    f"{row['peak_trainer_rss_gib']:5.2f}, children {row['peak_children_rss_gib']:5.2f})",
+                    f"peak RSS {row['peak_tree_rss_gib']:5.2f} GiB, PSS {row['peak_tree_pss_gib']:5.2f} "
+                    f"(trainer {row['peak_trainer_rss_gib']:5.2f}, "
+                    f"children {row['peak_children_rss_gib']:5.2f}, "
+                    f"vLLM {row['peak_vllm_worker_rss_gib']:5.2f})",
                     flush=True,
                 )
     if args.out:

@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         "scripts/setup_vllm.sh first)",
     )
     p.add_argument("--vllm-python", default="", help="the vLLM venv's python (default: .venv-vllm)")
-    p.add_argument("--vllm-kv-cache-gib", type=int, default=2, help="the vLLM sampler's KV cache, GiB")
+    p.add_argument("--vllm-kv-cache-gib", type=float, default=2.0, help="the vLLM sampler's KV cache, GiB")
     p.add_argument("--no-baselines", action="store_true", help="do not print the trivial policies")
     p.add_argument("--out", help="write the results as JSON here (with --compare: the report's directory)")
     p.add_argument(

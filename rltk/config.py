@@ -124,7 +124,9 @@ class RolloutConfig:
         "hf", "", "the sampler: transformers on the policy, or vLLM in its own venv (scripts/setup_vllm.sh)"
     )
     vllm_python: str = _f("", "", "the vLLM venv's python; empty = $RLTK_VLLM_PYTHON or .venv-vllm")
-    vllm_kv_cache_gib: int = _f(2, "> 0", "the vLLM sampler's KV cache (VLLM_CPU_KVCACHE_SPACE), GiB")
+    vllm_kv_cache_gib: float = _f(
+        2.0, "> 0", "the vLLM sampler's KV cache, GiB (vLLM's kv_cache_memory_bytes)"
+    )
 
 
 @dataclass(frozen=True)

@@ -180,7 +180,8 @@ class VLLMSampler:
             ``<repo>/.venv-vllm/bin/python``).
         dtype: The engine's dtype (default: the model's). Pushed weights are cast to it.
         threads: OpenMP threads of the engine (default: ``torch.get_num_threads()``).
-        kv_cache_gib: KV cache size in GiB (``VLLM_CPU_KVCACHE_SPACE``).
+        kv_cache_gib: KV cache size in GiB, fractions allowed (vLLM's ``kv_cache_memory_bytes``, on CPU
+            and GPU alike; ``VLLM_CPU_KVCACHE_SPACE`` would take whole GiB only).
         engine_kwargs: Extra ``vllm.LLM`` arguments (e.g. ``max_model_len``, ``max_num_seqs``).
         startup_timeout_s: How long the worker may take to import vLLM and build the engine.
         env: Extra environment variables for the worker (e.g. ``VLLM_LOGGING_LEVEL``).
@@ -199,7 +200,7 @@ class VLLMSampler:
         python: str | os.PathLike[str] | None = None,
         dtype: torch.dtype | None = None,
         threads: int | None = None,
-        kv_cache_gib: int = 2,
+        kv_cache_gib: float = 2.0,
         engine_kwargs: Mapping[str, Any] | None = None,
         startup_timeout_s: float = 600.0,
         env: Mapping[str, str] | None = None,
@@ -222,13 +223,13 @@ class VLLMSampler:
             self.model_dir = self._worker.root / "model"
             self._write_model_dir(model, tokenizer, self.model_dir)
             self.log_path = self._worker.root / "worker.log"
-            self._start(threads or torch.get_num_threads(), kv_cache_gib, dict(env or {}), startup_timeout_s)
+            self._start(threads or torch.get_num_threads(), dict(env or {}), startup_timeout_s)
             info = self._call(
                 "init",
                 timeout=startup_timeout_s,
                 model=str(self.model_dir),
                 dtype=_DTYPE_NAMES[self.dtype],
-                engine=dict(engine_kwargs or {}),
+                engine={"kv_cache_memory_bytes": int(kv_cache_gib * 2**30), **(engine_kwargs or {})},
             )
         except BaseException:
             self.close()
@@ -263,7 +264,7 @@ class VLLMSampler:
             generation_config.save_pretrained(str(path))
         tokenizer.save_pretrained(str(path))
 
-    def _start(self, threads: int, kv_cache_gib: int, extra_env: dict[str, str], timeout: float) -> None:
+    def _start(self, threads: int, extra_env: dict[str, str], timeout: float) -> None:
         """Listen on a Unix socket, spawn the worker, and accept its connection."""
         w = self._worker
         address = str(w.root / "sock")
@@ -273,10 +274,10 @@ class VLLMSampler:
             k: v
             for k, v in os.environ.items()
             if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "PYTHONSAFEPATH")
+            and k != "VLLM_CPU_KVCACHE_SPACE"  # it would override kv_cache_memory_bytes
         }
         env.update(
             {
-                "VLLM_CPU_KVCACHE_SPACE": str(int(kv_cache_gib)),
                 "VLLM_CPU_OMP_THREADS_BIND": env.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
                 "OMP_NUM_THREADS": str(threads),
                 "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # in-process engine: reload_weights takes the iterator

@@ -93,7 +93,13 @@ class Engine:
         """What the client may want to know of the engine."""
         import vllm
 
-        return {"vllm": vllm.__version__, "max_model_len": self.max_model_len, "pid": os.getpid()}
+        cache = self.llm.llm_engine.vllm_config.cache_config
+        return {
+            "vllm": vllm.__version__,
+            "max_model_len": self.max_model_len,
+            "pid": os.getpid(),
+            "kv_cache_memory_bytes": cache.kv_cache_memory_bytes,
+        }
 
     def sample(
         self,

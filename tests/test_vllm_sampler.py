@@ -426,6 +426,18 @@ def test_multi_turn_episodes_on_vllm_stay_on_policy_across_pushes(
 
 
 @needs_vllm
+def test_the_kv_cache_takes_fractions_of_a_gib_and_ignores_the_cpu_variable(
+    tokenizer: PreTrainedTokenizerBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``kv_cache_gib=0.25`` reaches vLLM as ``kv_cache_memory_bytes``; an inherited VLLM_CPU_KVCACHE_SPACE
+    (whole GiB, which vLLM would let override it) does not reach the worker."""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    with VLLMSampler(make_tiny_model(tokenizer), tokenizer, python=VLLM_PYTHON, kv_cache_gib=0.25) as s:
+        assert s.engine_info["kv_cache_memory_bytes"] == 2**28
+        assert len(s.sample([torch.arange(100, 140)], 2, SamplingParams(max_new_tokens=3))) == 2
+
+
+@needs_vllm
 def test_seeded_sampling_of_more_prompt_tokens_than_one_engine_step_takes(sampler: VLLMSampler) -> None:
     """24 prompts of 1000 tokens in one call: with chunked prefill (vLLM's default) some prompt is prefilled
     over two engine steps and vLLM fails rewinding its seeded CPU generator ("CPU Generator does not use
