@@ -4,9 +4,10 @@
         --n 200 --samples 8 --bon 8 --out docs/reports/invoice_extraction
 
 Each ``NAME=MODEL`` is a model alias, a Hugging Face directory, an rltk export (its ``SHA256SUMS`` is checked
-first) or an rltk run dir, with ``@STEP`` for one of its checkpoints (``RUN@0``: after the warm start). Models
-load one at a time. The last model named is the candidate: the report gives its paired differences against
-every other row.
+first) or an rltk run dir, with ``@STEP`` for one of its checkpoints (``RUN@0``: after the warm start).
+Models load one at a time and play through the sampler ``--backend`` names (:class:`SamplerChoice`: the HF
+sampler, or a vLLM engine started for each model and closed after it). The last model named is the
+candidate: the report gives its paired differences against every other row.
 """
 
 from __future__ import annotations
