@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("rltk")
 
 WARMSTART_SEED_OFFSET = 7919  # demonstrations use train tasks of another seed than the RL pool
+# Distinct demonstration tasks drawn at most: a longer warm start (an SFT-only run of another run's wall time
+# asks for up to warmstart.steps x batch_size) repeats them in epochs. Generators with a finite prompt space
+# cannot draw tens of thousands of distinct tasks (doc_search_qa stops well short of 40,000).
+MAX_DEMO_TASKS = 4096
 
 
 def demonstration_ids(
@@ -134,6 +138,9 @@ def demonstrator(env: Env, demos: str) -> Policy:
 def warm_start(trainer: Trainer, max_seconds: float | None = None) -> dict[str, float]:
     """Run ``cfg.warmstart.steps`` SFT steps on demonstrations; returns the last metrics.
 
+    Each step takes the next ``batch_size`` tasks of one pool of train tasks (at most :data:`MAX_DEMO_TASKS`),
+    rank after rank, in epochs once the pool is spent.
+
     Args:
         trainer: The RL trainer whose model, env and accelerator are used.
         max_seconds: Stop early once this much wall time has passed (SFT-only runs of equal wall time).
@@ -144,6 +151,7 @@ def warm_start(trainer: Trainer, max_seconds: float | None = None) -> dict[str, 
     ws = cfg.warmstart
     policy = demonstrator(trainer.env, ws.demos)
     n = ws.steps * ws.batch_size * trainer.world
+    n = min(n, max(MAX_DEMO_TASKS, ws.batch_size * trainer.world))
     tasks = trainer.env.tasks("train", n, seed=cfg.run.seed + WARMSTART_SEED_OFFSET)
     params = [p for p in trainer.policy.net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=ws.lr, weight_decay=0.0)
@@ -153,7 +161,7 @@ def warm_start(trainer: Trainer, max_seconds: float | None = None) -> dict[str, 
     t0 = time.perf_counter()
     for step in range(ws.steps):
         start = (step * trainer.world + trainer.rank) * ws.batch_size
-        chunk = tasks[start : start + ws.batch_size]
+        chunk = [tasks[(start + i) % len(tasks)] for i in range(ws.batch_size)]  # epochs past the pool
         groups = [demonstration_group(trainer.tokenizer, trainer.env, t, policy) for t in chunk]
         batch = collate(groups, trainer.tokenizer.pad_token_id).to(acc.device)
         logp = forward.completion_logprobs(

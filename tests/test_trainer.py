@@ -131,6 +131,30 @@ def test_warm_start_linear_schedule_decays_to_zero(tiny_model_dir: str, tmp_path
     assert abs(metrics["warmstart/lr"] - 1e-3 / 4) < 1e-12  # the last step ran at lr * 1/4; the next is 0
 
 
+def test_a_warm_start_longer_than_its_task_pool_repeats_it_in_epochs(
+    tiny_model_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An SFT-only run may ask for steps x batch_size tasks no generator can draw: it draws a pool of
+    ``MAX_DEMO_TASKS`` and goes round it (4 steps of 3 over a pool of 5: tasks 0-2, 3 4 0, 1-3, 4 0 1)."""
+    from rltk import warmstart
+
+    monkeypatch.setattr(warmstart, "MAX_DEMO_TASKS", 5)
+    overrides = [*tiny_overrides(tiny_model_dir, tmp_path, steps=1), "warmstart.enabled=true"]
+    trainer = Trainer(load_config(RECIPE, [*overrides, "warmstart.steps=4", "warmstart.batch_size=3"]))
+    drawn, played = [], []
+    tasks, group = trainer.env.tasks, warmstart.demonstration_group
+    monkeypatch.setattr(
+        trainer.env, "tasks", lambda split, n, seed=0: drawn.append(n) or tasks(split, n, seed)
+    )
+    monkeypatch.setattr(
+        warmstart, "demonstration_group", lambda tok, env, t, p: played.append(t) or group(tok, env, t, p)
+    )
+    warmstart.warm_start(trainer)
+    pool = tasks("train", 5, seed=trainer.cfg.run.seed + warmstart.WARMSTART_SEED_OFFSET)
+    assert drawn == [5]
+    assert [t.id for t in played] == [pool[i % 5].id for i in range(12)]
+
+
 def _fixed_batch(trainer: Trainer) -> Batch:
     """One rollout batch of the trainer's env, sampled once (kept fixed while the policy moves)."""
     torch.manual_seed(0)
