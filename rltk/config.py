@@ -186,8 +186,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "critic": True,
         "whiten": True,
         "kl_in_reward": True,
-        "epochs": 2,
-        "lam": 0.95,
+        "epochs": 2,  # λ = 1 (BASE), as verl: at 0.95 a fresh critic's noise drove the early tokens (README)
     },
 }
 """Per algorithm, the value of each field left ``null``; a field a preset leaves out takes :data:`BASE`."""
@@ -228,7 +227,7 @@ class AlgorithmConfig:
     target_kl: float = _f(0.0, ">= 0", "stop a step's epochs once the approximate KL passes it; 0 = off")
     tis_cap: float = _f(0.0, ">= 0", "truncated importance sampling: min(π_old / π_sampler, cap); 0 = off")
     gamma: float = _f(1.0, "[0, 1]", "discount (estimator gae)")
-    lam: float | None = _f(None, "[0, 1]", "GAE lambda (estimator gae; ppo 0.95)")
+    lam: float | None = _f(None, "[0, 1]", "GAE lambda (estimator gae)")
     whiten: bool | None = _f(None, "", "normalise token advantages over the step (ppo)")
     critic: bool | None = _f(None, "", "a value head on the policy's trunk (ppo)")
     vf_coef: float = _f(0.1, ">= 0", "value loss coefficient; 0 = a frozen critic")
