@@ -12,9 +12,14 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rltk.errors import user_errors
+
+if TYPE_CHECKING:
+    from rltk.env import Env, Task
+    from rltk.evaluate import EvalResult
+    from rltk.reward import Rubric
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -73,47 +78,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cfg = load_config(Path(args.model, "config.yaml"), [])
         options = cfg.env.options if cfg.env.name == args.env else options
     env = plugins.make_env(args.env, options)  # before the model loads: bad options fail fast
-    model = tokenizer = None
-    precision = contextlib.nullcontext()
-    max_new_tokens = env.max_new_tokens
-    if run_dir:
-        from rltk.export import load_run
-        from rltk.models import autocast
-
-        model, tokenizer, cfg = load_run(args.model, args.step)
-        precision = autocast(cfg.model.mixed_precision, model.device)
-        if cfg.env.name == args.env and cfg.eval.max_new_tokens:  # as the trainer's own evals did
-            max_new_tokens = cfg.eval.max_new_tokens
-    elif args.policy == "model":
-        from rltk.models import load_model, load_tokenizer
-
-        model, tokenizer = load_model(args.model), load_tokenizer(args.model)
-    if args.max_new_tokens is not None:
-        max_new_tokens = args.max_new_tokens
     rubric = Rubric.from_config([], env)
     tasks = env.tasks(args.split, args.n, seed=args.seed)
     results = []
-    if model is not None and tokenizer is not None:
-        from rltk.sampler import make_sampler
-
-        with (
-            precision,
-            contextlib.closing(
-                make_sampler(args.backend, model, tokenizer, **_vllm_options(args))
-            ) as sampler,
-        ):
-            results.append(
-                evaluate.model_result(
-                    sampler,
-                    tokenizer,
-                    env,
-                    rubric,
-                    tasks,
-                    max_new_tokens,
-                    f"model ({args.model}{'' if args.step is None else f' step {args.step}'})",
-                    args.batch_size,
-                )
-            )
+    if args.policy == "model":
+        results.append(_model_eval(args, env, rubric, tasks, run_dir))
     elif args.policy == "oracle":
         results.append(evaluate.evaluate_policy(env, rubric, tasks, env.oracle, "oracle"))
     else:
@@ -132,6 +101,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
             Path(args.out), results, {"env": args.env, "split": args.split, "n": len(tasks)}
         )
     return 0
+
+
+def _model_eval(
+    args: argparse.Namespace, env: Env, rubric: Rubric, tasks: list[Task], run_dir: bool
+) -> EvalResult:
+    """``--model`` (a run dir's checkpoint, or a model) loaded and played greedily through ``--backend``."""
+    from rltk import evaluate
+    from rltk.sampler import make_sampler
+
+    precision: contextlib.AbstractContextManager = contextlib.nullcontext()
+    max_new_tokens = env.max_new_tokens
+    if run_dir:
+        from rltk.export import load_run
+        from rltk.models import autocast
+
+        model, tokenizer, cfg = load_run(args.model, args.step)
+        precision = autocast(cfg.model.mixed_precision, model.device)
+        if cfg.env.name == args.env and cfg.eval.max_new_tokens:  # as the trainer's own evals did
+            max_new_tokens = cfg.eval.max_new_tokens
+    else:
+        from rltk.models import load_model, load_tokenizer
+
+        model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    if args.max_new_tokens is not None:
+        max_new_tokens = args.max_new_tokens
+    name = f"model ({args.model}{'' if args.step is None else f' step {args.step}'})"
+    sampler = make_sampler(args.backend, model, tokenizer, **_vllm_options(args))
+    with precision, contextlib.closing(sampler):
+        return evaluate.model_result(
+            sampler, tokenizer, env, rubric, tasks, max_new_tokens, name, args.batch_size
+        )
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -213,18 +213,8 @@ def cmd_rewards(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``rltk`` argument parser."""
-    parser = argparse.ArgumentParser(
-        prog="rltk", description="Vertical RL fine-tuning for small open models."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train from a recipe: rltk train RECIPE [key=value ...]")
-    p.add_argument("recipe", help="recipe YAML (see recipes/)")
-    p.add_argument("overrides", nargs="*", help="overrides such as run.steps=10")
-    p.set_defaults(func=cmd_train)
-
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    """``rltk eval``: a policy's greedy accuracy, or with ``--compare`` the proof report."""
     p = sub.add_parser("eval", help="greedy accuracy of a model (or oracle/baseline) on an env split")
     p.add_argument(
         "--model",
@@ -280,6 +270,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bon", type=int, default=None, help="with --compare: best-of-N (default: --samples)")
     p.add_argument("--temperature", type=float, default=1.0, help="with --compare: sampling temperature")
     p.set_defaults(func=cmd_eval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``rltk`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="rltk", description="Vertical RL fine-tuning for small open models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a recipe: rltk train RECIPE [key=value ...]")
+    p.add_argument("recipe", help="recipe YAML (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="overrides such as run.steps=10")
+    p.set_defaults(func=cmd_train)
+
+    _add_eval_parser(sub)
 
     p = sub.add_parser(
         "export",
