@@ -7,8 +7,7 @@ Each (algorithm, seed) is one ``rltk train`` of ``recipes/invoice_extraction_grp
 8-step warm start, ``--steps`` RL steps of 8 prompts x 8 samples and held-out greedy evals of 200 tasks at
 step 0 (the warm start) and at the end; runs are made one after another (each alone on the CPU).
 ``ppo_frozen_critic`` is PPO with ``vf_coef=0``: its value head stays at zero, so GAE sees no baseline (the
-critic ablation: with λ = 1, REINFORCE on the whitened outcome); ``ppo_critic_lr`` trains the value head
-at 1e-3 instead of the policy's 5e-5; ``ppo_lam095`` is PPO with GAE's λ = 0.95
+critic ablation: with λ = 1, REINFORCE on the whitened outcome); ``ppo_lam095`` is PPO with GAE's λ = 0.95
 (the preset before this table: TRL's default), ``ppo_lam095_frozen_critic`` the same without the critic.
 
 The table reads each run's ``evals/step_*.jsonl`` (per-task verdicts): final accuracy with its bootstrap 95%
@@ -41,7 +40,6 @@ ALGORITHMS = {
     "rloo": ["algorithm.name=rloo"],
     "ppo": ["algorithm.name=ppo"],
     "ppo_frozen_critic": ["algorithm.name=ppo", "algorithm.vf_coef=0"],
-    "ppo_critic_lr": ["algorithm.name=ppo", "algorithm.critic_lr=1e-3"],
     "ppo_lam095": ["algorithm.name=ppo", "algorithm.lam=0.95"],
     "ppo_lam095_frozen_critic": ["algorithm.name=ppo", "algorithm.lam=0.95", "algorithm.vf_coef=0"],
 }
