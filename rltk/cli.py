@@ -64,10 +64,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.compare is not None:
         return cmd_compare(args)
     options = _env_options(args)
-    if args.policy == "model" and Path(args.model, "SHA256SUMS").is_file():  # an rltk export
-        from rltk.export import check_export
-
-        check_export(args.model)  # before anything loads: a damaged weight would run silently
     run_dir = args.policy == "model" and Path(args.model, "config.yaml").is_file()
     if args.step is not None and not run_dir:
         print("error: --step needs --model to be an rltk run dir (a run's output_dir)", file=sys.stderr)
@@ -82,7 +78,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = env.tasks(args.split, args.n, seed=args.seed)
     results = []
     if args.policy == "model":
-        results.append(_model_eval(args, env, rubric, tasks, run_dir))
+        results.append(_model_eval(args, env, rubric, tasks))
     elif args.policy == "oracle":
         results.append(evaluate.evaluate_policy(env, rubric, tasks, env.oracle, "oracle"))
     else:
@@ -103,34 +99,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_eval(
-    args: argparse.Namespace, env: Env, rubric: Rubric, tasks: list[Task], run_dir: bool
-) -> EvalResult:
-    """``--model`` (a run dir's checkpoint, or a model) loaded and played greedily through ``--backend``."""
+def _model_eval(args: argparse.Namespace, env: Env, rubric: Rubric, tasks: list[Task]) -> EvalResult:
+    """``--model`` (a run dir's checkpoint, an export, a model) played greedily through ``--backend``."""
     from rltk import evaluate
+    from rltk.compare import load_for_eval
     from rltk.sampler import make_sampler
 
-    precision: contextlib.AbstractContextManager = contextlib.nullcontext()
+    loaded = load_for_eval(args.model, args.step)
     max_new_tokens = env.max_new_tokens
-    if run_dir:
-        from rltk.export import load_run
-        from rltk.models import autocast
-
-        model, tokenizer, cfg = load_run(args.model, args.step)
-        precision = autocast(cfg.model.mixed_precision, model.device)
-        if cfg.env.name == args.env and cfg.eval.max_new_tokens:  # as the trainer's own evals did
-            max_new_tokens = cfg.eval.max_new_tokens
-    else:
-        from rltk.models import load_model, load_tokenizer
-
-        model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    if loaded.cfg is not None and loaded.cfg.env.name == args.env and loaded.cfg.eval.max_new_tokens:
+        max_new_tokens = loaded.cfg.eval.max_new_tokens  # as the trainer's own evals did
     if args.max_new_tokens is not None:
         max_new_tokens = args.max_new_tokens
     name = f"model ({args.model}{'' if args.step is None else f' step {args.step}'})"
-    sampler = make_sampler(args.backend, model, tokenizer, **_vllm_options(args))
-    with precision, contextlib.closing(sampler):
+    sampler = make_sampler(args.backend, loaded.model, loaded.tokenizer, **_vllm_options(args))
+    with loaded.precision, contextlib.closing(sampler):
         return evaluate.model_result(
-            sampler, tokenizer, env, rubric, tasks, max_new_tokens, name, args.batch_size
+            sampler, loaded.tokenizer, env, rubric, tasks, max_new_tokens, name, args.batch_size
         )
 
 

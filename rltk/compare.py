@@ -107,6 +107,36 @@ def env_options(specs: list[ModelSpec], env_name: str, given: dict[str, Any] | N
     return {}
 
 
+@dataclass
+class LoadedModel:
+    """A model ready to evaluate: its tokenizer, the precision to run it under, its run's config if any."""
+
+    model: Any  # PreTrainedModel
+    tokenizer: Any  # PreTrainedTokenizerBase
+    precision: contextlib.AbstractContextManager
+    cfg: Any = None  # rltk.config.Config of a run dir, else None
+
+
+def load_for_eval(model: str, step: int | None = None) -> LoadedModel:
+    """Load ``model`` for ``rltk eval`` and ``--compare``, with the precision its run trained under.
+
+    ``model`` is a run dir (its checkpoint ``step``, else its newest valid one), an export (checked against
+    its ``SHA256SUMS`` before it loads: a damaged weight would run silently), an alias or an HF directory.
+    """
+    from rltk.models import autocast, load_model, load_tokenizer
+
+    if Path(model, "config.yaml").is_file():
+        from rltk.export import load_run
+
+        lm, tokenizer, cfg = load_run(model, step)
+        return LoadedModel(lm, tokenizer, autocast(cfg.model.mixed_precision, lm.device), cfg)
+    if Path(model, "SHA256SUMS").is_file():
+        from rltk.export import check_export
+
+        check_export(model)
+    return LoadedModel(load_model(model), load_tokenizer(model), contextlib.nullcontext())
+
+
 def evaluate_spec(
     spec: ModelSpec,
     env: Env,
@@ -116,31 +146,17 @@ def evaluate_spec(
     sampler: SamplerChoice,
 ) -> report.PolicyEval:
     """Load one model, play the report's tasks with it through ``sampler``'s backend, free both."""
-    from rltk.models import autocast, load_model, load_tokenizer
     from rltk.sampler import make_sampler
 
-    precision = contextlib.nullcontext()
-    if spec.run_dir:
-        from rltk.export import load_run
-
-        model, tokenizer, cfg = load_run(spec.model, spec.step)
-        precision = autocast(cfg.model.mixed_precision, model.device)
-    else:
-        if Path(spec.model, "SHA256SUMS").is_file():
-            from rltk.export import check_export
-
-            check_export(spec.model)  # before it loads: a damaged weight would run silently
-        model, tokenizer = load_model(spec.model), load_tokenizer(spec.model)
+    loaded = load_for_eval(spec.model, spec.step)
+    engine = make_sampler(sampler.backend, loaded.model, loaded.tokenizer, **sampler.options)
     try:
-        with (
-            precision,
-            contextlib.closing(make_sampler(sampler.backend, model, tokenizer, **sampler.options)) as engine,
-        ):
+        with loaded.precision, contextlib.closing(engine):
             return report.evaluate_model(
-                engine, tokenizer, env, rubric, tasks, settings, spec.name, spec.source
+                engine, loaded.tokenizer, env, rubric, tasks, settings, spec.name, spec.source
             )
     finally:
-        del model
+        del loaded, engine
         gc.collect()
 
 
