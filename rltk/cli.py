@@ -46,16 +46,6 @@ def _env_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _vllm_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``VLLMSampler`` keywords from ``rltk eval``'s ``--vllm-*`` flags (none for ``--backend hf``)."""
-    if args.backend != "vllm":
-        return {}
-    options: dict[str, Any] = {"kv_cache_gib": args.vllm_kv_cache_gib}
-    if args.vllm_python:
-        options["python"] = args.vllm_python
-    return options
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a policy on an env split, beside the env's trivial policies."""
     from rltk import evaluate, plugins
@@ -103,7 +93,7 @@ def _model_eval(args: argparse.Namespace, env: Env, rubric: Rubric, tasks: list[
     """``--model`` (a run dir's checkpoint, an export, a model) played greedily through ``--backend``."""
     from rltk import evaluate
     from rltk.compare import load_for_eval
-    from rltk.sampler import make_sampler
+    from rltk.sampler import make_sampler, vllm_options
 
     loaded = load_for_eval(args.model, args.step)
     max_new_tokens = env.max_new_tokens
@@ -112,7 +102,12 @@ def _model_eval(args: argparse.Namespace, env: Env, rubric: Rubric, tasks: list[
     if args.max_new_tokens is not None:
         max_new_tokens = args.max_new_tokens
     name = f"model ({args.model}{'' if args.step is None else f' step {args.step}'})"
-    sampler = make_sampler(args.backend, loaded.model, loaded.tokenizer, **_vllm_options(args))
+    sampler = make_sampler(
+        args.backend,
+        loaded.model,
+        loaded.tokenizer,
+        **vllm_options(args.backend, args.vllm_kv_cache_gib, args.vllm_python),
+    )
     with loaded.precision, contextlib.closing(sampler):
         return evaluate.model_result(
             sampler, loaded.tokenizer, env, rubric, tasks, max_new_tokens, name, args.batch_size
@@ -122,6 +117,7 @@ def _model_eval(args: argparse.Namespace, env: Env, rubric: Rubric, tasks: list[
 def cmd_compare(args: argparse.Namespace) -> int:
     """The proof report: ``--compare`` models beside the env's teacher, oracle and best trivial policy."""
     from rltk import compare, plugins, report, report_render
+    from rltk.sampler import vllm_options
 
     if args.out is None:
         print(
@@ -146,7 +142,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 2
     tasks = env.tasks(args.split, args.n, seed=args.seed)
     meta = {"env_options": options, "split": args.split, "task_seed": args.seed}
-    sampler = compare.SamplerChoice(args.backend, _vllm_options(args))
+    sampler = compare.SamplerChoice(
+        args.backend, vllm_options(args.backend, args.vllm_kv_cache_gib, args.vllm_python)
+    )
     built = compare.run(specs, env, tasks, settings, args.out, meta, sampler)
     print(report_render.markdown(built))
     print(f"wrote {args.out}/report.json, report.md, report.png")

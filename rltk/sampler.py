@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -242,6 +242,19 @@ class HFSampler:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def vllm_options(backend: str, kv_cache_gib: float, python: str | None) -> dict[str, Any]:
+    """:func:`make_sampler`'s ``options`` from a recipe's ``rollout.vllm_*`` or ``rltk eval``'s ``--vllm-*``.
+
+    None for ``backend`` ``hf``; ``python`` is left out when unset (the sampler's default venv).
+
+    >>> vllm_options("vllm", 0.5, None), vllm_options("hf", 0.5, "/venv/bin/python")
+    ({'kv_cache_gib': 0.5}, {})
+    """
+    if backend != "vllm":
+        return {}
+    return {"kv_cache_gib": kv_cache_gib, **({"python": python} if python else {})}
 
 
 def make_sampler(

@@ -34,13 +34,14 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 from rltk import checkpoint, distributed, evaluate, experience, plugins, rollout, rundir
 from rltk.batch import Batch, Group
 from rltk.config import Config, config_to_dict
+from rltk.contract import warn_if_no_answers
 from rltk.env import Env, Task
 from rltk.failures import FailureGuard
 from rltk.metrics import MetricsLogger, Progress, outcome_metrics
 from rltk.models import load_tokenizer
 from rltk.policy import Policy
 from rltk.reward import Rubric
-from rltk.sampler import make_sampler
+from rltk.sampler import make_sampler, vllm_options
 from rltk.update import Updater
 
 log = logging.getLogger("rltk")
@@ -113,12 +114,9 @@ class Trainer:
         self.updater = Updater(
             cfg, self.policy, self.optimizer, self.scheduler, self.accelerator, self._all_reduce_sums
         )
-        options: dict = {}
-        if cfg.rollout.backend == "vllm":
-            options["kv_cache_gib"] = cfg.rollout.vllm_kv_cache_gib
-            if cfg.rollout.vllm_python:
-                options["python"] = cfg.rollout.vllm_python
-        self.sampler = make_sampler(cfg.rollout.backend, self.policy.lm, self.tokenizer, **options)
+        r = cfg.rollout
+        options = vllm_options(r.backend, r.vllm_kv_cache_gib, r.vllm_python)
+        self.sampler = make_sampler(r.backend, self.policy.lm, self.tokenizer, **options)
         self.train_tasks = self.env.tasks("train", self.train_pool_size(), seed=cfg.run.seed)
         self.start_step = 0
         # training wall time so far (evals and saves excluded), kept in checkpoints: train_time.json
@@ -334,6 +332,8 @@ class Trainer:
         m: dict[str, float] = dict(self.rubric.score(groups))
         m.update(self.check_failures(groups))
         m.update(outcome_metrics(groups))
+        if self.algo.balance_answers:  # balancing needs answer classes: say so once if the env gives none
+            warn_if_no_answers(self.env.name, [r.outcome for g in groups for r in g.rollouts])
 
         # experience: the kept groups as micro-batches, one no-grad pass where needed, then advantages
         self.heartbeat.beat(step, "update")

@@ -11,45 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from rltk.models import DEFAULT_MODEL, load_tokenizer
+from rltk.models import DEFAULT_MODEL, load_tokenizer, make_tiny_model
 
 
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerBase:
     """SmolLM2-135M-Instruct's tokenizer (with its chat template), from the rltk model cache."""
     return load_tokenizer(DEFAULT_MODEL)
-
-
-def make_tiny_model(
-    tokenizer: PreTrainedTokenizerBase,
-    seed: int = 0,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    init_range: float = 0.02,
-) -> LlamaForCausalLM:
-    """A 2-layer Llama with SmolLM2's vocabulary, random weights, fp32, eval mode (head size 64 / heads)."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        initializer_range=init_range,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config).to(torch.float32)
-    model.eval()
-    return model
 
 
 @pytest.fixture
