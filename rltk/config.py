@@ -100,6 +100,9 @@ class RewardConfig:
     weight: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
     isolated: bool = _f(True, "", "false runs a cheap pure reward in the trainer (no hard kill on a hang)")
+    format: Literal["auto", "text", "messages"] = _f(
+        "auto", "", "text: strings; messages: TRL's conversational lists; auto: as declared, else text"
+    )
 
 
 @dataclass

@@ -105,49 +105,102 @@ def report_problems(cfg: Config, ok: Ok) -> list[str]:
 
 
 def plugin_problems(cfg: Config, resolve: Resolver, bad: set[str]) -> list[str]:
-    """Resolve env and reward names; check env options and reward params against their signatures."""
+    """Resolve env and reward names; check env options and reward signatures against the recipe."""
     problems: list[str] = []
-    wanted = [("env", "env.name", cfg.env.name, "env.options", cfg.env.options)]
-    for i, r in enumerate(cfg.rewards):
-        wanted.append(("reward", f"rewards.{i}.name", r.name, f"rewards.{i}.params", r.params))
-    for kind, path, name, kw_path, kwargs in wanted:
-        if path in bad or kw_path in bad:
-            continue
+    env = None
+    path, kw_path, name, options = "env.name", "env.options", cfg.env.name, cfg.env.options
+    if path not in bad and kw_path not in bad:
         try:
-            plugin = resolve(kind, name)
+            env_cls = resolve("env", name)
         except Exception as exc:  # reported, not raised: the point is every problem at once
             why = getattr(exc, "why", None) or f"{type(exc).__name__}: {exc}"
             problems.append(problem(path, name, why, getattr(exc, "fix", None) or "check the name"))
+        else:
+            if not cfg.rewards and not getattr(env_cls, "default_rewards", None):
+                why = f"env '{name}' declares no default_rewards"
+                problems.append(problem("rewards", [], why, "list rewards: [{name: ..., weight: 1.0}]"))
+            unknown = env_kwarg_problems(env_cls, name, options)
+            problems += unknown
+            if not unknown:
+                more, env = env_option_problems(env_cls, name, options)
+                problems += more
+    return problems + reward_problems(cfg, resolve, bad, env)
+
+
+def env_kwarg_problems(env_cls: Any, name: str, options: dict[str, Any]) -> list[str]:
+    """Options the env's constructor does not name (where it takes no ``**options``)."""
+    try:
+        params = list(inspect.signature(env_cls).parameters.values())
+    except (TypeError, ValueError):  # no readable signature: nothing to check the names against
+        return []
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return []
+    accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    why = f"not a parameter of env '{name}'"
+    fix = (lambda key: one_of(accepted, key)) if accepted else (lambda key: "remove it: it takes none")
+    return [
+        problem(join_path("env.options", k), v, why, fix(k)) for k, v in options.items() if k not in accepted
+    ]
+
+
+def reward_problems(cfg: Config, resolve: Resolver, bad: set[str], env: Any) -> list[str]:
+    """Every ``rewards.N``: its name resolves and its signature takes what rltk passes it with its params.
+
+    With the env built (``env``), params default to its ``default_reward_params`` and a batch (TRL) reward's
+    required columns are checked against the reference fields of one of its train tasks.
+    """
+    from rltk.reward_contract import contract_problems
+
+    problems: list[str] = []
+    env_params = (getattr(env, "default_reward_params", None) or {}) if env is not None else {}
+    columns = _reference_fields(env)
+    for i, r in enumerate(cfg.rewards):
+        path = f"rewards.{i}"
+        if f"{path}.name" in bad or f"{path}.params" in bad or f"{path}.format" in bad:
             continue
-        if kind == "env" and not cfg.rewards and not getattr(plugin, "default_rewards", None):
-            why = f"env '{name}' declares no default_rewards"
-            problems.append(problem("rewards", [], why, "list rewards: [{name: ..., weight: 1.0}]"))
-        before = len(problems)
         try:
-            params = list(inspect.signature(plugin).parameters.values())[3 if kind == "reward" else 0 :]
-        except (TypeError, ValueError):  # no readable signature: nothing to check the names against
-            params = None
-        if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params):
-            accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-            for key, value in kwargs.items():
-                if key not in accepted:
-                    why = f"not a parameter of {kind} '{name}'"
-                    fix = one_of(accepted, key) if accepted else "remove it: it takes none"
-                    problems.append(problem(join_path(kw_path, key), value, why, fix))
-        if kind == "env" and len(problems) == before:
-            problems += env_option_problems(plugin, name, kwargs)
+            fn = resolve("reward", r.name)
+        except Exception as exc:  # reported, not raised
+            why = getattr(exc, "why", None) or f"{type(exc).__name__}: {exc}"
+            problems.append(
+                problem(f"{path}.name", r.name, why, getattr(exc, "fix", None) or "check the name")
+            )
+            continue
+        params = {**env_params.get(r.name, {}), **r.params}
+        for key, why, fix in contract_problems(fn, params, r.format, columns):
+            where = f"{path}.params.{key}" if key in r.params else path
+            value = r.params.get(key, r.name)
+            fix = fix.replace("rewards.N.", f"{path}.")
+            why = (
+                why.replace("the reward", f"reward '{r.name}'") if "the reward" in why else f"{r.name}: {why}"
+            )
+            problems.append(problem(where, value, why, fix))
     return problems
 
 
-def env_option_problems(env_cls: Any, name: str, options: dict[str, Any]) -> list[str]:
+def _reference_fields(env: Any) -> set[str] | None:
+    """The reference fields of the env's first train task (``None``: no env, or it cannot make one)."""
+    if env is None:
+        return None
+    try:
+        tasks = env.tasks("train", 1)
+    except Exception:  # the env's own problem; the run would show it
+        return None
+    return set(tasks[0].reference) if tasks else None
+
+
+def env_option_problems(env_cls: Any, name: str, options: dict[str, Any]) -> tuple[list[str], Any]:
     """Build the env once, so that what it rejects is reported with every other problem, not at step 0.
 
     That catches bad option values (``difficulty: hard`` where it takes basic/varied/combined) and unknown
     names an env's ``**options`` hides from the signature check.
+
+    Returns:
+        The problems, and the env (``None`` when it was rejected).
+
     """
     try:
-        env_cls(**options)
+        return [], env_cls(**options)
     except (TypeError, ValueError) as exc:
         why = f"env '{name}' rejected them: {exc}"
-        return [problem("env.options", options, why, "use options and values the env accepts")]
-    return []
+        return [problem("env.options", options, why, "use options and values the env accepts")], None

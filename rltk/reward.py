@@ -3,11 +3,13 @@
     groups ──▶ Rubric.score ──▶ rollout.scores[name] (float | None), rollout.reward (weighted sum), metrics
                           └──▶ rollout.failures (a reward bug) ──▶ FailureGuard (stop past the allowed rate)
 
-A reward is a plain function ``fn(completion, reference, outcome, **params) -> float | None`` decorated with
-:func:`reward_fn`, which records its range (a fixed pair, or a function of the params). ``completion`` is the
-final assistant turn, ``reference`` the task's gold data, ``outcome`` the env's verdict. ``None`` means "not
-applicable to this task" (decided by the task) and is left out of the weighted sum and of the reward's
-mean/std.
+A reward is a plain function in one of two forms (:mod:`rltk.reward_contract`, told apart by its signature):
+per-sample ``fn(completion, reference, outcome, **params) -> float | None``, or TRL's batch form
+``fn(prompts, completions, **kwargs) -> list[float | None]``, called once per group. :func:`reward_fn`
+records its range (a fixed pair, or a function of the params), version, description and format
+(:mod:`rltk.reward_spec`). ``completion`` is the final assistant turn, ``reference`` the task's gold data,
+``outcome`` the env's verdict. ``None`` means "not applicable to this task" (decided by the task) and is left
+out of the weighted sum and of the reward's mean/std.
 
 Rewards are user code run on untrusted model output. Each call runs in a worker process with a hard
 deadline (:mod:`rltk.workers`; ``isolated: false`` runs a cheap pure reward in the trainer under a SIGALRM
@@ -22,22 +24,29 @@ over recent rollouts, or a quarter of one step's.
 
 from __future__ import annotations
 
-import difflib
 import functools
-import inspect
 import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, Protocol, get_args
 
 import numpy as np
 
 from rltk import plugins
 from rltk.batch import Failure, FailureKind
 from rltk.deadline import CallTimeout, call_with_timeout, can_alarm
+from rltk.reward_contract import Contract, invoke, make_contract, payloads, split_batch
+from rltk.reward_spec import (  # re-exported: they were defined here
+    RANGE_TOL,
+    UNDECLARED_LIMIT,
+    InvalidScore,
+    Range,
+    as_score,
+    declared_range,
+    reward_fn,
+)
 from rltk.workers import Call, CallResult, WorkerPool
 
 if TYPE_CHECKING:
@@ -47,8 +56,27 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+__all__ = [
+    "RANGE_TOL",
+    "UNDECLARED_LIMIT",
+    "InvalidScore",
+    "RewardError",
+    "RewardFn",
+    "Rubric",
+    "RubricItem",
+    "as_score",
+    "check_params",
+    "declared_range",
+    "reward_fn",
+]
+
+
 class RewardFn(Protocol):
-    """The reward contract (``reward_range`` is set by :func:`reward_fn`)."""
+    """The per-sample reward contract (``reward_range`` is set by :func:`reward_fn`).
+
+    TRL's batch form is ``fn(prompts, completions, **kwargs) -> list[float | None]``
+    (:mod:`rltk.reward_contract`).
+    """
 
     def __call__(
         self, completion: str, reference: Mapping[str, Any], outcome: Mapping[str, Any], /, **params: Any
@@ -60,214 +88,65 @@ class RewardError(RuntimeError):
     """Rewards failed on too many rollouts, or a rubric is misconfigured."""
 
 
-F = TypeVar("F", bound=Callable[..., Any])
-Range = tuple[float, float]
-
-
-def _check_range(value: Any) -> Range:
-    lo, hi = (float(x) for x in value)
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
-        raise ValueError(f"reward range must be finite (lo, hi) with lo <= hi, got {value!r}")
-    return lo, hi
-
-
-def reward_fn(range: Range | Callable[..., Range]) -> Callable[[F], F]:
-    """Mark a function as a reward with its score range; otherwise a no-op.
-
-    A parse failure of the model's output should score the range minimum. Where the range depends on the
-    reward's params (a cost), pass a function of those params: it is called with every param after
-    ``(completion, reference, outcome)``, defaults filled in, and returns ``(lo, hi)``. Scores outside the
-    range declared for the call's params are reward bugs (:func:`as_score`).
-
-    Args:
-        range: ``(lo, hi)`` with ``lo <= hi``, both finite; or ``fn(**params) -> (lo, hi)``.
-
-    Returns:
-        A decorator that sets ``fn.reward_range`` (the range at the default params) and returns ``fn``.
-
-    >>> @reward_fn(range=(0.0, 1.0))
-    ... def exact(completion, reference, outcome):
-    ...     return float(completion == reference["answer"])
-    >>> exact.reward_range
-    (0.0, 1.0)
-    >>> @reward_fn(range=lambda cost: (-cost, 1.0))
-    ... def decision(completion, reference, outcome, cost=2.0):
-    ...     return 1.0 if completion == reference["answer"] else -cost
-    >>> decision.reward_range, declared_range(decision, {"cost": 5.0})
-    ((-2.0, 1.0), (-5.0, 1.0))
-
-    """
-    spec = range if callable(range) else _check_range(range)
-
-    def mark(fn: F) -> F:
-        fn.reward_range_of = spec  # type: ignore[attr-defined]
-        fn.reward_range = declared_range(fn, {})  # type: ignore[attr-defined]
-        return fn
-
-    return mark
-
-
-def declared_range(fn: Callable[..., Any], params: Mapping[str, Any]) -> Range | None:
-    """The range ``fn`` declares for ``params`` (see :func:`reward_fn`); ``None`` if it declares none.
-
-    Raises:
-        ValueError: The range function rejects the params, or returns no finite ``(lo, hi)``.
-
-    """
-    spec = getattr(fn, "reward_range_of", None) or getattr(fn, "reward_range", None)
-    if spec is None or not callable(spec):
-        return None if spec is None else _check_range(spec)
-    bound = inspect.signature(fn).bind_partial("", {}, {}, **params)
-    bound.apply_defaults()
-    named = dict(list(bound.arguments.items())[3:])
-    extra = next(
-        (named.pop(p.name) for p in bound.signature.parameters.values() if p.kind == p.VAR_KEYWORD), {}
-    )
-    try:
-        return _check_range(spec(**named, **extra))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"its declared range does not hold for params {dict(params)}: {e}") from None
-
-
 @dataclass
 class RubricItem:
     """One reward of a rubric.
 
     Attributes:
         name: Key in ``rollout.scores`` and in the metrics (``reward/<name>/...``).
-        fn: The reward function.
+        fn: The reward function, per-sample or batch (:mod:`rltk.reward_contract`).
         weight: Its weight in ``rollout.reward``.
         params: Keyword arguments passed on every call (validated against ``fn``'s signature).
         isolated: Run in a worker process with a hard deadline (default). ``False`` runs it in the trainer
             under a SIGALRM deadline, which cannot stop a call stuck in C code: only for cheap pure rewards
             (``benchmarks/reward_ipc.py`` measures what the worker costs).
+        format: ``text`` | ``messages`` | ``auto`` (the reward's declared format, else ``text``).
         range: The range ``fn`` declares for ``params`` (``None``: undeclared), set on construction.
+        contract: How ``fn`` is called, set on construction.
 
     """
 
     name: str
-    fn: Callable[..., float | None]
+    fn: Callable[..., Any]
     weight: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
     isolated: bool = True
+    format: str = "auto"
     range: Range | None = field(init=False, default=None)
+    contract: Contract = field(init=False)
 
     def __post_init__(self) -> None:
         if not math.isfinite(float(self.weight)):
             raise ValueError(f"reward '{self.name}': weight must be finite, got {self.weight!r}")
         self.weight = float(self.weight)
         self.params = dict(self.params)
-        check_params(self.name, self.fn, self.params)
         try:
+            self.contract = make_contract(self.fn, self.params, self.format)
             self.range = declared_range(self.fn, self.params)
         except ValueError as e:
             raise ValueError(f"reward '{self.name}': {e}") from None
 
 
 def check_params(name: str, fn: Callable[..., Any], params: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` naming the reward and its valid params if ``fn`` cannot take ``params``.
+    """Raise ``ValueError`` naming the reward and what to fix if ``fn`` cannot be called with ``params``.
 
     >>> def r(completion, reference, outcome, scale=1.0):
     ...     return scale
     >>> check_params("r", r, {"scael": 2.0})
     Traceback (most recent call last):
     ...
-    ValueError: reward 'r' has no param 'scael' (did you mean 'scale'?); valid params: scale
+    ValueError: reward 'r': scael: not a parameter of the reward → did you mean 'scale'? valid params: scale
     """
     try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):  # builtins, some C callables: nothing to check
-        return
-    ps = list(sig.parameters.values())
-    valid = [p.name for p in ps[3:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    try:
-        sig.bind_partial("", {}, {})
-    except TypeError as e:
-        raise ValueError(f"reward '{name}' must accept (completion, reference, outcome): {e}") from None
-    try:
-        sig.bind_partial("", {}, {}, **params)
-    except TypeError:
-        bad = [k for k in params if k not in valid] or sorted(params)
-        hint = difflib.get_close_matches(bad[0], valid, n=1)
-        did = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise ValueError(
-            f"reward '{name}' has no param '{bad[0]}'{did}; valid params: {', '.join(valid) or '(none)'}"
-        ) from None
-
-
-RANGE_TOL = 1e-6
-"""A score may pass its declared range by this much, relative to the range's width (at least 1): rounding."""
-
-UNDECLARED_LIMIT = 1e6
-"""A reward without a declared range must score within ``±UNDECLARED_LIMIT`` (beyond it, float32 statistics
-of a group overflow); declare the range with :func:`reward_fn` to check it exactly."""
-
-
-class InvalidScore(ValueError):
-    """A reward returned something that is not a score: not a finite real, or outside its declared range."""
-
-
-def as_score(value: Any, declared: Range | None) -> float | None:
-    """Check a reward's return value: ``None`` (not applicable) or a finite real within ``declared``.
-
-    ``int``, ``float`` and numpy integer/floating scalars are scores; ``bool`` is not (``True`` is not a
-    number a reward means), nor is anything else.
-
-    Raises:
-        InvalidScore: Naming the value and what was expected.
-
-    >>> as_score(1, (0.0, 1.0)), as_score(None, (0.0, 1.0))
-    (1.0, None)
-    >>> as_score(7.0, (0.0, 1.0))
-    Traceback (most recent call last):
-    ...
-    rltk.reward.InvalidScore: returned 7.0, outside its declared range (0.0, 1.0)
-    >>> as_score(True, None)
-    Traceback (most recent call last):
-    ...
-    rltk.reward.InvalidScore: returned True (bool); a reward returns a finite float or None
-
-    """
-    if value is None:
-        return None
-    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, (bool, np.bool_)
-    )
-    if not real:
-        raise InvalidScore(
-            f"returned {value!r} ({type(value).__name__}); a reward returns a finite float or None"
-        )
-    score = float(value)
-    if not math.isfinite(score):
-        raise InvalidScore(f"returned {value!r}; a reward returns a finite float or None")
-    if declared is None:
-        if abs(score) > UNDECLARED_LIMIT:
-            raise InvalidScore(
-                f"returned {score:g}, beyond ±{UNDECLARED_LIMIT:g} (declare its range with @reward_fn)"
-            )
-        return score
-    lo, hi = declared
-    tol = RANGE_TOL * max(1.0, hi - lo)
-    if not lo - tol <= score <= hi + tol:
-        raise InvalidScore(f"returned {score!r}, outside its declared range {declared}")
-    return score
+        make_contract(fn, params)
+    except ValueError as e:
+        raise ValueError(f"reward '{name}': {e}") from None
 
 
 def _get(cfg: Any, key: str, default: Any) -> Any:
     if isinstance(cfg, Mapping):
         return cfg.get(key, default)
     return getattr(cfg, key, default)
-
-
-def _call_reward(
-    fn: Callable[..., Any],
-    params: Mapping[str, Any],
-    completion: str,
-    reference: Mapping[str, Any],
-    outcome: Mapping[str, Any],
-) -> Any:
-    """``fn(completion, reference, outcome, **params)`` with read-only views of the task's data."""
-    return fn(completion, MappingProxyType(dict(reference)), MappingProxyType(dict(outcome)), **params)
 
 
 class Rubric:
@@ -324,7 +203,12 @@ class Rubric:
                 raise ValueError(f"every reward needs a name, got {cfg!r}")
             params = {**env_params.get(name, {}), **(_get(cfg, "params", None) or {})}
             fn = plugins.get_reward(name)
-            items.append(RubricItem(name, fn, _get(cfg, "weight", 1.0), params, _get(cfg, "isolated", True)))
+            weight, isolated, fmt = (
+                _get(cfg, "weight", 1.0),
+                _get(cfg, "isolated", True),
+                _get(cfg, "format", "auto"),
+            )
+            items.append(RubricItem(name, fn, weight, params, isolated, fmt))
         return cls(items, timeout_s=timeout_s, workers=workers)
 
     def close(self) -> None:
@@ -333,33 +217,42 @@ class Rubric:
             self._pool.close()
             self._pool = None
 
-    def _call_all(self, rollouts: Sequence[Rollout]) -> dict[str, list[CallResult]]:
-        """Every item's call on every rollout: isolated ones in one batch through the pool, others here."""
-        args = [(r.turns[-1] if r.turns else "", r.task.reference, r.outcome) for r in rollouts]
+    def _call_all(self, groups: Sequence[Sequence[Rollout]]) -> dict[str, list[CallResult]]:
+        """Every item's results, one per rollout of ``groups`` in order.
+
+        Isolated items run in one batch through the pool, others here. A batch item's call covers a group;
+        its failure fails every rollout of it.
+        """
+        plans = {it.name: payloads(it.contract, groups) for it in self.items}
         isolated = [it for it in self.items if it.isolated and self.workers > 0]
-        results: dict[str, list[CallResult]] = {}
-        if isolated and args:
+        done: dict[str, list[CallResult]] = {}
+        if isolated and any(plans[it.name] for it in isolated):
             if self._pool is None:
-                fns = [functools.partial(_call_reward, it.fn, it.params) for it in isolated]
+                fns = [functools.partial(invoke, it.fn, it.contract, it.params) for it in isolated]
                 self._pool = WorkerPool(fns, workers=self.workers)
-            calls = [Call(k, a, {}) for k in range(len(isolated)) for a in args]
-            done = self._pool.run(calls, self.timeout_s)
-            for k, it in enumerate(isolated):
-                results[it.name] = list(done[k * len(args) : (k + 1) * len(args)])
-        here = [it for it in self.items if it.name not in results]
-        if here and args and not can_alarm() and not self._warned_no_timeout:
+            calls = [Call(k, a, kw) for k, it in enumerate(isolated) for a, kw, _ in plans[it.name]]
+            flat = iter(self._pool.run(calls, self.timeout_s))
+            done = {it.name: [next(flat) for _ in plans[it.name]] for it in isolated}
+        here = [it for it in self.items if it.name not in done]
+        if here and any(plans[it.name] for it in here) and not can_alarm() and not self._warned_no_timeout:
             logger.warning("rewards run in the trainer off the main thread: no reward timeout is enforced")
             self._warned_no_timeout = True
         for it in here:
-            results[it.name] = [self._call_here(it, a) for a in args]
+            done[it.name] = [self._call_here(it, a, kw) for a, kw, _ in plans[it.name]]
+        results: dict[str, list[CallResult]] = {}
+        for it in self.items:
+            results[it.name] = []
+            for res, (_, _, n) in zip(done[it.name], plans[it.name], strict=True):
+                if it.contract.form == "sample" or res.failure is not None:
+                    results[it.name] += [res] * n
+                else:
+                    results[it.name] += [CallResult(v) for v in split_batch(res.value, n)]
         return results
 
-    def _call_here(
-        self, item: RubricItem, args: tuple[str, Mapping[str, Any], Mapping[str, Any]]
-    ) -> CallResult:
+    def _call_here(self, item: RubricItem, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallResult:
         try:
-            call = functools.partial(_call_reward, item.fn, item.params)
-            return CallResult(call_with_timeout(call, args, {}, self.timeout_s))
+            call = functools.partial(invoke, item.fn, item.contract, item.params)
+            return CallResult(call_with_timeout(call, args, kwargs, self.timeout_s))
         except CallTimeout as e:
             return CallResult(failure="timeout", detail=str(e))
         except (Exception, SystemExit) as e:  # KeyboardInterrupt propagates
@@ -378,8 +271,9 @@ class Rubric:
         for r in rollouts:  # scoring again starts afresh; what the env said stays
             r.scores = {}
             r.failures = [f for f in r.failures if f.source == "env"]
-        live = [r for r in rollouts if not r.failed]
-        results = self._call_all(live)
+        live_groups = [[r for r in g.rollouts if not r.failed] for g in groups]
+        live = [r for g in live_groups for r in g]
+        results = self._call_all(live_groups)
         metrics: dict[str, float] = {}
         for item in self.items:
             values: list[float] = []

@@ -120,7 +120,10 @@ def test_bad_configs() -> None:
     with pytest.raises(ValueError, match="weight"):
         Rubric.from_config([{"name": "answer_format", "weight": math.inf}], ENV)
     with pytest.raises(ValueError, match="completion, reference, outcome"):
-        RubricItem("two_args", lambda completion, reference: 1.0)
+        RubricItem("no_args", lambda: 1.0)
+    with pytest.raises(ValueError, match="required parameter 'threshold'"):
+        RubricItem("unfilled", lambda completion, reference, outcome, threshold: 1.0)
+    RubricItem("two_args", lambda completion, reference: 1.0)  # reference and outcome go by name: fine
     with pytest.raises(ValueError, match="timeout_s"):
         default_rubric(timeout_s=0)
 
