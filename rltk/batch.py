@@ -7,6 +7,7 @@ keeping them here avoids import cycles between stages.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -69,7 +70,7 @@ class Rollout:
     token_ids: torch.Tensor  # [L]
     loss_mask: torch.Tensor  # [L]
     sample_logp: torch.Tensor  # [L]
-    outcome: dict[str, Any] = field(default_factory=dict)
+    outcome: Mapping[str, Any] = field(default_factory=dict)  # an rltk.env.Outcome from the engine
     scores: dict[str, float | None] = field(default_factory=dict)
     reward: float = 0.0
     truncated: bool = False

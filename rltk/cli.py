@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -179,21 +180,116 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_envs(args: argparse.Namespace) -> int:
-    """List registered environments."""
-    from rltk.plugins import list_envs
+    """``rltk envs list | check NAME | new NAME``: list the envs, run the env contract, scaffold a plugin."""
+    if args.action == "list":
+        from rltk.plugins import list_envs
 
-    for name, desc in sorted(list_envs().items()):
-        print(f"{name:24s} {desc}")
-    return 0
+        for name, desc in sorted(list_envs().items()):
+            print(f"{name:24s} {desc}")
+        return 0
+    if args.name is None:
+        print(
+            f"error: rltk envs {args.action} needs an env name: rltk envs {args.action} NAME", file=sys.stderr
+        )
+        return 2
+    if args.action == "new":
+        from rltk.scaffold_env import write_package
+
+        root = write_package(args.name, Path(args.dir))
+        print(f"wrote {root}; next:\n  pip install -e {root}\n  rltk envs check {args.name}")
+        print(f"  pytest {root / 'tests'}\n  rltk train {root / 'recipes' / (args.name + '_grpo.yaml')}")
+        return 0
+    from rltk.envcheck import format_results, run_checks
+
+    if args.n < 2:
+        print(
+            "error: --n must be at least 2 (a wrong answer is another task's oracle answer)", file=sys.stderr
+        )
+        return 2
+    args.env = args.name  # what _env_options names in its error
+    results = run_checks(args.name, _env_options(args), args.n)
+    print(format_results(args.name, results))
+    return 2 if any(r.status == "fail" for r in results) else 0
 
 
 def cmd_rewards(args: argparse.Namespace) -> int:
-    """List registered reward functions."""
-    from rltk.plugins import list_rewards
+    """``rltk rewards list | check NAME --env E | new NAME``: list, check on known answers, scaffold a plugin.
 
-    for name, desc in sorted(list_rewards().items()):
-        print(f"{name:24s} {desc}")
-    return 0
+    ``check`` exits 1 when it raises a flag (no signal, a canary above the wrong answer, failed calls).
+    """
+    if args.action == "list":
+        from rltk.reward_spec import listing
+
+        print("\n".join(listing()))
+        return 0
+    if args.name is None or (args.action == "check" and args.env is None):
+        need = "NAME --env ENV" if args.action == "check" else "NAME"
+        print(
+            f"error: rltk rewards {args.action} needs {need}: rltk rewards {args.action} {need}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.action == "new":
+        from rltk.scaffold_reward import write_package
+
+        root = write_package(args.name, Path(args.dir))
+        print(f"wrote {root}; next:\n  pip install -e {root}\n  rltk rewards list")
+        print(f"  rltk rewards check {args.name} --env policy_flagging\n  pytest {root / 'tests'}")
+        print(f"  rltk train {root / 'recipes' / (args.name + '_grpo.yaml')}")
+        return 0
+    from rltk import plugins
+    from rltk.rewardcheck import check_reward, render
+
+    env = plugins.make_env(args.env, _env_options(args))
+    params = _json_object(args.params, "--params", "reward", args.name)
+    result = check_reward(
+        args.name, env, params=params, format=args.format, n=args.n, split=args.split, seed=args.seed,
+        timeout_s=args.timeout,
+    )  # fmt: skip
+    print(render(result))
+    return 1 if result.flags else 0
+
+
+def _json_object(text: str | None, flag: str, kind: str, name: str) -> dict[str, Any]:
+    """``flag``'s JSON object (``{}`` when not given); other text raises :class:`PluginError`."""
+    from rltk.plugins import PluginError
+
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        fix = f"""write a JSON object, e.g. {flag} '{{"max_chars": 200}}'"""
+        raise PluginError(kind, name, f"{flag} {text!r} is not a JSON object", fix)
+    return value
+
+
+def _add_rewards_parser(sub: argparse._SubParsersAction) -> None:
+    """``rltk rewards list | check NAME --env E | new NAME``."""
+    p = sub.add_parser(
+        "rewards",
+        help="list rewards, check one on an env's oracle, teacher and canary answers, or scaffold a plugin",
+        usage="rltk rewards list\n       rltk rewards check NAME --env ENV [--n N] [--params JSON] "
+        "[--format text|messages] [--env-options JSON]\n       rltk rewards new NAME [--dir DIR]",
+    )
+    p.add_argument("action", choices=["list", "check", "new"], help="list | check | new")
+    p.add_argument("name", nargs="?", help="the reward (check) or the new reward's name (new)")
+    p.add_argument("--env", default=None, help="check: the env whose tasks it scores")
+    p.add_argument("--env-options", default=None, help="check: JSON dict of env options")
+    p.add_argument("--params", default=None, help="check: JSON dict of the reward's params")
+    p.add_argument(
+        "--format", default="auto", choices=["auto", "text", "messages"], help="check: as in a recipe"
+    )
+    p.add_argument("--n", type=int, default=50, help="check: tasks")
+    p.add_argument("--split", default="eval", choices=["train", "eval", "test"], help="check: task split")
+    p.add_argument("--seed", type=int, default=0, help="check: task seed")
+    p.add_argument(
+        "--timeout", type=float, default=10.0, help="check: seconds per call (rollout.reward_timeout_s)"
+    )
+    p.add_argument("--dir", default=".", help="new: where to write the package (default: here)")
+    p.set_defaults(func=cmd_rewards)
 
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -255,6 +351,22 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def _add_envs_parser(sub: argparse._SubParsersAction) -> None:
+    """``rltk envs list | check NAME | new NAME``."""
+    p = sub.add_parser(
+        "envs",
+        help="list environments, check one against the env contract, or scaffold a new env plugin",
+        usage="rltk envs list\n       rltk envs check NAME [--env-options JSON] [--n N]\n"
+        "       rltk envs new NAME [--dir DIR]",
+    )
+    p.add_argument("action", choices=["list", "check", "new"], help="list | check | new")
+    p.add_argument("name", nargs="?", help="the env (check) or the new env's name (new)")
+    p.add_argument("--env-options", default=None, help="check: JSON dict of env options")
+    p.add_argument("--n", type=int, default=200, help="check: tasks per split (the oracle plays every one)")
+    p.add_argument("--dir", default=".", help="new: where to write the package (default: here)")
+    p.set_defaults(func=cmd_envs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``rltk`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -286,13 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_export)
 
-    for name, func, what in (
-        ("envs", cmd_envs, "environments"),
-        ("rewards", cmd_rewards, "reward functions"),
-    ):
-        p = sub.add_parser(name, help=f"list registered {what}")
-        p.add_argument("action", choices=["list"], help="list")
-        p.set_defaults(func=func)
+    _add_envs_parser(sub)
+    _add_rewards_parser(sub)
     return parser
 
 
@@ -300,10 +407,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rltk`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that closed the pipe shows here, not in the interpreter's exit flush
+        return code
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `rltk envs list | head`: stop quietly, as Unix tools do on SIGPIPE
+        with contextlib.suppress(OSError, ValueError):  # no real stdout (captured): nothing to silence
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool a closed pipe stopped
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ judges the outcome, and ships a scripted ``oracle`` that solves every task from 
     env.tasks(split, n, seed) ──Task──▶ env.episode(task) ──step(action)──▶ Step(observation, done)
                                                               └──▶ episode.outcome (the env's verdict)
 
+The verdict is an :class:`Outcome` (``correct``, ``answer``, ``cost``, ``extra``; also a read-only
+mapping), or a dict with a bool ``correct`` that the engine turns into one (:meth:`Outcome.of`). Whatever
+breaks the contract (a verdict without ``correct``, an oracle returning None, ``default_rewards`` as a list,
+a task field of the wrong type) raises :class:`EnvContractError` naming the env and the fix
+(:mod:`rltk.contract`); ``rltk envs check NAME`` runs the whole contract (:mod:`rltk.envcheck`).
+
 Splits are disjoint by construction: :func:`split_of` assigns every rendered prompt to exactly one split
 by its hash, and generators keep only candidates whose prompt hashes into the split asked for.
 """
@@ -18,10 +24,30 @@ import hashlib
 import inspect
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+
+from rltk.contract import EnvContractError, EnvContractWarning, Outcome, check_action, check_task, env_name
+
+__all__ = [
+    "SPLITS",
+    "Env",
+    "EnvContractError",
+    "EnvContractWarning",
+    "Episode",
+    "Outcome",
+    "SingleTurnEpisode",
+    "Step",
+    "Task",
+    "Teacher",
+    "check_choice",
+    "draw_task",
+    "prompt_hash",
+    "run_policy",
+    "split_of",
+]
 
 Split = Literal["train", "eval", "test"]
 SPLITS: tuple[Split, ...] = ("train", "eval", "test")
@@ -55,6 +81,9 @@ class Task:
     info: dict[str, Any] = field(default_factory=dict)
     tools: list[dict[str, Any]] | None = None
 
+    def __post_init__(self) -> None:
+        check_task(self)  # a generator's type slip fails here, naming the task, not deep in the engine
+
     @property
     def observation_role(self) -> str:
         """The role of the env's answers in the conversation: ``tool`` with native tools, else ``user``."""
@@ -83,7 +112,8 @@ class Episode(ABC):
     def __init__(self, task: Task) -> None:
         self.task = task
         self.actions: list[str] = []
-        self.outcome: dict[str, Any] = {}
+        # the verdict: an Outcome or a dict with a bool "correct"; not correct until the episode says so
+        self.outcome: Mapping[str, Any] = Outcome(correct=False)
 
     @abstractmethod
     def step(self, action: str) -> Step:
@@ -99,7 +129,7 @@ class SingleTurnEpisode(Episode):
 
     def step(self, action: str) -> Step:  # noqa: D102
         self.actions.append(action)
-        self.outcome = self._env.check(self.task, action)
+        self.outcome = Outcome.of(env_name(self._env), self._env.check(self.task, action))
         return Step(observation=None, done=True)
 
 
@@ -153,6 +183,9 @@ class Env(ABC):
     max_new_tokens: int = 16  # tokens one assistant turn needs at most (rltk eval's default; per instance)
     stop_strings: tuple[str, ...] = ()  # a turn ends at these (tool envs: their ToolProtocol's, per instance)
     default_rewards: ClassVar[dict[str, float]] = {}  # reward name → weight when a recipe names none
+    # False: the env keeps its splits apart by its own rule (the dataset env hashes row keys, so that editing
+    # the prompt template moves no row); `rltk envs check` then only checks that no prompt is in two splits.
+    splits_by_prompt_hash: ClassVar[bool] = True
 
     def __init__(self, **options: Any) -> None:
         """Take env options from the recipe's ``env.options``; unknown options raise ``ValueError``.
@@ -172,8 +205,13 @@ class Env(ABC):
         """Return ``n`` tasks of ``split``; the same (split, n, seed) always gives the same tasks."""
 
     @abstractmethod
-    def check(self, task: Task, completion: str) -> dict[str, Any]:
-        """Judge a final answer: the env's verdict (e.g. ``{"correct": True, "decision": "FLAG"}``)."""
+    def check(self, task: Task, completion: str) -> Outcome | dict[str, Any]:
+        """Judge a final answer: the env's verdict, an :class:`Outcome` or a dict with a bool ``correct``.
+
+        E.g. ``Outcome(correct=True, answer="FLAG", extra={"rule": "R1"})`` or ``{"correct": True, "answer":
+        "FLAG", "rule": "R1"}``; ``answer`` (the parsed answer class) is what ``algorithm.balance_answers``
+        balances, ``cost`` what reports add up. It never raises on malformed model output.
+        """
 
     @abstractmethod
     def oracle(self, messages: list[Message]) -> str:
@@ -278,16 +316,21 @@ def run_policy(env: Env, task: Task, policy: Policy, transcript: list[Message] |
     """Play one episode with a text policy (oracle, baseline, or a model wrapped as a function).
 
     ``transcript``, if given, receives the whole conversation: the task's messages, then each action and the
-    env's answer to it.
+    env's answer to it. The episode's ``outcome`` is returned as an :class:`Outcome`.
+
+    Raises:
+        EnvContractError: If the policy returns anything but a str, or the verdict is not one.
+
     """
     episode = env.episode(task)
     messages = transcript if transcript is not None else []
     messages.extend(task.messages)
     for _ in range(env.max_turns):
-        action = policy(messages)
+        action = check_action(env_name(env), policy, policy(messages))
         step = episode.step(action)
         messages.append({"role": "assistant", "content": action})
         if step.done:
             break
         messages.append({"role": task.observation_role, "content": step.observation or ""})
+    episode.outcome = Outcome.of(env_name(env), episode.outcome, "the episode's outcome")
     return episode

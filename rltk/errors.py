@@ -9,6 +9,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from rltk.checkpoint import CheckpointError
     from rltk.compare import CompareError
     from rltk.config import ConfigError
+    from rltk.contract import EnvContractError
     from rltk.export import ExportError
     from rltk.failures import NonFiniteError
     from rltk.models import ModelError
@@ -21,6 +22,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         ConfigError,
         CompareError,
         PluginError,
+        EnvContractError,
         ModelError,
         CheckpointError,
         RewardError,

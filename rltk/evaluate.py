@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rltk.batch import Failure, Group, Rollout
-from rltk.env import Env, Policy, Task, run_policy
+from rltk.env import Env, Outcome, Policy, Task, run_policy
 from rltk.reward import Rubric
 from rltk.rollout import ENV_TIMEOUT_S, generate, guarded_step
 from rltk.sampler import Sampler
@@ -92,7 +92,8 @@ def judge(
         episode = env.episode(task)
         step = guarded_step(episode, answer, env_timeout_s)
         failures = [step] if isinstance(step, Failure) else []
-        rollout = Rollout(task, [answer], _EMPTY, _EMPTY, _EMPTY.float(), episode.outcome, failures=failures)
+        outcome = Outcome.of(env.name, episode.outcome)
+        rollout = Rollout(task, [answer], _EMPTY, _EMPTY, _EMPTY.float(), outcome, failures=failures)
         groups.append(Group(task, _EMPTY, [rollout]))
     rubric.score(groups)
     return [g.rollouts[0] for g in groups]

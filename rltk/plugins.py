@@ -22,11 +22,13 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
+from rltk.contract import EnvContractError, class_problems, description_of
 from rltk.env import Env
 
 Kind = Literal["env", "reward"]
 RewardFn = Callable[..., "float | None"]
-"""``fn(completion, reference, outcome, **params) -> float | None`` (see rltk/reward.py)."""
+"""``fn(completion, reference, outcome, **params) -> float | None``, or TRL's batch form
+``fn(prompts, completions, **kwargs) -> list[float | None]`` (see rltk/reward_contract.py)."""
 
 GROUPS: dict[str, str] = {"env": "rltk.envs", "reward": "rltk.rewards"}
 """Entry-point group per plugin kind."""
@@ -112,6 +114,7 @@ def make_env(name: str, options: Mapping[str, Any] | None = None) -> Env:
     Raises:
         PluginError: If the name does not resolve, or the env rejects its options (an unknown option or a bad
             value; the message is the env's own, which names the valid ones).
+        EnvContractError: If the class breaks the env contract (``default_rewards`` not a dict, ...).
 
     Examples:
         >>> make_env("policy_flagging", {"difficulty": "hard"})
@@ -121,6 +124,9 @@ def make_env(name: str, options: Mapping[str, Any] | None = None) -> Env:
 
     """
     cls = get_env(name)
+    problems = class_problems(cls)
+    if problems:
+        raise EnvContractError(name, "; ".join(w for w, _ in problems), "; ".join(f for _, f in problems))
     options = dict(options or {})
     try:
         return cls(**options)
@@ -148,13 +154,22 @@ def resolve(kind: str, name: str) -> Any:
 
 
 def list_envs() -> dict[str, str]:
-    """Map every known env name to its one-line ``description`` (or ``failed to load: ...``)."""
-    return _listing("env", lambda cls: str(getattr(cls, "description", "") or "").strip().splitlines())
+    """Map every known env name to its one-line ``description`` (or ``failed to load: ...``).
+
+    An env that sets no ``description`` shows its own docstring's first line; one with neither says so.
+    """
+    missing = "(no description: set the env class's `description` attribute)"
+    return _listing("env", lambda cls: [description_of(cls) or missing])
 
 
 def list_rewards() -> dict[str, str]:
-    """Map every known reward name to the first line of its docstring (or ``failed to load: ...``)."""
-    return _listing("reward", lambda fn: (inspect.getdoc(fn) or "").splitlines())
+    """Map every known reward name to its one-line description, or ``failed to load: ...``.
+
+    The description is ``@reward_fn(description=...)``'s, else the docstring's first line.
+    """
+    return _listing(
+        "reward", lambda fn: (getattr(fn, "reward_description", "") or inspect.getdoc(fn) or "").splitlines()
+    )
 
 
 def _entry_points(kind: str) -> dict[str, importlib.metadata.EntryPoint]:
@@ -236,5 +251,6 @@ def _checked(kind: str, name: str, obj: Any) -> Any:
             raise PluginError(kind, name, f"abstract class (missing {missing})", "implement those methods")
     elif not callable(obj):
         why = f"not callable ({type(obj).__name__})"
-        raise PluginError(kind, name, why, "point it at fn(completion, reference, outcome, **params)")
+        fix = "point it at fn(completion, reference, outcome, **params) or fn(prompts, completions, **kwargs)"
+        raise PluginError(kind, name, why, fix)
     return obj

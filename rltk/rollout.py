@@ -36,7 +36,7 @@ from transformers import PreTrainedTokenizerBase
 from rltk.batch import Failure, Group, Rollout
 from rltk.chat import env_answer_ids, render_prompt, turn_close_ids
 from rltk.deadline import CallTimeout, call_with_timeout
-from rltk.env import Env, Episode, Message, Step, Task
+from rltk.env import Env, EnvContractError, Episode, Message, Outcome, Step, Task
 from rltk.sampler import HFSampler, Sampler, SamplingParams, TurnSample
 
 ENV_TIMEOUT_S = 30.0
@@ -92,8 +92,13 @@ class RolloutState:
     last_turn_finished: bool = True
     failures: list[Failure] = field(default_factory=list)  # the env's step raised or hung
 
-    def to_rollout(self) -> Rollout:
-        """The finished rollout (a rollout still live here ran out of turns)."""
+    def to_rollout(self, env_name: str) -> Rollout:
+        """The finished rollout (a rollout still live here ran out of turns); ``env_name`` for errors.
+
+        Raises:
+            EnvContractError: If the episode's verdict is not one (no bool ``correct``, ...).
+
+        """
         reason = self.stop_reason or "max_turns"
         return Rollout(
             task=self.task,
@@ -101,7 +106,7 @@ class RolloutState:
             token_ids=torch.tensor(self.token_ids, dtype=torch.long),
             loss_mask=torch.tensor(self.loss_mask, dtype=torch.long),
             sample_logp=torch.tensor(self.sample_logp, dtype=torch.float32),
-            outcome=dict(self.episode.outcome),
+            outcome=Outcome.of(env_name, self.episode.outcome, "the episode's outcome"),
             truncated=reason != "done" or not self.last_turn_finished,
             stop_reason=reason,
             failures=list(self.failures),
@@ -129,6 +134,8 @@ def guarded_step(episode: Episode, text: str, timeout_s: float | None = ENV_TIME
         if timeout_s is None:
             return episode.step(text)
         return call_with_timeout(episode.step, (text,), {}, timeout_s)
+    except EnvContractError:  # the env's code is wrong whatever the model wrote: stop, naming the fix
+        raise
     except CallTimeout as e:
         return Failure("env", "timeout", f"episode step {e}")
     except Exception as e:  # an env bug on this output; KeyboardInterrupt propagates
@@ -314,7 +321,7 @@ def generate(
         Group(
             task=task,
             prompt_ids=prompt,
-            rollouts=[s.to_rollout() for s in states[i * group_size : (i + 1) * group_size]],
+            rollouts=[s.to_rollout(env.name) for s in states[i * group_size : (i + 1) * group_size]],
         )
         for i, (task, prompt) in enumerate(zip(tasks, prompts, strict=True))
     ]

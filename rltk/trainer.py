@@ -333,7 +333,7 @@ class Trainer:
         m.update(self.check_failures(groups))
         m.update(outcome_metrics(groups))
         if self.algo.balance_answers:  # balancing needs answer classes: say so once if the env gives none
-            warn_if_no_answers(self.env.name, [r.outcome for g in groups for r in g.rollouts])
+            warn_if_no_answers(self.env, [r for g in groups for r in g.rollouts])
 
         # experience: the kept groups as micro-batches, one no-grad pass where needed, then advantages
         self.heartbeat.beat(step, "update")

@@ -42,7 +42,7 @@ class WordsEnv(Env):
         ]
 
     def check(self, task: Task, completion: str) -> dict[str, Any]:
-        return {"chars": len(completion)}
+        return {"correct": False, "chars": len(completion)}  # the engine requires a bool "correct"
 
     def oracle(self, messages: list[Message]) -> str:
         return messages[-1]["content"]
@@ -178,7 +178,7 @@ def test_prefill_once_matches_generate(
         assert len(group.rollouts) == G
         for r in group.rollouts:
             assert r.turns == [tokenizer.decode(r.token_ids, skip_special_tokens=True)]
-            assert r.outcome == {"chars": len(r.turns[0])}
+            assert r.outcome == {"correct": False, "chars": len(r.turns[0])}
 
 
 def test_eos_handling(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -1,0 +1,1 @@
+"""An rltk env plugin: route support tickets to the team that owns them."""
