@@ -147,35 +147,50 @@ def reward_problems(cfg: Config, resolve: Resolver, bad: set[str], env: Any) -> 
     """Every ``rewards.N``: its name resolves and its signature takes what rltk passes it with its params.
 
     With the env built (``env``), params default to its ``default_reward_params`` and a batch (TRL) reward's
-    required columns are checked against the reference fields of one of its train tasks.
+    required columns are checked against the reference fields of one of its train tasks. A recipe with no
+    ``rewards:`` is checked on the env's ``default_rewards`` (what the run would score with).
     """
     from rltk.reward_contract import contract_problems
 
     problems: list[str] = []
     env_params = (getattr(env, "default_reward_params", None) or {}) if env is not None else {}
     columns = _reference_fields(env)
-    for i, r in enumerate(cfg.rewards):
-        path = f"rewards.{i}"
-        if f"{path}.name" in bad or f"{path}.params" in bad or f"{path}.format" in bad:
-            continue
+    for path, name, own, fmt in _rubric_entries(cfg, bad, env):
         try:
-            fn = resolve("reward", r.name)
+            fn = resolve("reward", name)
         except Exception as exc:  # reported, not raised
             why = getattr(exc, "why", None) or f"{type(exc).__name__}: {exc}"
-            problems.append(
-                problem(f"{path}.name", r.name, why, getattr(exc, "fix", None) or "check the name")
-            )
+            fix = getattr(exc, "fix", None) or "check the name"
+            problems.append(problem(f"{path}.name" if own is not None else path, name, why, fix))
             continue
-        params = {**env_params.get(r.name, {}), **r.params}
-        for key, why, fix in contract_problems(fn, params, r.format, columns):
-            where = f"{path}.params.{key}" if key in r.params else path
-            value = r.params.get(key, r.name)
+        own = own or {}
+        for key, why, fix in contract_problems(fn, {**env_params.get(name, {}), **own}, fmt, columns):
+            where = f"{path}.params.{key}" if key in own else path
             fix = fix.replace("rewards.N.", f"{path}.")
-            why = (
-                why.replace("the reward", f"reward '{r.name}'") if "the reward" in why else f"{r.name}: {why}"
-            )
-            problems.append(problem(where, value, why, fix))
+            why = why.replace("the reward", f"reward '{name}'") if "the reward" in why else f"{name}: {why}"
+            problems.append(problem(where, own.get(key, name), why, fix))
     return problems
+
+
+def _rubric_entries(
+    cfg: Config, bad: set[str], env: Any
+) -> list[tuple[str, str, dict[str, Any] | None, str]]:
+    """``(path, name, params, format)`` of each reward the run would score with, where its config is sound.
+
+    The recipe's ``rewards.N`` (params: its own), or without any, the env's ``default_rewards`` (path
+    ``env.default_rewards.NAME``, params ``None``: the env's defaults only).
+    """
+    if cfg.rewards:
+        fields = ("name", "params", "format")
+        return [
+            (f"rewards.{i}", r.name, r.params, r.format)
+            for i, r in enumerate(cfg.rewards)
+            if not any(f"rewards.{i}.{f}" in bad for f in fields)
+        ]
+    defaults = getattr(env, "default_rewards", None) if env is not None else None
+    if not isinstance(defaults, dict):  # none, or a contract error make_env reports with its fix
+        return []
+    return [(f"env.default_rewards.{name}", name, None, "auto") for name in defaults]
 
 
 def _reference_fields(env: Any) -> set[str] | None:

@@ -233,3 +233,24 @@ def test_envs_new_installs_into_a_fresh_venv_and_trains(tmp_path: Path) -> None:
     overrides = [f"run.output_dir={tmp_path / 'run'}", "run.steps=2", "eval.n=4", "rollout.reward_workers=0"]
     run(py, "-m", "rltk.cli", "train", recipe, *overrides)
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_an_env_default_reward_is_checked_at_validation_when_the_recipe_lists_none() -> None:
+    from rltk.config import ConfigError, load_config
+    from rltk.plugins import register_env, resolve
+
+    base = get_env("policy_flagging")
+    typo = type("DefaultRewardTypo", (base,), {"default_rewards": {"flag_decisoin": 1.0}})
+    needs = type(
+        "DefaultRewardNeeds", (base,), {"default_rewards": {"contract_plugins:wrong_signature": 1.0}}
+    )
+    register_env(typo, name="default_reward_typo")
+    register_env(needs, name="default_reward_needs")
+    recipe = str(Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_config(recipe, ["env.name=default_reward_typo", "rewards=[]"], resolve=resolve)
+    assert "env.default_rewards.flag_decisoin" in str(err.value) and "flag_decision" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(recipe, ["env.name=default_reward_needs", "rewards=[]"], resolve=resolve)
+    assert "env.default_rewards.contract_plugins:wrong_signature" in str(err.value)
+    load_config(recipe, ["rewards=[]"], resolve=resolve)  # policy_flagging's own defaults pass
