@@ -3,8 +3,10 @@
 **Per-sample** (rltk's own): ``fn(completion, reference, outcome, **params) -> float | None``, one call per
 rollout. The completion goes to the first parameter (any name). ``reference`` (``Task.reference``, read-only),
 ``outcome`` (the env's verdict, read-only) and ``prompt`` go by name to parameters so named, or into
-``**kwargs``; so ``def r(completion, **kw)`` works. The old positional contract still holds: a required
-positional 2nd and 3rd parameter under other names get ``reference`` and ``outcome``.
+``**kwargs``; so ``def r(completion, **kw)`` works. The old positional contract still holds for an unnamed
+triple: three or more required positional parameters, none named ``reference``, ``outcome`` or ``prompt``
+(``lambda c, r, o``), get the completion, ``reference`` and ``outcome`` by position. Every other parameter
+is a param the recipe sets (or its default).
 
 **Batch** (TRL's ``GRPOTrainer`` form): ``fn(prompts, completions, **kwargs) -> list[float | None]``, one call
 per group of rollouts of a step, every argument by name: ``prompts``, ``completions``, ``completion_ids``
@@ -105,14 +107,30 @@ def _params(sig: inspect.Signature) -> list[inspect.Parameter]:
 
 
 def _sample_plan(ps: list[inspect.Parameter], params: Collection[str]) -> tuple[tuple[str, ...], list[str]]:
-    """Per-sample: the context names passed by position (old contract), and the parameters left unfilled."""
+    """Per-sample: the context names passed by position (old contract), and the parameters left unfilled.
+
+    Position fills ``reference`` and ``outcome`` only where the 2nd and 3rd parameters carry those names,
+    or for the old unnamed triple ``(c, r, o)``: at least three required positional parameters, none named
+    ``reference``, ``outcome`` or ``prompt``. Any other parameter is a param: ``(completion, reference,
+    tolerance)`` asks the recipe for ``tolerance`` instead of silently receiving the outcome there.
+    """
     positional: list[str] = []
     for p, ctx in zip(ps[1:3], ("reference", "outcome"), strict=False):
-        is_positional = p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        legacy = p.default is p.empty and p.name not in (*CONTEXT_NAMES, *params)
-        if not (is_positional and (p.name == ctx or legacy)):
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) or p.name != ctx:
             break
         positional.append(ctx)
+    unnamed_triple = (
+        len(ps) >= 3
+        and not {p.name for p in ps} & set(CONTEXT_NAMES)
+        and all(
+            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            and p.default is p.empty
+            and p.name not in params
+            for p in ps[1:3]
+        )
+    )
+    if unnamed_triple:
+        positional = ["reference", "outcome"]
     by_name = [n for n in CONTEXT_NAMES if n not in positional]
     missing = [
         p.name
@@ -165,13 +183,17 @@ def contract_problems(
             why = f"'{key}' is an argument rltk passes ({form} form), not a param"
             out.append((key, why, f"remove rewards.N.params.{key}"))
     takes = [p.name for p in ps if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    if not var_kw:
-        for key in params:
-            if key not in takes and key not in reserved:
-                hint = difflib.get_close_matches(key, takes, n=1)
-                valid = ", ".join(n for n in takes if n not in reserved and (not ps or n != ps[0].name))
-                did = f"did you mean '{hint[0]}'? " if hint else ""
-                out.append((key, "not a parameter of the reward", f"{did}valid params: {valid or '(none)'}"))
+    for key in params:
+        if key in takes or key in reserved:
+            continue
+        hint = difflib.get_close_matches(key, takes, n=1)
+        valid = ", ".join(n for n in takes if n not in reserved and (not ps or n != ps[0].name))
+        did = f"did you mean '{hint[0]}'? " if hint else ""
+        if not var_kw:
+            out.append((key, "not a parameter of the reward", f"{did}valid params: {valid or '(none)'}"))
+        elif hint:  # **kwargs would take the typo and nothing would read it
+            why = f"not a parameter of the reward (its **kwargs would take it, unread), close to '{hint[0]}'"
+            out.append((key, why, f"{did}rename it, or name it in the reward's signature"))
     if form == "batch":
         out += _batch_problems(ps, params, columns)
     else:

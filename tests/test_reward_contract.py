@@ -175,6 +175,34 @@ def test_signature_problems_name_the_fix() -> None:
     assert param == "outcome" and "rltk passes" in why
 
 
+def test_a_param_is_never_filled_by_position_with_the_reference_or_the_outcome() -> None:
+    def needs_reference(completion, reference, tolerance):  # type: ignore[no-untyped-def]
+        return 1.0
+
+    def probe_second(completion, tolerance):  # type: ignore[no-untyped-def]
+        return 1.0
+
+    for fn in (needs_reference, probe_second):
+        [(param, why, _)] = contract_problems(fn, {})
+        assert param == "tolerance" and "gets no value" in why, fn
+        assert contract_problems(fn, {"tolerance": 0.1}) == []
+    assert make_contract(needs_reference, {"tolerance": 0.1}).positional == ("reference",)
+    assert make_contract(lambda c, r, o: 1.0, {}).positional == ("reference", "outcome")  # the old triple
+    assert make_contract(lambda c, r, o, tolerance: 1.0, {"tolerance": 1}).positional == (
+        "reference",
+        "outcome",
+    )
+
+
+def test_a_misspelled_param_of_a_kwargs_reward_is_caught() -> None:
+    def length_penalty(completions, max_chars=12, **kwargs):  # type: ignore[no-untyped-def]
+        return [0.0 for _ in completions]
+
+    [(param, why, fix)] = contract_problems(length_penalty, {"max_char": 10})
+    assert param == "max_char" and "kwargs" in why and "did you mean 'max_chars'" in fix
+    assert contract_problems(length_penalty, {"max_chars": 10, "ground_truth_weight": 2}) == []  # kwargs use
+
+
 def test_a_wrong_signature_fails_at_validation_exit_2(tmp_path: Path) -> None:
     rewards = (
         "rewards=[{name: 'contract_plugins:wrong_signature'}, {name: 'contract_plugins:wrong_column'}, "
