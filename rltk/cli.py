@@ -27,7 +27,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Run ``rltk.train`` in this process."""
     from rltk.train import main as train_main
 
-    return train_main([args.recipe, *args.overrides])
+    return train_main([args.recipe, *args.overrides, *(["--show-config"] if args.show_config else [])])
 
 
 def _env_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -374,9 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train from a recipe: rltk train RECIPE [key=value ...]")
-    p.add_argument("recipe", help="recipe YAML (see recipes/)")
-    p.add_argument("overrides", nargs="*", help="overrides such as run.steps=10")
+    from rltk.train import build_parser as train_parser  # one definition of train's arguments
+
+    p = sub.add_parser(
+        "train",
+        help="train from a recipe: rltk train RECIPE [key=value ...]",
+        parents=[train_parser(add_help=False)],
+        description="Train a policy with RL from a recipe.",
+    )
     p.set_defaults(func=cmd_train)
 
     _add_eval_parser(sub)

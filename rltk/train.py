@@ -18,19 +18,29 @@ from pathlib import Path
 from rltk import distributed, plugins
 from rltk.config import load_config
 from rltk.errors import user_errors
+from rltk.typedyaml import annotated_yaml
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser shared with ``rltk train``."""
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The argument parser of ``python -m rltk.train``; ``rltk train`` takes its arguments as a parent."""
     parser = argparse.ArgumentParser(
         prog="rltk train",
         description="Train a policy with RL from a recipe.",
         epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=add_help,
     )
-    parser.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
+    parser.add_argument(
+        "recipe", help="path to a recipe YAML (see recipes/; every key: --show-config, docs/contracts.md)"
+    )
     parser.add_argument(
         "overrides", nargs="*", help="config overrides such as run.steps=10 or rollout.group_size=4"
+    )
+    parser.add_argument(
+        "--show-config",
+        action="store_true",
+        help="print every config key with its value after the recipe and overrides, its range and what it "
+        "does, then exit (validation runs first)",
     )
     return parser
 
@@ -49,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = None
     try:
         cfg = load_config(args.recipe, args.overrides, resolve=plugins.resolve)
+        if args.show_config:
+            print(annotated_yaml(cfg), end="")
+            return 0
         from rltk.pipeline import run  # heavy imports after the config is known to be valid
 
         run(cfg)

@@ -248,3 +248,29 @@ def apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None:
             why = f"cannot set '{part}' in {where}, which is {kind}"
             problems.append(f"override {item!r}: {where}.{part} ({why}) → check the key and index")
             return
+
+
+def annotated_yaml(obj: Any, indent: int = 0) -> str:
+    """A dataclass tree as YAML, each field's choices, range and note in a comment (``--show-config``).
+
+    >>> @dataclasses.dataclass
+    ... class Run:
+    ...     steps: int = dataclasses.field(default=100, metadata={"bounds": "> 0", "note": "RL steps"})
+    >>> print(annotated_yaml(Run()), end="")
+    steps: 100  # > 0; RL steps
+    """
+    pad, lines, hints = " " * indent, [], get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        hint, _ = _optional(hints[f.name])
+        choices = " | ".join(map(_cli, get_args(hint))) if get_origin(hint) is Literal else ""
+        notes = (choices, f.metadata.get("bounds", ""), f.metadata.get("note", ""))
+        comment = "; ".join(x for x in notes if x)
+        tail = f"  # {comment}" if comment else ""
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{pad}{f.name}:{tail}\n{annotated_yaml(value, indent + 2)}")
+            continue
+        if isinstance(value, list | tuple) and value and dataclasses.is_dataclass(value[0]):
+            value = [dataclasses.asdict(v) for v in value]
+        lines.append(f"{pad}{f.name}: {_cli(value)}{tail}\n")
+    return "".join(lines)

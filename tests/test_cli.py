@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import make_tiny_model, tiny_overrides
 
 from rltk import models
@@ -201,3 +203,19 @@ def test_eval_token_budget_defaults(
     assert main([*base, "--model", tiny_model_dir, "--env", "invoice_extraction"]) == 0
     assert main([*base, "--model", tiny_model_dir, "--max-new-tokens", "3"]) == 0
     assert budgets == [5, 32, 128, 3]
+
+
+def test_train_show_config_prints_every_key_with_its_range_and_exits(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from rltk.config import Config, load_config
+
+    recipe = str(Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml")
+    assert main(["train", recipe, "run.steps=3", "--show-config"]) == 0
+    out = capsys.readouterr().out
+    assert "  steps: 3  # > 0\n" in out and "  dtype: float32  # float32 | bfloat16 | float16\n" in out
+    loaded = yaml.safe_load(out)  # the comments are YAML comments: the text is the recipe it shows
+    assert loaded["run"]["steps"] == 3 and set(loaded) == {f.name for f in fields(Config)}
+    assert load_config(recipe, ["run.steps=3"]).rollout.group_size == loaded["rollout"]["group_size"]
+    assert main(["train", recipe, "run.stepz=3", "--show-config"]) == 2
+    assert "did you mean 'steps'" in capsys.readouterr().err
