@@ -4,21 +4,24 @@ Each check (:data:`CHECKS`) is a small function of a :class:`Subject` (the env, 
 episodes, computed once) returning ``(status, detail, fix)``; one that raises fails with what it raised.
 They cover: a description; ``default_rewards`` a dict of registered rewards; ``tasks(split, n, seed=0)``
 gives n Tasks of the split; splits disjoint by prompt hash; determinism (a fresh env, a fresh process with
-another hash seed, prefixes, another seed); the oracle correct on every eval task; the verdict's keys (a
-bool ``correct``; a well-formed wrong answer, another task's oracle answer, judged incorrect); ``answer``
-for ``algorithm.balance_answers`` (a warning); the default rewards on the oracle's episodes; baselines and
-teacher run (a warning without a teacher or with one outside [best trivial + 15, oracle - 10] points); and
-no canary of :mod:`rltk.canaries` (empty, echo, padding, hedge, ...) judged correct or scoring above the
-well-formed wrong answer with the default rewards, task by task.
+another hash seed, prefixes, another seed); the oracle correct on every eval task, each of its turns within
+``env.max_new_tokens`` tokens; the verdict's keys (a bool ``correct``; a well-formed wrong answer, another
+task's oracle answer, judged incorrect); ``answer`` for ``algorithm.balance_answers`` (a warning); the
+default rewards on the oracle's episodes; baselines and teacher run (a warning without a teacher, with one
+outside [best trivial + 15, oracle - 10] points, or with under 90% of its errors in its ``weak_slices``:
+:mod:`rltk.envcheck_policies`); and no canary of :mod:`rltk.canaries` (empty, echo, padding, hedge,
+...) judged correct or scoring above the well-formed wrong answer with the default rewards, task by task.
 
 Multi-turn envs: the oracle plays the episode up to its final turn and the canary replaces that final turn
 only, cut at the env's stop strings as the rollout engine cuts a model's turn (a canary cut back to the
 oracle's own answer is skipped). Status ``pass``, ``warn`` (works, but something a setting or a report
-needs is missing) or ``fail``; any ``fail`` makes ``rltk envs check`` exit 2.
+needs is missing) or ``fail``; any ``fail`` makes ``rltk envs check`` exit 2. The env is built once, up
+front, through :func:`rltk.plugins.make_env`: an unknown name or a rejected option is an error, not a row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -37,6 +40,7 @@ from rltk.batch import Group, Rollout
 from rltk.canaries import WRONG, canaries
 from rltk.contract import EnvContractError, Outcome, class_problems, description_of, env_name
 from rltk.env import SPLITS, Env, Episode, Message, Policy, Task, prompt_hash, run_policy, split_of
+from rltk.envcheck_policies import check_answer_length, check_baselines, check_teacher
 from rltk.reward import Rubric
 from rltk.rollout import cut_at_stop_string
 
@@ -71,7 +75,7 @@ class Subject:
 
     @cached_property
     def env(self) -> Env:
-        """The env built with the options (bypassing make_env, so that each class problem has its row)."""
+        """The env built with the options (:func:`run_checks` sets it through make_env when it can)."""
         return self.cls(**self.options)
 
     @cached_property
@@ -262,46 +266,6 @@ def check_rewards(s: Subject) -> Verdict:
     return "pass", f"{', '.join(it.name for it in s.rubric.items)}: oracle mean reward {mean:+.3f}", ""
 
 
-def check_baselines(s: Subject) -> Verdict:
-    """Every trivial policy runs; none solves every task."""
-    accs = s.baseline_accuracy
-    if not accs:
-        return (
-            "warn",
-            "no baselines: reports cannot show the best trivial policy",
-            "return them from baselines()",
-        )
-    detail = ", ".join(f"{k} {100 * v:.1f}%" for k, v in accs.items())
-    solved = [k for k, v in accs.items() if v >= 1.0]
-    if solved:
-        return (
-            "fail",
-            f"{solved[0]} solves every task: {detail}",
-            "make tasks that a constant answer cannot solve",
-        )
-    return "pass", detail, ""
-
-
-def check_teacher(s: Subject) -> Verdict:
-    """The teacher runs; its accuracy lies in [best trivial + 15, oracle - 10] points (else a warning)."""
-    from rltk.env import Teacher
-
-    teacher = s.env.teacher()
-    if teacher is None:
-        fix = "return an rltk.env.Teacher from teacher(): the imperfect workflow the model replaces"
-        return "warn", "no teacher: no proof-report baseline, no warmstart.demos: teacher", fix
-    if not isinstance(teacher, Teacher):
-        return "fail", f"teacher() returned a {type(teacher).__name__}", "subclass rltk.env.Teacher"
-    acc = s.accuracy(teacher)[0]
-    trivial = max(s.baseline_accuracy.values(), default=0.0)
-    oracle = sum(e.outcome["correct"] for e in s.oracle_episodes) / max(1, len(s.oracle_episodes))
-    detail = f"{100 * acc:.1f}% (best trivial {100 * trivial:.1f}%)"
-    if not trivial + 0.15 <= acc <= oracle - 0.10:
-        fix = "a teacher errs on named slices (weak_slices) and beats every trivial policy by 15 points"
-        return "warn", detail + ", outside [best trivial + 15, oracle - 10] points", fix
-    return "pass", detail, ""
-
-
 def check_canaries(s: Subject) -> Verdict:
     """No canary is judged correct or out-scores a well-formed wrong answer (per task, default rewards)."""
     plays: list[tuple[Task, list[str], Any]] = []
@@ -381,6 +345,13 @@ def _play_final(s: Subject, task: Task, final: str) -> Episode:
     return run_policy(s.env, task, policy)
 
 
+_CHECK_RAISES = (
+    "check must never raise on model output: return Outcome(correct=False) (or a dict with correct False) "
+    "for an answer it cannot parse"
+)
+RAISE_FIX = {"verdict": _CHECK_RAISES, "canaries": _CHECK_RAISES}
+"""The fix for a check that raised, where it plays model-like answers (else: fix the env where it raised)."""
+
 CHECKS: list[tuple[str, Callable[[Subject], Verdict]]] = [
     ("description", check_description),
     ("default_rewards", check_default_rewards),
@@ -388,6 +359,7 @@ CHECKS: list[tuple[str, Callable[[Subject], Verdict]]] = [
     ("splits", check_splits),
     ("determinism", check_determinism),
     ("oracle", check_oracle),
+    ("answer_length", check_answer_length),
     ("verdict", check_verdict),
     ("answer", check_answer),
     ("rewards", check_rewards),
@@ -402,11 +374,15 @@ def run_checks(name: str, options: dict[str, Any] | None = None, n: int = 200) -
     """Run every check of :data:`CHECKS` on env ``name`` built with ``options``, on ``n`` tasks per split.
 
     Raises:
-        rltk.plugins.PluginError: If ``name`` does not resolve (nothing to check).
+        rltk.plugins.PluginError: If ``name`` does not resolve or the env rejects ``options`` (nothing to
+            check; the message names the valid options).
 
     """
     subject = Subject(name, dict(options or {}), n)
-    subject.cls  # noqa: B018 -- an unknown name is the caller's error, not a failed check
+    # an unknown name or a rejected option is the caller's error (one message), not a row per check; a class
+    # attribute the engine cannot use (EnvContractError) is the default_rewards row's
+    with contextlib.suppress(EnvContractError):
+        subject.env = plugins.make_env(name, subject.options)
     results = []
     try:
         for check_name, check in CHECKS:
@@ -426,7 +402,8 @@ def _run_one(name: str, check: Callable[[Subject], Verdict], subject: Subject) -
     except Exception as exc:
         frame = traceback.extract_tb(exc.__traceback__)[-1]
         where = f"{os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}"
-        return CheckResult(name, "fail", f"raised {type(exc).__name__}: {exc} ({where})", "fix the env there")
+        fix = RAISE_FIX.get(name, "fix the env there")
+        return CheckResult(name, "fail", f"raised {type(exc).__name__}: {exc} ({where})", fix)
     return CheckResult(name, status, detail, fix)
 
 

@@ -131,9 +131,30 @@ def make_env(name: str, options: Mapping[str, Any] | None = None) -> Env:
     try:
         return cls(**options)
     except (TypeError, ValueError) as exc:
-        raise PluginError(
-            "env", name, f"rejected options {options}: {exc}", "fix env.options (rltk eval: --env-options)"
-        ) from exc
+        fix = _options_fix(cls, options) + "fix env.options (rltk eval: --env-options)"
+        raise PluginError("env", name, f"rejected options {options}: {exc}", fix) from exc
+
+
+def _options_fix(cls: type[Env], options: Mapping[str, Any]) -> str:
+    """The start of the fix for options an env rejected: a did-you-mean for each unknown one, the valid ones.
+
+    Empty when the constructor takes ``**kwargs`` (no list of valid options) or every option is known.
+    """
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return ""
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return ""
+    valid = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in options if k not in valid]
+    if not unknown:
+        return ""
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), valid, n=1)
+        hints.append(f"unknown option {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return "; ".join(hints) + f"; valid options: {', '.join(valid) or 'none'}; "
 
 
 def get_reward(name: str) -> RewardFn:

@@ -11,7 +11,9 @@ policy names), renamed to ``NAME``, to edit into your own::
     NAME/tests/test_NAME.py      runs ``rltk envs check NAME`` (the whole env contract)
 
 ``examples/ticket_triage`` in the rltk repository is this package for the name ``ticket_triage``
-(``tests/test_env_contract.py`` checks that it matches, so the example and the scaffold cannot drift).
+(``tests/test_env_contract.py`` checks that it matches, so the example and the scaffold cannot drift). A
+new package's summary (pyproject description, package docstring) is a placeholder naming it, to describe
+its own workflow in.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ from rltk.plugins import PluginError, list_envs, list_rewards
 EXAMPLE = "ticket_triage"
 """The name the templates are written for; ``write_package`` puts the new one (and its CamelCase) there."""
 
-PYPROJECT = """\
+SUMMARY = "An rltk env plugin: route support tickets to the team that owns them."
+"""The example's own one-line summary (pyproject description, package docstring): a new env gets
+:data:`NEW_SUMMARY` in its place, since its workflow is not ticket triage."""
+
+NEW_SUMMARY = "{name}: an rltk environment plugin (started from rltk envs new; describe your workflow here)"
+"""The placeholder summary of a new env ``name``, to replace with a line on its workflow."""
+
+PYPROJECT = f"""\
 [build-system]
 requires = ["setuptools>=64"]
 build-backend = "setuptools.build_meta"
@@ -34,7 +43,7 @@ build-backend = "setuptools.build_meta"
 [project]
 name = "rltk-ticket-triage"
 version = "0.1.0"
-description = "An rltk env plugin: route support tickets to the team that owns them."
+description = "{SUMMARY}"
 requires-python = ">=3.10"
 dependencies = ["rltk"]
 
@@ -48,8 +57,8 @@ ticket_triage_team = "ticket_triage.rewards:ticket_triage_team"
 packages = ["ticket_triage"]
 """
 
-INIT = '''\
-"""An rltk env plugin: route support tickets to the team that owns them."""
+INIT = f'''\
+"""{SUMMARY}"""
 '''
 
 ENV = '''\
@@ -174,8 +183,8 @@ def ticket_triage_team(completion: str, reference: Mapping[str, Any], outcome: M
 '''
 
 RECIPE = """\
-# Ticket triage with GRPO on the tiny random model (seconds a step on a CPU, learns nothing useful): set
-# model.name to a real model (e.g. smollm2-135m-instruct) to train for real. `rltk train` this file.
+# The ticket_triage env with GRPO on the tiny random model (seconds a step on a CPU, learns nothing
+# useful): set model.name to a real model (e.g. smollm2-135m-instruct) to train for real. `rltk train` this.
 run:
   output_dir: runs/ticket_triage_grpo
   steps: 20
@@ -240,8 +249,14 @@ def camel(name: str) -> str:
 
 
 def render(name: str) -> dict[str, str]:
-    """The package's files for env ``name``: path → text."""
+    """The package's files for env ``name``: path → text (for :data:`EXAMPLE`, exactly :data:`FILES`).
+
+    The example's names become ``name``'s, and its summary (:data:`SUMMARY`) the placeholder
+    :data:`NEW_SUMMARY`.
+    """
     subs = {EXAMPLE: name, camel(EXAMPLE): camel(name), EXAMPLE.replace("_", "-"): name.replace("_", "-")}
+    if name != EXAMPLE:
+        subs[SUMMARY] = NEW_SUMMARY.format(name=name)
     pattern = re.compile("|".join(re.escape(k) for k in sorted(subs, key=len, reverse=True)))
     return {
         pattern.sub(lambda m: subs[m[0]], p): pattern.sub(lambda m: subs[m[0]], t) for p, t in FILES.items()

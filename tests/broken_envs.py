@@ -10,7 +10,19 @@ import random
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from rltk.env import SPLITS, Env, Message, Outcome, Policy, Task, Teacher, check_choice, draw_task
+from rltk.env import (
+    SPLITS,
+    Env,
+    Episode,
+    Message,
+    Outcome,
+    Policy,
+    Step,
+    Task,
+    Teacher,
+    check_choice,
+    draw_task,
+)
 from rltk.reward import reward_fn
 
 WORDS = ("apple", "river", "stone", "cloud", "maple", "tiger", "piano", "lemon")
@@ -160,3 +172,91 @@ class TypedOutcomeEnv(ParityEnv):
         return Outcome(
             correct=answer == task.reference["parity"], answer=answer, extra={"length": len(completion)}
         )
+
+
+class LeveledParityEnv(ParityEnv):
+    """Takes one option, ``level`` (``--env-options '{"levl": ...}'`` must be one error, not a row each)."""
+
+    def __init__(self, level: str = "easy") -> None:
+        self.level = level
+
+
+class MisplacedSevens(SkipsSevens):
+    """Wrong on the 7s, but declares the 3s: its errors lie outside its weak_slices."""
+
+    weak_slices: ClassVar[dict[str, tuple[Any, ...]]] = {"last_digit": (3,)}
+
+
+class UndeclaredSevens(SkipsSevens):
+    """Wrong on the 7s and declares no weak_slices."""
+
+    weak_slices: ClassVar[dict[str, tuple[Any, ...]]] = {}
+
+
+class MisdeclaredTeacherEnv(ParityEnv):
+    """Its teacher's errors fall outside the slices its weak_slices names."""
+
+    def teacher(self) -> Teacher:
+        return MisplacedSevens()
+
+
+class UndeclaredTeacherEnv(ParityEnv):
+    """Its teacher errs but names no weak_slices."""
+
+    def teacher(self) -> Teacher:
+        return UndeclaredSevens()
+
+
+class RaisingCheckEnv(ParityEnv):
+    """``check`` raises on an answer it cannot parse (a canary) instead of judging it incorrect."""
+
+    def check(self, task: Task, completion: str) -> Any:
+        answer = {"even": "even", "odd": "odd"}[completion.strip()]  # KeyError on anything else
+        return {"correct": answer == task.reference["parity"], "answer": answer}
+
+
+class LongAnswerEnv(ParityEnv):
+    """The oracle answers in a sentence longer than ``max_new_tokens``: the model can never emit it."""
+
+    max_new_tokens = 2
+
+    def oracle(self, messages: list[Message]) -> Any:
+        return "the number you gave me is " + str(super().oracle(messages))
+
+    def check(self, task: Task, completion: str) -> Any:
+        words = completion.split()
+        answer = words[-1] if words and words[-1] in ("even", "odd") else None
+        return {"correct": answer == task.reference["parity"], "answer": answer}
+
+
+class TwoTurns(Episode):
+    """A preamble turn, then the answer (judged by the env's check)."""
+
+    def __init__(self, task: Task, env: Env) -> None:
+        super().__init__(task)
+        self.env = env
+
+    def step(self, action: str) -> Step:
+        self.actions.append(action)
+        if len(self.actions) == 1:
+            return Step(observation="and the answer?", done=False)
+        self.outcome = self.env.check(self.task, action)
+        return Step(observation=None, done=True)
+
+
+class MultiTurnLongEnv(ParityEnv):
+    """Two turns: the oracle's first turn (a long preamble) is over the per-turn limit, its last is not."""
+
+    max_turns = 2
+    max_new_tokens = 4
+
+    def episode(self, task: Task) -> Episode:
+        return TwoTurns(task, self)
+
+    def teacher(self) -> None:
+        return None
+
+    def oracle(self, messages: list[Message]) -> Any:
+        if not any(m["role"] == "assistant" for m in messages):
+            return "let me think about this number carefully, digit by digit"
+        return super().oracle(messages[:-2])

@@ -14,8 +14,8 @@ import pytest
 from rltk.cli import main
 from rltk.contract import EnvContractError, EnvContractWarning, Outcome, warn_if_no_answers
 from rltk.envcheck import format_results, run_checks
-from rltk.plugins import get_env, list_envs, make_env
-from rltk.scaffold_env import FILES, render, write_package
+from rltk.plugins import PluginError, get_env, list_envs, make_env
+from rltk.scaffold_env import FILES, SUMMARY, render, write_package
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = str(Path(__file__).resolve().parent)
@@ -177,9 +177,50 @@ def test_shipped_envs_pass_envs_check(name: str) -> None:
 
 def test_example_package_is_the_scaffold_for_its_name() -> None:
     example = ROOT / "examples" / "ticket_triage"
-    assert render("ticket_triage") == FILES
+    assert render("ticket_triage") == FILES  # the example keeps its own summary
+    assert SUMMARY in FILES["pyproject.toml"] and SUMMARY in FILES["ticket_triage/__init__.py"]
     for rel, text in FILES.items():
         assert (example / rel).read_text() == text, f"examples/ticket_triage/{rel} differs from the scaffold"
+
+
+def test_a_misspelled_env_option_is_one_error_naming_the_valid_ones() -> None:
+    with pytest.raises(PluginError, match=r"unknown option 'levl' \(did you mean 'level'\?\)"):
+        run_checks("broken_envs:LeveledParityEnv", {"levl": "hard"}, 20)
+    out = _cli("envs", "check", "broken_envs:LeveledParityEnv", "--env-options", '{"levl": "hard"}')
+    assert out.returncode == 2 and out.stdout == "", out.stdout
+    assert out.stderr.startswith("error: ") and "did you mean 'level'" in out.stderr
+    assert "Traceback" not in out.stderr and "valid options: level" in out.stderr
+    assert all(r.status == "pass" for r in run_checks("broken_envs:LeveledParityEnv", {"level": "hard"}, 40))
+
+
+@pytest.mark.parametrize(
+    ("name", "said"), [("MisdeclaredTeacherEnv", "0.0% of its"), ("UndeclaredTeacherEnv", "no weak_slices")]
+)
+def test_teacher_errors_outside_its_weak_slices_warn(name: str, said: str) -> None:
+    results = run_checks(f"broken_envs:{name}", {}, 60)
+    status, detail, fix = {r.name: (r.status, r.detail, r.fix) for r in results}["teacher"]
+    assert status == "warn" and said in detail and "wrong on 100% of last_digit=7" in detail, detail
+    assert "weak_slices = {info key: (values, ...)}" in fix and "Task.info" in fix
+    assert not [r for r in results if r.status == "fail"]  # a warning: exit 0
+    kept = rows("ParityEnv", 60)["teacher"]
+    assert kept[0] == "pass" and "100.0% of its" in kept[1], kept
+
+
+def test_check_raising_on_a_canary_names_the_contract() -> None:
+    status, detail, fix = rows("RaisingCheckEnv")["canaries"]
+    assert status == "fail" and "raised KeyError" in detail
+    assert fix.startswith("check must never raise on model output: return Outcome(correct=False)")
+
+
+@pytest.mark.parametrize(
+    ("name", "longest"), [("LongAnswerEnv", "the number you"), ("MultiTurnLongEnv", "let me")]
+)
+def test_oracle_answers_longer_than_max_new_tokens_fail(name: str, longest: str) -> None:
+    status, detail, fix = rows(name)["answer_length"]
+    assert status == "fail" and "exceed max_new_tokens" in detail and longest in detail, detail
+    assert "longest: parity/eval/0/" in detail and "raise max_new_tokens" in fix
+    status, detail, _ = rows("ParityEnv")["answer_length"]
+    assert status == "pass" and "of max_new_tokens 16" in detail
 
 
 def test_scaffold_renames_everything_and_refuses_taken_names(tmp_path: Path) -> None:
@@ -188,6 +229,12 @@ def test_scaffold_renames_everything_and_refuses_taken_names(tmp_path: Path) -> 
     assert "claims_triage/env.py" in files and "recipes/claims_triage_grpo.yaml" in files
     text = "".join(p.read_text() for p in root.rglob("*") if p.is_file())
     assert "ticket_triage" not in text and "TicketTriage" not in text and "ClaimsTriageEnv" in text
+    for rel in ("pyproject.toml", "claims_triage/__init__.py", "recipes/claims_triage_grpo.yaml"):
+        prose = (root / rel).read_text()
+        assert "ticket" not in prose.lower() and "route" not in prose, f"{rel} keeps ticket-triage prose"
+    summary = "claims_triage: an rltk environment plugin (started from rltk envs new; describe your workflow"
+    assert summary in (root / "pyproject.toml").read_text()
+    assert summary in (root / "claims_triage" / "__init__.py").read_text()
     for bad in ("policy_flagging", "Bad-Name", "json", "class"):
         with pytest.raises(Exception, match="env"):
             write_package(bad, tmp_path / "x")
