@@ -284,10 +284,19 @@ def write_package(name: str, parent: Path) -> Path:
 
     """
     check_name(name)
-    root = Path(parent) / name
+    return write_tree("env", name, Path(parent) / name, render(name))
+
+
+def write_tree(kind: str, name: str, root: Path, files: dict[str, str]) -> Path:
+    """Write ``files`` (relative path → text) under ``root``, which must not exist yet; return ``root``.
+
+    Raises:
+        PluginError: If ``root`` exists (nothing of it is overwritten).
+
+    """
     if root.exists():
-        raise PluginError("env", name, f"{root} already exists", "remove it or pass another --dir")
-    for rel, text in render(name).items():
+        raise PluginError(kind, name, f"{root} already exists", "remove it or pass another --dir")
+    for rel, text in files.items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -175,12 +175,7 @@ def write_package(name: str, parent: Path) -> Path:
         PluginError: If the name is unusable or taken, or ``parent/name`` already exists.
 
     """
+    from rltk.scaffold_env import write_tree
+
     check_name(name)
-    root = Path(parent) / name
-    if root.exists():
-        raise PluginError("reward", name, f"{root} already exists", "remove it or pass another --dir")
-    for rel, text in render(name).items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return root
+    return write_tree("reward", name, Path(parent) / name, render(name))
