@@ -35,6 +35,15 @@ import psutil
 import torch
 
 HERE = Path(__file__).resolve().parent
+LOWMEM = [  # 2 rollouts per micro-batch, recomputed activations, a 0.5 GiB vLLM KV cache
+    "recipes/support_refund_grpo.yaml",
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=8",
+    "optim.rollouts_per_micro_batch=2",
+    "model.gradient_checkpointing=true",
+    "algorithm.shared_prompt=packed",
+    "rollout.vllm_kv_cache_gib=0.5",  # 16 five-turn episodes hold ~11k tokens: 0.25 GiB in bf16
+]
 CASES = {
     "quickstart": ["recipes/quickstart.yaml"],
     "support_refund": [
@@ -55,14 +64,11 @@ CASES = {
         "rollout.group_size=8",
         "optim.rollouts_per_micro_batch=2",
     ],
-    "support_refund_lowmem": [  # 2 rollouts per micro-batch, recomputed activations, a 0.5 GiB vLLM KV cache
-        "recipes/support_refund_grpo.yaml",
-        "rollout.prompts_per_step=2",
-        "rollout.group_size=8",
-        "optim.rollouts_per_micro_batch=2",
-        "model.gradient_checkpointing=true",
-        "algorithm.shared_prompt=packed",
-        "rollout.vllm_kv_cache_gib=0.5",  # 16 five-turn episodes hold ~11k tokens: 0.25 GiB in bf16
+    "support_refund_lowmem": LOWMEM,
+    "support_refund_lowmem_kv03": [  # lowmem with a 0.3 GiB KV cache and one reward worker
+        *LOWMEM[:-1],
+        "rollout.vllm_kv_cache_gib=0.3",
+        "rollout.reward_workers=1",
     ],
 }
 

@@ -56,17 +56,27 @@ def make_experience(
         policy.experience(batch, old=old)
     metrics = advantage.assign(batches, algo, all_reduce)
     if policy.critic is not None:
-        metrics.update(critic_metrics(batches, all_reduce))
+        critic, moments = critic_metrics(batches, all_reduce)
+        if moments is not None and algo.vf_coef > 0:  # a frozen critic keeps μ = 0, σ = 1: values stay 0
+            policy.critic.observe(*moments)
+        metrics.update(critic)
     if rows_per_micro_batch:
         batches = [piece for b in batches for piece in split_rows(b, rows_per_micro_batch)]
     return batches, {**selection.metrics, **metrics}
 
 
-def critic_metrics(batches: list[Batch], all_reduce: AllReduce) -> dict[str, float]:
+def critic_metrics(
+    batches: list[Batch], all_reduce: AllReduce
+) -> tuple[dict[str, float], tuple[float, float] | None]:
     """How well the critic predicted this step's fresh rollouts, before the update (all ranks).
 
     ``critic/explained_variance`` = 1 - Var(R - V) / Var(R) over the model tokens (1: perfect, 0: no
     better than a constant, < 0: worse).
+
+    Returns:
+        The metrics, and the returns' mean and mean square over the model tokens (what
+        :meth:`rltk.net.ValueHead.observe` takes); ``({}, None)`` with fewer than 2 tokens.
+
     """
     local = [0.0] * 5
     for b in batches:
@@ -75,10 +85,12 @@ def critic_metrics(batches: list[Batch], all_reduce: AllReduce) -> dict[str, flo
         local = [x + float(t.sum()) for x, t in zip(local, terms, strict=True)]
     n, s_r, s_r2, s_d, s_d2 = all_reduce(local)
     if n < 2:
-        return {}
+        return {}, None
     var_r, var_d = s_r2 / n - (s_r / n) ** 2, s_d2 / n - (s_d / n) ** 2
-    return {
+    metrics = {
         "critic/explained_variance": 1.0 - var_d / var_r if var_r > 1e-12 else 0.0,
         "critic/return_mean": s_r / n,
+        "critic/return_std": max(var_r, 0.0) ** 0.5,
         "critic/value_mean": (s_r - s_d) / n,
     }
+    return metrics, (s_r / n, s_r2 / n)

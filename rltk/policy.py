@@ -56,7 +56,7 @@ class Policy:
     def __init__(self, cfg: Config, accelerator: Accelerator) -> None:
         self.cfg, self.algo, self.accelerator = cfg, cfg.algorithm.resolved(), accelerator
         lm = build_policy(cfg)
-        self.critic: nn.Module | None = None  # the value head inside ``net``, unwrapped
+        self.critic: ValueHead | None = None  # the value head inside ``net``, unwrapped
         if self.algo.critic:
             self.critic = ValueHead(lm.config.hidden_size)
             self.critic.requires_grad_(self.algo.vf_coef > 0)  # vf_coef 0: a frozen critic (ablation)

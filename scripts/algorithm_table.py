@@ -39,6 +39,7 @@ ALGORITHMS = {
     "grpo": ["algorithm.name=grpo"],
     "rloo": ["algorithm.name=rloo"],
     "ppo": ["algorithm.name=ppo"],
+    "ppo_critic_lr": ["algorithm.name=ppo", "algorithm.critic_lr=1e-3"],
     "ppo_frozen_critic": ["algorithm.name=ppo", "algorithm.vf_coef=0"],
     "ppo_lam095": ["algorithm.name=ppo", "algorithm.lam=0.95"],
     "ppo_lam095_frozen_critic": ["algorithm.name=ppo", "algorithm.lam=0.95", "algorithm.vf_coef=0"],

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from rltk.config import ConfigError, load_config
 from rltk.export import export
+from rltk.net import ValueHead
 from rltk.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,6 +37,10 @@ def test_ppo_trains_policy_and_critic_and_logs_the_critic(tiny_model_dir: str, t
         assert key in metrics, key
     assert metrics["critic/value_mean"] == 0.0  # the fresh rollouts met the zero-initialised critic
     assert any(float(v.abs().sum()) > 0 for v in _critic(trainer).values()), "the critic did not learn"
+    mean, std = trainer.policy.critic.scale()  # the first step's returns, exactly (debiased)
+    assert mean == pytest.approx(metrics["critic/return_mean"]) and std == pytest.approx(
+        metrics["critic/return_std"]
+    )
     after = dict(trainer.policy.lm.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before), "the policy did not learn"
     trainer.close()
@@ -48,6 +53,23 @@ def test_a_frozen_critic_stays_at_zero(tiny_model_dir: str, tmp_path: Path) -> N
     assert "value/loss" not in metrics and "critic/explained_variance" in metrics
     assert all(float(v.abs().sum()) == 0 for v in _critic(trainer).values())
     trainer.close()
+
+
+def test_the_value_head_reads_in_the_running_scale_of_the_returns() -> None:
+    head = ValueHead(4, decay=0.5)
+    hidden = torch.randn(3, 4)
+    assert head.scale() == (0.0, 1.0) and torch.equal(head(hidden), torch.zeros(3))
+    head.observe(2.0, 5.0)  # mean 2, variance 1
+    assert head.scale() == pytest.approx((2.0, 1.0)) and torch.allclose(head(hidden), torch.full((3,), 2.0))
+    head.observe(4.0, 20.0)  # mean 4, variance 4; weights 1/3 and 2/3 once debiased
+    mean, std = head.scale()
+    assert mean == pytest.approx(10 / 3) and std**2 == pytest.approx(45 / 3 - (10 / 3) ** 2)
+    with torch.no_grad():
+        head.linear.bias.fill_(1.0)
+    assert torch.allclose(head(hidden), torch.full((3,), mean + std))  # V = μ + σ · (w·h + b)
+    copy = ValueHead(4, decay=0.5)
+    copy.load_state_dict(head.state_dict())  # the scale is saved with the head
+    assert copy.scale() == (mean, std)
 
 
 def test_ppo_takes_groups_of_one_and_grpo_does_not(tiny_model_dir: str, tmp_path: Path) -> None:
