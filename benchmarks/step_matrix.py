@@ -15,7 +15,8 @@ support_refund_grpo.yaml at P=2, G=8: five-turn tool episodes of ~660 tokens, th
 issue measured at 11.7 GiB); ``support_refund_ckpt`` is that step with gradient checkpointing (and the
 packed shared-prompt forward it needs); ``support_refund_rows2`` trains on 2 rollouts of a group per
 micro-batch (``optim.rollouts_per_micro_batch``); ``support_refund_lowmem`` adds gradient checkpointing and a
-0.5 GiB vLLM KV cache to that.
+0.5 GiB vLLM KV cache to that; ``support_refund_lowmem_kv03`` shrinks the KV cache to 0.3 GiB and keeps one
+reward worker.
 """
 
 from __future__ import annotations

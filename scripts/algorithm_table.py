@@ -8,7 +8,8 @@ Each (algorithm, seed) is one ``rltk train`` of ``recipes/invoice_extraction_grp
 step 0 (the warm start) and at the end; runs are made one after another (each alone on the CPU).
 ``ppo_frozen_critic`` is PPO with ``vf_coef=0``: its value head stays at zero, so GAE sees no baseline (the
 critic ablation: with λ = 1, REINFORCE on the whitened outcome); ``ppo_lam095`` is PPO with GAE's λ = 0.95
-(the preset before this table: TRL's default), ``ppo_lam095_frozen_critic`` the same without the critic.
+(the preset before this table: TRL's default), ``ppo_lam095_frozen_critic`` the same without the critic;
+``ppo_critic_lr`` gives the critic a 10x learning rate (``algorithm.critic_lr=1e-3``).
 
 The table reads each run's ``evals/step_*.jsonl`` (per-task verdicts): final accuracy with its bootstrap 95%
 interval over tasks, the gain over the same seed's warm start with a paired interval, and the mean over seeds
