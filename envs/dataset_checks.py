@@ -27,6 +27,8 @@ from collections.abc import Hashable, Mapping
 from fractions import Fraction
 from typing import Any
 
+from rltk_rewards.json_answer import json_object
+
 from rltk.reward import reward_fn
 from rltk.reward_contract import call_one
 
@@ -37,7 +39,6 @@ _QUOTES = (('"', '"'), ("'", "'"), ("`", "`"), ("\u201c", "\u201d"), ("\u2018", 
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
 _CURRENCY = "$€£¥₹"
-_FENCE = re.compile(r"\A```(?:json)?[ \t]*\n?(.*?)\n?\s*```\Z", re.DOTALL | re.IGNORECASE)
 
 
 def as_text(value: Any) -> str | None:
@@ -123,13 +124,6 @@ def parse_number(text: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise ValueError("repeated key")  # two values for one field: a hedge
-    return dict(pairs)
-
-
 def parse_object(text: Any) -> dict[str, Any] | None:
     r"""Exactly one JSON object (optionally in one ```json fence), or None.
 
@@ -142,16 +136,7 @@ def parse_object(text: Any) -> dict[str, Any] | None:
         return dict(text)
     if not isinstance(text, str) or len(text) > MAX_ANSWER_CHARS:
         return None
-    body = text.strip()
-    fenced = _FENCE.match(body)
-    body = (fenced.group(1) if fenced else body).strip()
-    if not body.startswith("{"):
-        return None
-    try:
-        obj = json.loads(body, object_pairs_hook=_unique_keys)
-    except (ValueError, RecursionError):
-        return None
-    return obj if isinstance(obj, dict) else None
+    return json_object(text)
 
 
 def canonical_value(value: Any) -> str:

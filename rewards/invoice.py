@@ -15,17 +15,17 @@ candidate totals), whitespace runs of more than 16 characters (padding) and repl
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import re
 from collections.abc import Hashable, Mapping
 from typing import Any
 
+from rltk_rewards.json_answer import json_object
+
 from rltk.reward import reward_fn
 
 MAX_CHARS = 2000
 _PADDING = re.compile(r"\s{17,}")
-_FENCE = re.compile(r"\A\s*```(?:json)?[ \t]*\n?(.*?)\n?\s*```\s*\Z", re.DOTALL | re.IGNORECASE)
 _ISO = re.compile(r"\d{4}-\d{2}-\d{2}")
 _SYMBOLS = {
     "CA$": "CAD",
@@ -49,13 +49,6 @@ _DATES = (
 )
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise ValueError("repeated key")
-    return dict(pairs)
-
-
 def parse_reply(text: Any) -> dict[str, Any] | None:
     r"""The reply's one JSON object, or None (not a string, not exactly one object, padding, nested values).
 
@@ -70,15 +63,8 @@ def parse_reply(text: Any) -> dict[str, Any] | None:
     """
     if not isinstance(text, str) or len(text) > MAX_CHARS or _PADDING.search(text):
         return None
-    fenced = _FENCE.match(text)
-    body = (fenced.group(1) if fenced else text).strip()
-    if not body.startswith("{"):
-        return None
-    try:
-        obj = json.loads(body, object_pairs_hook=_unique_keys)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(obj, dict) or any(isinstance(v, (list, dict)) for v in obj.values()):
+    obj = json_object(text)
+    if obj is None or any(isinstance(v, (list, dict)) for v in obj.values()):
         return None
     return obj
 
