@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rltk.cli_export import add_parser as add_export_parser
 from rltk.errors import user_errors
 
 if TYPE_CHECKING:
@@ -149,33 +150,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     built = compare.run(specs, env, tasks, settings, args.out, meta, sampler)
     print(report_render.markdown(built))
     print(f"wrote {args.out}/report.json, report.md, report.png")
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    """Merge a run's checkpoint into a plain HF directory and verify it, or ``--check`` an export."""
-    from rltk.export import SUMS, check_export, export
-
-    if args.check is not None:
-        if args.run_dir is not None or args.out is not None or args.step is not None or args.no_verify:
-            print(
-                "error: --check DIR stands alone: rltk export --check DIR "
-                "(no RUN_DIR, --out, --step or --no-verify)",
-                file=sys.stderr,
-            )
-            return 2
-        names = check_export(args.check)
-        print(f"{args.check}: all {len(names)} files match {SUMS}: {', '.join(names)}")
-        return 0
-    if args.run_dir is None or args.out is None:
-        print(
-            "error: rltk export needs RUN_DIR and --out: rltk export RUN_DIR --out NEW_DIR (or --check DIR)",
-            file=sys.stderr,
-        )
-        return 2
-    out = export(args.run_dir, args.out, step=args.step, check=not args.no_verify)
-    print(f"exported to {out}" + ("" if args.no_verify else " (verified with plain transformers)"))
-    print(f"check it later with: rltk export --check {out}   (or sha256sum -c {SUMS} inside it)")
     return 0
 
 
@@ -386,23 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_eval_parser(sub)
 
-    p = sub.add_parser(
-        "export",
-        help="merge a run's checkpoint into a plain HF directory (or --check one against its SHA256SUMS)",
-        usage="rltk export RUN_DIR --out OUT [--step STEP] [--no-verify]\n       rltk export --check DIR",
-    )
-    p.add_argument("run_dir", nargs="?", help="the run's output_dir (required unless --check)")
-    p.add_argument("--out", help="new directory to write (required with RUN_DIR)")
-    p.add_argument("--step", type=int, help="checkpoint step (default: newest valid)")
-    p.add_argument("--no-verify", action="store_true", help="skip loading the export in a fresh process")
-    p.add_argument(
-        "--check",
-        metavar="DIR",
-        help="instead of exporting: re-hash every file of the export DIR against its SHA256SUMS "
-        "(exit 2 naming each changed, missing or added file)",
-    )
-    p.set_defaults(func=cmd_export)
-
+    add_export_parser(sub)
     _add_envs_parser(sub)
     _add_rewards_parser(sub)
     return parser

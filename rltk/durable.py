@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -41,3 +42,12 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def source_sha256(obj: object) -> str | None:
+    """Sha256 of the file that defines ``obj`` (a class or function), or None where there is no file."""
+    try:
+        path = inspect.getsourcefile(obj if inspect.isclass(obj) or inspect.isfunction(obj) else type(obj))
+    except TypeError:
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None

@@ -26,10 +26,10 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from rltk.contract import EnvContractError, EnvContractWarning, Outcome, check_action, check_task, env_name
+from rltk.durable import source_sha256
 
 __all__ = [
     "SPLITS",
@@ -163,10 +163,10 @@ class Teacher(ABC):
 
     def source_sha256(self) -> str:
         """Sha256 of the module that defines this teacher's class (the teacher's frozen identity)."""
-        path = inspect.getsourcefile(type(self))
-        if path is None:
+        digest = source_sha256(type(self))
+        if digest is None:
             raise ValueError(f"cannot find the source file of teacher {type(self).__qualname__}")
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return digest
 
 
 class Env(ABC):

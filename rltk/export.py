@@ -1,42 +1,45 @@
-"""Stage "export": a run's checkpoint → a plain Hugging Face directory that needs no rltk to serve.
+"""Stage "export": a run's checkpoint → a directory that serves with no rltk installed, verified on the env.
 
-LoRA adapters are merged into the base weights; the directory holds ``model.safetensors``, ``config.json``,
-``generation_config.json``, the tokenizer with its chat template, a model card (``README.md``) with the
-run's evaluation if there is one, and ``SHA256SUMS`` (written last, in ``sha256sum -c`` format) over every
-other file. :func:`check_export` (``rltk export --check``, and ``rltk eval`` before it loads an export)
-re-hashes the directory against it. :func:`verify` loads the export in a fresh Python process with
-transformers alone and checks that its greedy answers to a few of the env's eval prompts equal the
-in-process model's.
+Two kinds: ``merged`` (default; LoRA merged into the base, fp32 ``model.safetensors``: what plain
+transformers, vLLM or llama.cpp's converter load) and ``adapter`` (``--adapter-only``: peft's
+``adapter_model.safetensors`` and ``adapter_config.json``, whose base is the exact directory the run
+trained from, named with its sha256 in ``base_model.json``). Either holds the tokenizer with its chat
+template, ``generation_config.json``, a model card (``README.md``, :mod:`rltk.model_card`),
+``rltk_export.json`` (the run, step and verification) and ``SHA256SUMS`` (:mod:`rltk.export_sums`),
+written last.
+
+Nothing reaches ``--out`` unverified: the files are written to a hidden sibling directory, played on the
+env's eval tasks in an isolated process (:mod:`rltk.export_verify`), and moved to ``--out`` only if they
+verify. A GGUF file (``--gguf``) is converted from the merged weights and checked under llama.cpp
+(:mod:`rltk.gguf`) before the move too.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import re
-import subprocess
-import sys
-import textwrap
+import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rltk import checkpoint, plugins
-from rltk.chat import render_prompt
 from rltk.config import Config, load_config
 from rltk.durable import sha256_file
+from rltk.env import Env, Task
+from rltk.export_sums import SUMS, ExportError, check_export, write_sums
+from rltk.export_verify import VerifyReport, verify_export
+from rltk.model_card import BaseModel, render
 from rltk.models import build_policy, load_tokenizer
+from rltk.reward import Rubric
 
-SUMS = "SHA256SUMS"
-VERIFY_PROMPTS = 3  # eval tasks of the run's env that verify() answers in both processes
-VERIFY_NEW_TOKENS = 32
-_SUM_LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")  # sha256sum's text (" ") and binary ("*") modes
-_REEXPORT = "Fix: re-export it (rltk export RUN_DIR --out NEW_DIR) and do not edit or add files in an export"
+__all__ = ["SUMS", "ExportError", "check_export", "export", "load_run", "verify_dir"]
 
-
-class ExportError(RuntimeError):
-    """An export could not be produced, did not verify, or no longer matches its ``SHA256SUMS``."""
+VERIFY_TASKS = 200  # eval tasks the export plays in the check (rltk export --n)
+MANIFEST = "rltk_export.json"
+BASE_FILE = "base_model.json"
+KINDS = ("merged", "adapter")
 
 
 def load_run(
@@ -58,64 +61,6 @@ def load_run(
     checkpoint.load(path, model=model)
     model.eval()
     return model, tokenizer, cfg
-
-
-def _files(root: Path) -> list[str]:
-    """Every file under ``root`` but ``SHA256SUMS``, as sorted relative POSIX paths."""
-    names = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    return sorted(n for n in names if n != SUMS)
-
-
-def write_sums(out: Path) -> None:
-    """Write ``out/SHA256SUMS`` over every other file of ``out`` (``sha256sum -c`` format, sorted by name)."""
-    (out / SUMS).write_text("".join(f"{sha256_file(out / name)}  {name}\n" for name in _files(out)))
-
-
-def _read_sums(path: Path) -> dict[str, str]:
-    """``{name: sha256}`` from ``path/SHA256SUMS``; raises :class:`ExportError` if absent or malformed."""
-    sums = path / SUMS
-    if not path.is_dir():
-        raise ExportError(f"{path} is not a directory; pass the --out directory of an rltk export")
-    if not sums.is_file():
-        raise ExportError(
-            f"{path} has no {SUMS}, so it cannot be checked (not an rltk export, or one written before rltk "
-            f"wrote {SUMS}). {_REEXPORT}."
-        )
-    want: dict[str, str] = {}
-    for number, line in enumerate(sums.read_text().splitlines(), start=1):
-        m = _SUM_LINE.match(line)
-        if m is None:
-            raise ExportError(
-                f"{sums} line {number} is not '<64 hex digits>  <file name>': {line[:80]!r}. {_REEXPORT}."
-            )
-        want[m.group(2)] = m.group(1)
-    return want
-
-
-def check_export(path: str | Path) -> list[str]:
-    """Re-hash every file of the export at ``path`` against its ``SHA256SUMS``.
-
-    Returns:
-        The names of the files checked, sorted.
-
-    Raises:
-        ExportError: Naming each changed, missing or added file (or an absent/malformed ``SHA256SUMS``).
-
-    """
-    path = Path(path)
-    want = _read_sums(path)
-    have = _files(path)
-    problems = [f"{name} is missing" for name in sorted(want.keys() - set(have))]
-    for name in have:
-        if name not in want:
-            problems.append(f"{name} was added (not in {SUMS})")
-        elif (digest := sha256_file(path / name)) != want[name]:
-            problems.append(f"{name} changed (sha256 {digest[:12]}…, {SUMS} says {want[name][:12]}…)")
-    if problems:
-        raise ExportError(
-            f"the export at {path} does not match its {SUMS}: {'; '.join(problems)}. {_REEXPORT}."
-        )
-    return have
 
 
 def _valid_steps(run_dir: Path) -> list[int]:
@@ -140,131 +85,178 @@ def _non_finite_error(run_dir: Path, step: int | None, out: Path, names: list[st
     )
 
 
-def _card(cfg: Config, run_dir: Path) -> str:
-    """The model card (``README.md``): what the model is, how to load it, the run's evaluation."""
-    report = run_dir / "eval.json"
-    evaluation = report.read_text() if report.is_file() else "(no eval.json in the run dir)"
-    return textwrap.dedent(
-        f"""\
-        # {cfg.env.name} policy trained with rltk
-
-        Base model: `{cfg.model.name}`; algorithm: `{cfg.algorithm.name}`; RL steps: {cfg.run.steps}.
-        A plain transformers checkpoint (LoRA merged): load it with
-        `AutoModelForCausalLM.from_pretrained(path)`; render prompts with the tokenizer's chat template.
-        `sha256sum -c SHA256SUMS` in this directory checks every file.
-
-        ## Evaluation (from the run dir)
-        ```json
-        {evaluation}
-        ```
-        """
-    )
+def _checkpoint_step(run_dir: Path, step: int | None) -> int:
+    """The step :func:`load_run` loads: ``step``, else the newest valid checkpoint's."""
+    if step is not None:
+        return step
+    path = checkpoint.latest(run_dir)
+    assert path is not None  # load_run raised already
+    return int(path.name.rsplit("-", 1)[1])
 
 
-def export(run_dir: str | Path, out: str | Path, step: int | None = None, check: bool = True) -> Path:
-    """Merge and save a run's policy to ``out``; verify it outside rltk unless ``check`` is False.
+def _workflow(cfg: Config, env_name: str | None, n: int) -> tuple[Env, Rubric, list[Task], int]:
+    """The env, rubric, ``n`` eval tasks and turn budget the check plays: the run's, or ``env_name``'s."""
+    same = env_name in (None, cfg.env.name)
+    env = plugins.make_env(cfg.env.name if same else str(env_name), cfg.env.options if same else {})
+    rubric = Rubric.from_config(cfg.rewards if same else [], env)
+    budget = (cfg.eval.max_new_tokens if same else None) or env.max_new_tokens
+    return env, rubric, env.tasks("eval", n, seed=0), budget
+
+
+def _refuse_tied_lora(model: PreTrainedModel, cfg: Config) -> None:
+    """A LoRA on ``lm_head`` of a model with tied embeddings would change the input embedding when merged."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied and cfg.model.lora.enabled and "lm_head" in cfg.model.lora.target_modules:
+        raise ExportError(
+            "the run has a LoRA on lm_head while the model ties lm_head to the input embeddings: merged, it "
+            "would change both. Fix: train without lm_head in model.lora.target_modules (or export with "
+            "--adapter-only, which keeps the adapter separate)"
+        )
+
+
+def _write_weights(model: PreTrainedModel, kind: str, tmp: Path, base: BaseModel) -> None:
+    """Save the merged weights, or the adapter with its base named (path, sha256)."""
+    if kind == "adapter":
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = base.path
+        model.save_pretrained(tmp, safe_serialization=True)
+        # The sha256 goes beside peft's config, not into it: peft warns "upgrade peft" on an unknown key.
+        (tmp / BASE_FILE).write_text(json.dumps(base.__dict__, indent=2) + "\n")
+        return
+    model.save_pretrained(tmp, safe_serialization=True)
+
+
+def export(
+    run_dir: str | Path,
+    out: str | Path,
+    step: int | None = None,
+    check: bool = True,
+    *,
+    n: int = VERIFY_TASKS,
+    adapter_only: bool = False,
+    python: str | None = None,
+) -> Path:
+    """Export a run's checkpoint to ``out``, verified on ``n`` of its env's eval tasks (unless not ``check``).
+
+    Args:
+        run_dir: The run's output_dir.
+        out: A new (or empty) directory.
+        step: The checkpoint (default: the newest valid one).
+        check: Play the export on the env in an isolated process before it reaches ``out``.
+        n: Eval tasks played by the check.
+        adapter_only: Write the LoRA adapter (peft) instead of merged weights.
+        python: The interpreter of the check's child (default: this one, with rltk and peft refused).
 
     Raises:
-        ExportError: ``out`` is not empty, ``run_dir`` is not a run, the merged weights are not finite
-            (before anything is written), or the export does not verify.
+        ExportError: ``out`` is not empty, ``run_dir`` is not a run, the weights are not finite, an adapter
+            is asked of a run without LoRA, or the export does not verify (nothing is left at ``out``).
 
     """
     run_dir, out = Path(run_dir), Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"{out} exists and is not empty; choose a new --out or remove it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} exists and is not empty (or is a file); choose a new --out or remove it")
+    kind = "adapter" if adapter_only else "merged"
     model, tokenizer, cfg = load_run(run_dir, step)
-    prompts = verify_prompts(cfg) if check else []  # before writing: an env that fails leaves nothing
-    # Merge in fp32: a LoRA delta added to bf16 weights in bf16 is mostly rounded away. Upcasting a bf16
-    # base is exact, so the export computes what was trained (base as trained + adapters), in fp32.
-    model = model.to(torch.float32)
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    if names := checkpoint.nonfinite_tensors(model):
+    if adapter_only and not cfg.model.lora.enabled:
+        raise ExportError(
+            f"{run_dir} trained without LoRA: there is no adapter; export it merged (no --adapter-only)"
+        )
+    _refuse_tied_lora(model, cfg)
+    env, rubric, tasks = _workflow(cfg, None, n)[:3] if check else (None, None, [])  # before writing
+    model = model.to(
+        torch.float32
+    )  # merge in fp32: a LoRA delta added to bf16 weights is mostly rounded away
+    weights = model
+    if kind == "merged" and hasattr(model, "merge_and_unload"):
+        weights = copy.deepcopy(model).merge_and_unload()  # the unmerged model stays: the check's reference
+    if names := checkpoint.nonfinite_tensors(weights):
         raise _non_finite_error(run_dir, step, out, names)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    (out / "README.md").write_text(_card(cfg, run_dir))
-    write_sums(out)  # last: it covers every file above
-    if check:
-        verify(out, model, tokenizer, prompts)
+    base = BaseModel.of(cfg.model.name)
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_weights(weights, kind, tmp, base)
+        tokenizer.save_pretrained(tmp)
+        report = None
+        if check:
+            assert env is not None and rubric is not None
+            budget = cfg.eval.max_new_tokens or env.max_new_tokens
+            report = verify_export(tmp, model, tokenizer, env, rubric, tasks, budget, kind, python)
+            _raise_unless_ok(report, out)
+            report.export_dir = str(out)  # checked in the hidden directory, recorded where it lands
+        _finish(tmp, cfg, run_dir, _checkpoint_step(run_dir, step), kind, base, report)
+        if out.exists():
+            out.rmdir()
+        tmp.replace(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def verify_prompts(cfg: Config, n: int = VERIFY_PROMPTS) -> list[dict[str, Any]]:
-    """``n`` eval tasks of the run's env as ``{"id", "messages", "tools"}`` (what :func:`verify` answers)."""
-    env = plugins.make_env(cfg.env.name, cfg.env.options)
-    return [{"id": t.id, "messages": t.messages, "tools": t.tools} for t in env.tasks("eval", n, seed=0)]
-
-
-# Runs in a fresh interpreter: what a server with transformers alone (no rltk, no peft) would load and answer.
-_VERIFY = """
-import json, sys, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-path, max_new_tokens = sys.argv[1], int(sys.argv[2])
-prompts = json.load(sys.stdin)
-tok = AutoTokenizer.from_pretrained(path)
-model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-assert getattr(model.config, "quantization_config", None) is None, "export is marked quantized"
-assert "rltk" not in sys.modules and "peft" not in sys.modules
-answers = []
-for p in prompts:
-    tools = {} if p["tools"] is None else {"tools": p["tools"]}
-    ids = tok.apply_chat_template(
-        p["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True, **tools
-    )
-    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-    answers.append(out[0, ids["input_ids"].shape[1]:].tolist())
-print(json.dumps(answers))
-"""
-
-
-def _greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: dict[str, Any]) -> list[int]:
-    """The in-process model's greedy tokens for one :func:`verify_prompts` entry."""
-    ids = torch.tensor(
-        [render_prompt(tokenizer, prompt["messages"], tools=prompt["tools"])], device=model.device
-    )
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=VERIFY_NEW_TOKENS,
-            do_sample=False,
+def _raise_unless_ok(report: VerifyReport, out: Path) -> None:
+    if not report.ok:
+        shown = "\n  ".join(report.problems())
+        raise ExportError(
+            f"{report.summary()}\n  {shown}\nNothing was written to {out}. A mismatch under teacher forcing "
+            "means the merge (or the exported config) computes another function than the checkpoint; a chat "
+            "template difference means a server would render other prompts than training did."
         )
-    return out[0, ids.shape[1] :].tolist()
 
 
-def verify(
-    out: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[dict[str, Any]]
+def _finish(
+    out: Path, cfg: Config, run_dir: Path, step: int, kind: str, base: BaseModel, report: VerifyReport | None
 ) -> None:
-    """Load ``out`` in a fresh process (transformers only) and compare greedy tokens with ``model``'s.
+    """The card, the manifest and (last) ``SHA256SUMS``."""
+    env = plugins.make_env(cfg.env.name, cfg.env.options)
+    rubric = Rubric.from_config(cfg.rewards, env)
+    png = run_dir / "report" / "report.png"
+    if png.is_file():
+        shutil.copyfile(png, out / "report.png")
+    verification = report.summary() if report else "Not verified (exported with --no-verify)."
+    files = {BASE_FILE: "the base this adapter needs: path and sha256"} if kind == "adapter" else {}
+    (out / "README.md").write_text(render(cfg, run_dir, step, kind, base, env, rubric, verification, files))
+    manifest = {
+        "kind": kind,
+        "run_dir": str(run_dir.resolve()),
+        "step": step,
+        "env": cfg.env.name,
+        "base": base.__dict__,
+        "verification": report.to_json() if report else None,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_sums(out)
 
-    Args:
-        out: The export directory.
-        model: The merged model, in process.
-        tokenizer: The run's tokenizer (the fresh process uses the exported one and its chat template).
-        prompts: From :func:`verify_prompts`; each is answered with up to ``VERIFY_NEW_TOKENS`` tokens.
+
+def verify_dir(
+    export_dir: str | Path, env_name: str | None = None, n: int = VERIFY_TASKS, python: str | None = None
+) -> VerifyReport:
+    """Re-verify an existing export against the checkpoint it came from (``rltk export --verify DIR``).
 
     Raises:
-        ExportError: The export does not load with plain transformers, or answers differently.
+        ExportError: The export does not match its ``SHA256SUMS``, has no manifest, or its run is gone.
 
     """
-    want = [_greedy(model, tokenizer, p) for p in prompts]
-    proc = subprocess.run(
-        [sys.executable, "-c", _VERIFY, str(out), str(VERIFY_NEW_TOKENS)],
-        input=json.dumps(prompts),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
+    export_dir = Path(export_dir)
+    check_export(export_dir)
+    manifest_path = export_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise ExportError(f"{export_dir} has no {MANIFEST} (exported by an older rltk): re-export it")
+    manifest = json.loads(manifest_path.read_text())
+    run_dir = Path(manifest["run_dir"])
+    if not run_dir.is_dir():
         raise ExportError(
-            f"the export at {out} does not load with plain transformers:\n{proc.stderr[-2000:]}"
+            f"{export_dir} was exported from {run_dir}, which is gone: the check needs its checkpoint"
         )
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    for prompt, mine, theirs in zip(prompts, want, got, strict=True):
-        if mine != theirs:
+    base = manifest["base"]
+    if manifest["kind"] == "adapter":
+        digest = sha256_file(Path(base["path"]) / "model.safetensors")
+        if digest != base["sha256"]:
             raise ExportError(
-                f"the export at {out} answers {prompt['id']} with tokens {theirs}, the merged model with "
-                f"{mine}: the merge or the exported tokenizer/chat template is wrong"
+                f"the adapter's base {base['path']} changed (sha256 {digest[:12]}…, trained on "
+                f"{base['sha256'][:12]}…): it is not the model the adapter was trained on"
             )
+    model, tokenizer, cfg = load_run(run_dir, manifest["step"])
+    env, rubric, tasks, budget = _workflow(cfg, env_name, n)
+    model = model.to(torch.float32)
+    return verify_export(export_dir, model, tokenizer, env, rubric, tasks, budget, manifest["kind"], python)

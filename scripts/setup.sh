@@ -17,21 +17,7 @@ fi
 . "$VENV/bin/activate"
 pip_q() { python -m pip install --disable-pip-version-check -q "$@"; }
 
-if ! python -c "import torch" 2>/dev/null; then
-  tmp=$(mktemp -d)
-  if python -m pip download -q --no-index --no-deps "torch==$TORCH_VERSION" -d "$tmp" 2>/dev/null; then
-    echo "[setup] torch $TORCH_VERSION from the local wheelhouse"
-    pip_q "$tmp"/torch-*.whl
-  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    echo "[setup] torch $TORCH_VERSION (CUDA build, a GPU is present)"
-    pip_q "torch==$TORCH_VERSION"
-  else
-    echo "[setup] torch $TORCH_VERSION CPU build (no GPU found)"
-    pip_q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
-      || pip_q "torch==$TORCH_VERSION"
-  fi
-  rm -rf "$tmp"
-fi
+bash scripts/install_torch.sh "$VENV/bin/python" setup
 # The `reasoning` extra (reasoning-gym, for the reasoning_gym env and its tests) is light: pure-Python
 # generators and a few small wheels (pycosat, zss, pyfiglet, ...; sympy comes with torch).
 if ! python -c "import rltk, pytest, ruff, reasoning_gym" 2>/dev/null \

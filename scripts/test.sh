@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/setup_vllm.sh  # the vLLM sampler's own venv (tests/test_vllm_sampler.py)
+bash scripts/setup_plain.sh  # torch + transformers only: exports load there (tests/test_export_verify.py)
 . "${VENV:-.venv}/bin/activate"
 ruff check .
 ruff format --check .

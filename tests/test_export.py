@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model, tiny_overrides
-from transformers import PreTrainedTokenizerBase
+from conftest import tiny_overrides
 
 from rltk import checkpoint
 from rltk.cli import main
 from rltk.config import load_config
-from rltk.export import ExportError, export, verify, verify_prompts
+from rltk.export import ExportError, export
 from rltk.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,10 +27,11 @@ VOWELS = "rewards=[{name: 'plugins_for_tests:vowel_share'}]"
 
 @pytest.fixture(scope="module")
 def exported(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A 2-step tiny run and its export (verified in a fresh process), shared: tests tamper with copies."""
+    """A 2-step tiny run and its export (verified on the env in an isolated process), shared: tests tamper
+    with copies."""
     root = tmp_path_factory.mktemp("export")
     Trainer(load_config(RECIPE, [*tiny_overrides(tiny_model_dir, root / "run", steps=2), VOWELS])).train()
-    return root / "run", export(root / "run", root / "out")  # verify() runs python with transformers only
+    return root / "run", export(root / "run", root / "out", n=8)  # played on 8 tasks outside rltk
 
 
 def _flip_byte(path: Path) -> None:
@@ -50,20 +50,6 @@ def test_export_merges_and_verifies_in_fresh_process(exported: tuple[Path, Path]
     assert "chat_template" in (out / "tokenizer_config.json").read_text() or "chat_template.jinja" in names
     listed = [line.split("  ", 1)[1] for line in (out / "SHA256SUMS").read_text().splitlines()]
     assert listed == sorted(names - {"SHA256SUMS"})  # every other file, sorted by name
-
-
-def test_verify_compares_greedy_answers_to_the_envs_eval_prompts(
-    exported: tuple[Path, Path], tokenizer: PreTrainedTokenizerBase
-) -> None:
-    run, out = exported
-    prompts = verify_prompts(load_config(run / "config.yaml", []))
-    assert [p["id"].split("/")[:2] for p in prompts] == [["policy_flagging", "eval"]] * 3
-    other = make_tiny_model(tokenizer, seed=1)
-    # A tiny model with tied embeddings echoes the prompt's last token ("\n") whatever its weights; an
-    # untied random head makes it answer something else, as a wrong merge would.
-    other.lm_head = torch.nn.Linear(other.config.hidden_size, other.config.vocab_size, bias=False)
-    with pytest.raises(ExportError, match="answers policy_flagging/eval/"):
-        verify(out, other, tokenizer, prompts)
 
 
 @pytest.mark.skipif(shutil.which("sha256sum") is None, reason="needs coreutils' sha256sum")
@@ -190,7 +176,7 @@ def test_bf16_base_run_exports_fp32_weights_that_compute_what_was_trained(
 
     overrides = [*tiny_overrides(tiny_model_dir, tmp_path / "run", steps=2), VOWELS, "model.dtype=bfloat16"]
     Trainer(load_config(RECIPE, overrides)).train()
-    out = export(tmp_path / "run", tmp_path / "out")
+    out = export(tmp_path / "run", tmp_path / "out", n=8)
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert {p.dtype for p in exported.parameters()} == {torch.float32}
     trained, _, _ = load_run(tmp_path / "run")  # bf16 base + fp32 adapters, as trained
