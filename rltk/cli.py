@@ -1,4 +1,4 @@
-"""``rltk``: train | eval | export | envs | rewards.
+"""``rltk``: train | eval | export | serve | envs | rewards.
 
 Every subcommand has ``--help``. Bad input (unknown env or reward, bad env options, malformed recipe,
 missing model package, corrupt checkpoint, damaged export) prints one ``error:`` message that names the
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from rltk.cli_export import add_parser as add_export_parser
 from rltk.errors import user_errors
+from rltk.serve import add_parser as add_serve_parser
 
 if TYPE_CHECKING:
     from rltk.env import Env, Task
@@ -361,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(sub)
 
     add_export_parser(sub)
+    add_serve_parser(sub)
     _add_envs_parser(sub)
     _add_rewards_parser(sub)
     return parser

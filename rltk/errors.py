@@ -17,6 +17,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from rltk.reward import RewardError
     from rltk.rollout import PromptTooLongError
     from rltk.rundir import RunDirBusyError
+    from rltk.serve import ServeError
 
     return (
         ConfigError,
@@ -31,5 +32,6 @@ def user_errors() -> tuple[type[Exception], ...]:
         ToolTemplateError,
         NonFiniteError,
         RunDirBusyError,
+        ServeError,
         FileNotFoundError,
     )

