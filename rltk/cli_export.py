@@ -55,6 +55,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         n=args.n,
         adapter_only=args.adapter_only,
         python=args.python,
+        gguf=tuple(args.gguf or ()),
+        converter=args.converter,
     )
     print(f"exported to {out}" + (" (not verified: --no-verify)" if args.no_verify else ""))
     print(f"check it later with: rltk export --check {out}   (or sha256sum -c {SUMS} inside it)")

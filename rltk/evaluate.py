@@ -11,7 +11,7 @@ import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -21,6 +21,9 @@ from rltk.env import Env, Outcome, Policy, Task, run_policy
 from rltk.reward import Rubric
 from rltk.rollout import ENV_TIMEOUT_S, generate, guarded_step
 from rltk.sampler import Sampler
+
+if TYPE_CHECKING:
+    from rltk.config import Config
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
 
@@ -97,6 +100,21 @@ def judge(
         groups.append(Group(task, _EMPTY, [rollout]))
     rubric.score(groups)
     return [g.rollouts[0] for g in groups]
+
+
+def run_eval_setup(cfg: Config, n: int, env_name: str | None = None) -> tuple[Env, Rubric, list[Task], int]:
+    """A run's env, rubric, ``n`` eval tasks (seed 0) and turn budget, as its own evals use them.
+
+    ``env_name`` other than the run's: that env with its default options and rewards, and its budget.
+    The budget is ``eval.max_new_tokens``, else the env's ``max_new_tokens``.
+    """
+    from rltk import plugins
+
+    same = env_name in (None, cfg.env.name)
+    env = plugins.make_env(cfg.env.name if same else str(env_name), cfg.env.options if same else {})
+    rubric = Rubric.from_config(cfg.rewards if same else [], env, timeout_s=cfg.rollout.reward_timeout_s)
+    budget = (cfg.eval.max_new_tokens if same else None) or env.max_new_tokens
+    return env, rubric, env.tasks("eval", n, seed=0), budget
 
 
 def score(env: Env, rubric: Rubric, tasks: list[Task], answers: list[str], name: str) -> EvalResult:

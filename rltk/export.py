@@ -20,6 +20,7 @@ import copy
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -27,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rltk import checkpoint, plugins
 from rltk.config import Config, load_config
 from rltk.durable import sha256_file
-from rltk.env import Env, Task
+from rltk.evaluate import run_eval_setup
 from rltk.export_sums import SUMS, ExportError, check_export, write_sums
 from rltk.export_verify import VerifyReport, verify_export
 from rltk.model_card import BaseModel, render
@@ -94,15 +95,6 @@ def _checkpoint_step(run_dir: Path, step: int | None) -> int:
     return int(path.name.rsplit("-", 1)[1])
 
 
-def _workflow(cfg: Config, env_name: str | None, n: int) -> tuple[Env, Rubric, list[Task], int]:
-    """The env, rubric, ``n`` eval tasks and turn budget the check plays: the run's, or ``env_name``'s."""
-    same = env_name in (None, cfg.env.name)
-    env = plugins.make_env(cfg.env.name if same else str(env_name), cfg.env.options if same else {})
-    rubric = Rubric.from_config(cfg.rewards if same else [], env)
-    budget = (cfg.eval.max_new_tokens if same else None) or env.max_new_tokens
-    return env, rubric, env.tasks("eval", n, seed=0), budget
-
-
 def _refuse_tied_lora(model: PreTrainedModel, cfg: Config) -> None:
     """A LoRA on ``lm_head`` of a model with tied embeddings would change the input embedding when merged."""
     tied = getattr(model.config, "tie_word_embeddings", False)
@@ -135,6 +127,8 @@ def export(
     n: int = VERIFY_TASKS,
     adapter_only: bool = False,
     python: str | None = None,
+    gguf: tuple[str, ...] = (),
+    converter: str | None = None,
 ) -> Path:
     """Export a run's checkpoint to ``out``, verified on ``n`` of its env's eval tasks (unless not ``check``).
 
@@ -146,6 +140,9 @@ def export(
         n: Eval tasks played by the check.
         adapter_only: Write the LoRA adapter (peft) instead of merged weights.
         python: The interpreter of the check's child (default: this one, with rltk and peft refused).
+        gguf: Also write ``model-TYPE.gguf`` for each type (``f16``, ``q8_0``, ``f32``), converted by
+            llama.cpp's converter and played on ``n`` eval tasks under llama.cpp (:mod:`rltk.gguf`).
+        converter: llama.cpp's ``convert_hf_to_gguf.py`` (default: the one ``scripts/setup_gguf.sh`` unpacks).
 
     Raises:
         ExportError: ``out`` is not empty, ``run_dir`` is not a run, the weights are not finite, an adapter
@@ -157,12 +154,14 @@ def export(
         raise ExportError(f"{out} exists and is not empty (or is a file); choose a new --out or remove it")
     kind = "adapter" if adapter_only else "merged"
     model, tokenizer, cfg = load_run(run_dir, step)
+    if adapter_only and gguf:
+        raise ExportError("--gguf converts merged weights: export once with --gguf, once with --adapter-only")
     if adapter_only and not cfg.model.lora.enabled:
         raise ExportError(
             f"{run_dir} trained without LoRA: there is no adapter; export it merged (no --adapter-only)"
         )
     _refuse_tied_lora(model, cfg)
-    env, rubric, tasks = _workflow(cfg, None, n)[:3] if check else (None, None, [])  # before writing
+    env, rubric, tasks = run_eval_setup(cfg, n)[:3] if check else (None, None, [])  # before writing
     model = model.to(
         torch.float32
     )  # merge in fp32: a LoRA delta added to bf16 weights is mostly rounded away
@@ -185,13 +184,48 @@ def export(
             report = verify_export(tmp, model, tokenizer, env, rubric, tasks, budget, kind, python)
             _raise_unless_ok(report, out)
             report.export_dir = str(out)  # checked in the hidden directory, recorded where it lands
-        _finish(tmp, cfg, run_dir, _checkpoint_step(run_dir, step), kind, base, report)
+        ggufs = _write_ggufs(tmp, cfg, gguf, converter, n if check else 0)
+        _finish(tmp, cfg, run_dir, _checkpoint_step(run_dir, step), kind, base, report, ggufs)
         if out.exists():
             out.rmdir()
         tmp.replace(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _write_ggufs(
+    out: Path, cfg: Config, outtypes: tuple[str, ...], converter: str | None, n: int
+) -> list[dict[str, Any]]:
+    """Convert ``out``'s merged weights to ``model-TYPE.gguf`` per type; play ``n`` tasks under llama.cpp.
+
+    Raises:
+        ExportError: The converter or llama.cpp is missing (the message names the install), or a GGUF's
+            mean reward differs from the safetensors export's by more than the tolerance.
+
+    """
+    from rltk.gguf import GgufError, reference_rollouts, verify_gguf, write_gguf
+
+    written = []
+    try:
+        reference = reference_rollouts(out, cfg, n) if outtypes and n else None
+        for outtype in outtypes:
+            path = write_gguf(
+                out, outtype, out / f"model-{outtype}.gguf", Path(converter) if converter else None
+            )
+            report = verify_gguf(path, out, cfg, n=n, reference=reference) if reference else None
+            if report is not None and not report.passed:
+                raise ExportError(
+                    f"{path.name} under llama.cpp scores {report.mean_reward_gguf:.4f} on {report.n} eval "
+                    f"tasks, the safetensors export {report.mean_reward_hf:.4f} ({report.diff_points:+.1f} "
+                    f"points, tolerance {report.tolerance_points}; prompt tokenization differs on "
+                    f"{len(report.prompt_mismatches)} tasks). Fix: try f16 or f32, which round less"
+                )
+            checked = {k: v for k, v in report.to_json().items() if k != "gguf_file"} if report else {}
+            written.append({"file": path.name, "outtype": outtype, "bytes": path.stat().st_size, **checked})
+    except GgufError as exc:
+        raise ExportError(str(exc)) from exc
+    return written
 
 
 def _raise_unless_ok(report: VerifyReport, out: Path) -> None:
@@ -205,7 +239,14 @@ def _raise_unless_ok(report: VerifyReport, out: Path) -> None:
 
 
 def _finish(
-    out: Path, cfg: Config, run_dir: Path, step: int, kind: str, base: BaseModel, report: VerifyReport | None
+    out: Path,
+    cfg: Config,
+    run_dir: Path,
+    step: int,
+    kind: str,
+    base: BaseModel,
+    report: VerifyReport | None,
+    ggufs: list[dict[str, Any]],
 ) -> None:
     """The card, the manifest and (last) ``SHA256SUMS``."""
     env = plugins.make_env(cfg.env.name, cfg.env.options)
@@ -215,6 +256,16 @@ def _finish(
         shutil.copyfile(png, out / "report.png")
     verification = report.summary() if report else "Not verified (exported with --no-verify)."
     files = {BASE_FILE: "the base this adapter needs: path and sha256"} if kind == "adapter" else {}
+    for g in ggufs:
+        checked = (
+            f"mean reward {g['mean_reward_gguf']:.4f} under llama.cpp vs {g['mean_reward_hf']:.4f} for the "
+            f"safetensors on {g['n']} eval tasks, {g['identical']} identical greedy episodes"
+            if "n" in g
+            else "not checked under llama.cpp (--no-verify)"
+        )
+        files[g["file"]] = (
+            f"GGUF {g['outtype']} for llama.cpp / Ollama ({g['bytes'] / 1e6:.1f} MB): {checked}"
+        )
     (out / "README.md").write_text(render(cfg, run_dir, step, kind, base, env, rubric, verification, files))
     manifest = {
         "kind": kind,
@@ -223,6 +274,7 @@ def _finish(
         "env": cfg.env.name,
         "base": base.__dict__,
         "verification": report.to_json() if report else None,
+        "gguf": ggufs,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     write_sums(out)
@@ -257,6 +309,6 @@ def verify_dir(
                 f"{base['sha256'][:12]}…): it is not the model the adapter was trained on"
             )
     model, tokenizer, cfg = load_run(run_dir, manifest["step"])
-    env, rubric, tasks, budget = _workflow(cfg, env_name, n)
+    env, rubric, tasks, budget = run_eval_setup(cfg, n, env_name)
     model = model.to(torch.float32)
     return verify_export(export_dir, model, tokenizer, env, rubric, tasks, budget, manifest["kind"], python)

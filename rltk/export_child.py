@@ -8,7 +8,7 @@ so only rltk is refused there.
 
 Protocol: one JSON object per line. The child first writes ``{"ready": {...}}`` with what loading found
 (missing, unexpected and mismatched keys, ``auto_map``, end-of-turn ids, refused modules), then answers
-each request line until stdin closes:
+each request line until ``{"quit": true}`` or the end of stdin:
 
 * ``{"render": {"messages": [...], "tools": [...] | null}}`` → ``{"ids": [...]}``: the export's own chat
   template, generation prompt added;
@@ -108,6 +108,8 @@ def main() -> None:
     reply.flush()
     for line in sys.stdin:
         request = json.loads(line)
+        if "quit" in request:
+            break
         if "render" in request:
             r = request["render"]
             tools = {} if r.get("tools") is None else {"tools": r["tools"]}

@@ -18,6 +18,7 @@ end-of-turn ids).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -39,6 +40,7 @@ from rltk.env import Env, Task
 from rltk.evaluate import model_rollouts
 from rltk.export_sums import ExportError
 from rltk.models import context_length
+from rltk.progress import Progress
 from rltk.reward import Rubric
 from rltk.sampler import SamplerLimits, SamplingParams, TurnSample, eos_token_ids, stop_string_end
 
@@ -138,6 +140,10 @@ class ExportChild:
 
     def __exit__(self, *exc: object) -> None:
         if self._proc.stdin:
+            # Said, not only closed: a process forked since (a reward worker) keeps the pipe open: no EOF.
+            with contextlib.suppress(OSError):
+                self._proc.stdin.write('{"quit": true}\n')
+                self._proc.stdin.flush()
             self._proc.stdin.close()
         try:
             self._proc.wait(timeout=30)
@@ -190,6 +196,7 @@ class ChildSampler:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
         self.limits = SamplerLimits(context_length(reference), tuple(eos), pad)
         self._prompts = [(render_prompt(tokenizer, t.messages, tools=t.tools), t.id) for t in tasks]
+        self.progress = Progress(f"export check: {report.kind}, {len(tasks)} {report.env} tasks", len(tasks))
         self._turns: dict[str, int] = {}
 
     def _task_of(self, ids: list[int]) -> str:
@@ -211,6 +218,8 @@ class ChildSampler:
         task = self._task_of(ids)
         turn = self._turns.get(task, 0)
         self._turns[task] = turn + 1
+        if turn == 0:
+            self.progress.update(1)
         seq = torch.tensor([ids + tokens], device=self.reference.get_input_embeddings().weight.device)
         logits = self.reference(input_ids=seq).logits[0, len(ids) - 1 : -1].float()  # [T, V]
         top = logits.topk(2, dim=-1)
@@ -248,7 +257,8 @@ class ChildSampler:
         raise ValueError("the export check's sampler plays a fixed export")
 
     def close(self) -> None:
-        """The child is closed by its own context."""
+        """End the progress line (the child is closed by its own context)."""
+        self.progress.close()
 
 
 def _loading_problems(ready: dict[str, Any], eos_ids: Sequence[int], kind: str) -> list[str]:
@@ -315,7 +325,8 @@ def verify_export(
         for (want, task_id), task in zip(sampler._prompts, tasks, strict=True):
             if child.ask({"render": {"messages": task.messages, "tools": task.tools}})["ids"] != want:
                 report.template_mismatches.append(task_id)
-        rollouts = model_rollouts(sampler, tokenizer, env, rubric, tasks, max_new_tokens)
+        with contextlib.closing(sampler):
+            rollouts = model_rollouts(sampler, tokenizer, env, rubric, tasks, max_new_tokens)
     tied = sorted({d.task_id for d in report.near_ties})
     replay = (
         {

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/setup_vllm.sh  # the vLLM sampler's own venv (tests/test_vllm_sampler.py)
 bash scripts/setup_plain.sh  # torch + transformers only: exports load there (tests/test_export_verify.py)
+bash scripts/setup_gguf.sh   # llama.cpp (built once, cached) and its converter (tests/test_gguf.py)
 . "${VENV:-.venv}/bin/activate"
 ruff check .
 ruff format --check .
