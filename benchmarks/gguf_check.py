@@ -7,11 +7,11 @@
 Converts the export to each ``--types`` with :func:`rltk.gguf.write_gguf` (llama.cpp's own converter; the
 files go to ``--gguf-dir`` and are reused when they are already there), plays ``--n`` eval tasks of the run's
 env greedily once under transformers on the safetensors export (the reference) and once per GGUF under
-llama.cpp (:func:`rltk.gguf.verify_gguf`), and prints per type: file size, mean reward and accuracy of each,
-the difference in points, identical greedy answers, seconds, and whether llama.cpp tokenizes every
-rendered prompt as transformers does. Each GGUF runs with llama.cpp's default f16 KV cache (what a
-llama.cpp server runs); f32 runs once more with an f32 cache (the exact-arithmetic row). Writes JSON
-(default ``benchmarks/results/gguf_check.json``). Needs ``bash scripts/setup_gguf.sh`` once.
+llama.cpp (:func:`rltk.llamacpp_sampler.verify_gguf`), and prints per type: file size, mean reward and
+accuracy of each, the difference in points, identical greedy answers, seconds, and whether llama.cpp
+tokenizes every rendered prompt as transformers does. Each GGUF runs with llama.cpp's default f16 KV
+cache (what a llama.cpp server runs); f32 runs once more with an f32 cache (the exact-arithmetic row).
+Writes JSON (default ``benchmarks/results/gguf_check.json``). Needs ``bash scripts/setup_gguf.sh`` once.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rltk.config import load_config  # noqa: E402
-from rltk.gguf import LLAMA_CPP_VERSION, reference_rollouts, verify_gguf, write_gguf  # noqa: E402
+from rltk.gguf import LLAMA_CPP_VERSION, write_gguf  # noqa: E402
+from rltk.llamacpp_sampler import reference_rollouts, verify_gguf  # noqa: E402
 
 MB = 1e6
 

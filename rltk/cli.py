@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rltk.cli_export import add_parser as add_export_parser
+from rltk.cli_serve import add_parser as add_serve_parser
 from rltk.errors import user_errors
-from rltk.serve import add_parser as add_serve_parser
 
 if TYPE_CHECKING:
     from rltk.env import Env, Task

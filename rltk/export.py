@@ -11,7 +11,7 @@ written last.
 Nothing reaches ``--out`` unverified: the files are written to a hidden sibling directory, played on the
 env's eval tasks in an isolated process (:mod:`rltk.export_verify`), and moved to ``--out`` only if they
 verify. A GGUF file (``--gguf``) is converted from the merged weights and checked under llama.cpp
-(:mod:`rltk.gguf`) before the move too.
+(:mod:`rltk.gguf`, :mod:`rltk.llamacpp_sampler`) before the move too.
 """
 
 from __future__ import annotations
@@ -204,7 +204,8 @@ def _write_ggufs(
             mean reward differs from the safetensors export's by more than the tolerance.
 
     """
-    from rltk.gguf import GgufError, reference_rollouts, verify_gguf, write_gguf
+    from rltk.gguf import GgufError, write_gguf
+    from rltk.llamacpp_sampler import reference_rollouts, verify_gguf
 
     written = []
     try:

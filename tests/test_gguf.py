@@ -31,17 +31,15 @@ from rltk.export import export, write_sums
 from rltk.gguf import (
     IM_END,
     GgufError,
-    LlamaCppSampler,
     copy_gguf,
     find_converter,
     head_state,
     metadata_problems,
-    prompt_token_mismatches,
     require_llama_cpp,
     run_converter,
-    verify_gguf,
     write_gguf,
 )
+from rltk.llamacpp_sampler import LlamaCppSampler, prompt_token_mismatches, verify_gguf
 from rltk.models import DEFAULT_MODEL, EMBEDDED, find_gguf, load_tokenizer, make_tiny_model
 from rltk.reward import Rubric
 from rltk.sampler import HFSampler, SamplingParams
@@ -231,7 +229,7 @@ def test_verify_gguf_reports_a_pass_for_f32(run_and_export: tuple[Config, Path],
 
 _Q8_RUN = """
 import sys, torch
-from rltk.gguf import LlamaCppSampler
+from rltk.llamacpp_sampler import LlamaCppSampler
 from rltk.models import load_tokenizer
 from rltk.sampler import SamplingParams
 tok = load_tokenizer(sys.argv[2])

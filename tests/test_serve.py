@@ -26,6 +26,7 @@ from conftest import tiny_overrides
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from rltk import plugins
+from rltk.cli_serve import main as serve_main
 from rltk.config import load_config
 from rltk.export import ExportError, export
 from rltk.models import make_tiny_model
@@ -38,7 +39,6 @@ from rltk.serve import (
     port_is_free,
     running_server,
 )
-from rltk.serve import main as serve_main
 from rltk.trainer import Trainer
 from rltk.vllm_sampler import DEFAULT_PYTHON, PYTHON_ENV
 
@@ -215,7 +215,7 @@ def test_cli_prints_a_curl_line_that_works_and_stops_the_server(
     exported: tuple[Path, Path], tmp_path: Path, sig: int
 ) -> None:
     """Ctrl-C and SIGTERM stop the server and exit 0; a SIGKILLed rltk's server follows it (PDEATHSIG)."""
-    cmd = [sys.executable, "-m", "rltk.serve", str(exported[1]), "--port", "0", "--timeout", "180"]
+    cmd = [sys.executable, "-m", "rltk.cli_serve", str(exported[1]), "--port", "0", "--timeout", "180"]
     if sig == signal.SIGKILL:  # a SIGKILLed rltk cannot remove its temp log
         cmd += ["--log", str(tmp_path / "server.log")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
