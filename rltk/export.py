@@ -25,15 +25,14 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rltk import checkpoint, plugins
+from rltk import checkpoint
 from rltk.config import Config, load_config
 from rltk.durable import sha256_file
 from rltk.evaluate import run_eval_setup
 from rltk.export_sums import SUMS, ExportError, check_export, write_sums
 from rltk.export_verify import VerifyReport, verify_export
-from rltk.model_card import BaseModel, render
+from rltk.model_card import BaseModel, Card, render
 from rltk.models import build_policy, load_tokenizer
-from rltk.reward import Rubric
 
 __all__ = ["SUMS", "ExportError", "check_export", "export", "load_run", "verify_dir"]
 
@@ -161,10 +160,9 @@ def export(
             f"{run_dir} trained without LoRA: there is no adapter; export it merged (no --adapter-only)"
         )
     _refuse_tied_lora(model, cfg)
-    env, rubric, tasks = run_eval_setup(cfg, n)[:3] if check else (None, None, [])  # before writing
-    model = model.to(
-        torch.float32
-    )  # merge in fp32: a LoRA delta added to bf16 weights is mostly rounded away
+    env, rubric, tasks, budget = run_eval_setup(cfg, n if check else 0)  # before writing: a bad env fails
+    # Merge in fp32: a LoRA delta added to bf16 weights is mostly rounded away.
+    model = model.to(torch.float32)
     weights = model
     if kind == "merged" and hasattr(model, "merge_and_unload"):
         weights = copy.deepcopy(model).merge_and_unload()  # the unmerged model stays: the check's reference
@@ -179,13 +177,12 @@ def export(
         tokenizer.save_pretrained(tmp)
         report = None
         if check:
-            assert env is not None and rubric is not None
-            budget = cfg.eval.max_new_tokens or env.max_new_tokens
             report = verify_export(tmp, model, tokenizer, env, rubric, tasks, budget, kind, python)
             _raise_unless_ok(report, out)
             report.export_dir = str(out)  # checked in the hidden directory, recorded where it lands
         ggufs = _write_ggufs(tmp, cfg, gguf, converter, n if check else 0)
-        _finish(tmp, cfg, run_dir, _checkpoint_step(run_dir, step), kind, base, report, ggufs)
+        card = Card(cfg, run_dir, _checkpoint_step(run_dir, step), kind, base, env, rubric)
+        _finish(tmp, card, report, ggufs)
         if out.exists():
             out.rmdir()
         tmp.replace(out)
@@ -239,19 +236,9 @@ def _raise_unless_ok(report: VerifyReport, out: Path) -> None:
         )
 
 
-def _finish(
-    out: Path,
-    cfg: Config,
-    run_dir: Path,
-    step: int,
-    kind: str,
-    base: BaseModel,
-    report: VerifyReport | None,
-    ggufs: list[dict[str, Any]],
-) -> None:
+def _finish(out: Path, card: Card, report: VerifyReport | None, ggufs: list[dict[str, Any]]) -> None:
     """The card, the manifest and (last) ``SHA256SUMS``."""
-    env = plugins.make_env(cfg.env.name, cfg.env.options)
-    rubric = Rubric.from_config(cfg.rewards, env)
+    cfg, run_dir, kind, base = card.cfg, card.run_dir, card.kind, card.base
     png = run_dir / "report" / "report.png"
     if png.is_file():
         shutil.copyfile(png, out / "report.png")
@@ -267,11 +254,11 @@ def _finish(
         files[g["file"]] = (
             f"GGUF {g['outtype']} for llama.cpp / Ollama ({g['bytes'] / 1e6:.1f} MB): {checked}"
         )
-    (out / "README.md").write_text(render(cfg, run_dir, step, kind, base, env, rubric, verification, files))
+    (out / "README.md").write_text(render(card, verification, files))
     manifest = {
         "kind": kind,
         "run_dir": str(run_dir.resolve()),
-        "step": step,
+        "step": card.step,
         "env": cfg.env.name,
         "base": base.__dict__,
         "verification": report.to_json() if report else None,

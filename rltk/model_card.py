@@ -107,35 +107,28 @@ def _end_of_first_table(lines: list[str]) -> int:
     return len(lines)
 
 
-def render(
-    cfg: Config,
-    run_dir: Path,
-    step: int,
-    kind: str,
-    base: BaseModel,
-    env: Env,
-    rubric: Rubric,
-    verification: str,
-    files: dict[str, str],
-) -> str:
-    """The card's text.
+@dataclass(frozen=True)
+class Card:
+    """What an export's card describes: the run, the checkpoint, the kind of export, its base, env, rubric."""
 
-    Args:
-        cfg: The run's resolved config.
-        run_dir: The run (its proof report is quoted when present).
-        step: The checkpoint exported.
-        kind: ``"merged"`` or ``"adapter"``.
-        base: The base model.
-        env: The run's env.
-        rubric: The run's rubric.
-        verification: What the export's checks found (one paragraph per check).
-        files: Extra files to list with a note each (``{"model-q8_0.gguf": "llama.cpp, q8_0"}``).
+    cfg: Config
+    run_dir: Path
+    step: int
+    kind: str  # "merged" | "adapter"
+    base: BaseModel
+    env: Env
+    rubric: Rubric
 
-    """
+
+def _rltk_version() -> str:
     try:
-        version = importlib.metadata.version("rltk")
+        return importlib.metadata.version("rltk")
     except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
+        return "unknown"
+
+
+def _loading(kind: str, base: BaseModel) -> tuple[str, str]:
+    """How to load the export (a code block), and for an adapter the warning about its base."""
     load = (
         "```python\nfrom peft import PeftModel\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -154,6 +147,21 @@ def render(
         if kind == "adapter"
         else ""
     )
+    return load, adapter_warning
+
+
+def render(card: Card, verification: str, files: dict[str, str]) -> str:
+    """The card's text.
+
+    Args:
+        card: What was exported, from which run.
+        verification: What the export's checks found (one paragraph per check).
+        files: Extra files to list with a note each (``{"model-q8_0.gguf": "llama.cpp, q8_0"}``).
+
+    """
+    cfg, run_dir, step, kind, base = card.cfg, card.run_dir, card.step, card.kind, card.base
+    env, rubric = card.env, card.rubric
+    load, adapter_warning = _loading(kind, base)
     listed = "\n".join(f"- `{name}`: {note}" for name, note in files.items())
     recipe = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     return f"""---
@@ -163,7 +171,7 @@ def render(
 # {cfg.env.name}: {cfg.algorithm.name} policy trained with rltk
 
 {"A LoRA adapter" if kind == "adapter" else "A plain transformers checkpoint (LoRA merged, fp32)"} trained
-by rltk {version} on the `{cfg.env.name}` environment: checkpoint step {step} of `{run_dir}`, seed
+by rltk {_rltk_version()} on the `{cfg.env.name}` environment: checkpoint step {step} of `{run_dir}`, seed
 {cfg.run.seed}.
 
 ## Base model
