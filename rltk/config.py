@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from rltk.typedyaml import apply_override, build, check, one_of, problem, read_yaml
 
@@ -210,6 +210,7 @@ BASE: dict[str, Any] = {
 class AlgorithmConfig:
     """An advantage estimator plus a loss; ``null`` fields take the preset of ``name`` (:data:`PRESETS`)."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"updates_per_batch": "epochs"}  # old name → new (older run dirs)
     name: Literal["grpo", "dr_grpo", "dapo", "maxrl", "rloo", "ppo"] = "grpo"
     estimator: str | None = _f(None, "", "advantage estimator (advantage.ESTIMATORS); null takes the preset")
     scale_std: bool | None = None
@@ -295,6 +296,11 @@ class WarmstartConfig:
     demos: Literal["oracle", "teacher"] = _f(
         "oracle",
         note="whose episodes: the oracle's, or the teacher's (a real workflow's logs: no oracle exists)",
+    )
+    verified_only: bool = _f(
+        False,
+        note="keep only the demonstrations whose episode the env verifies correct (logs filtered by an "
+        "audit: the outcome-filtered SFT row that sees the verifier RL sees)",
     )
     equal_time_as: str = _f(
         "",

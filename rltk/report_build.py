@@ -1,8 +1,9 @@
 """The proof report's numbers: a report's policies' attempts (:mod:`rltk.report`) → one JSON-ready dict.
 
-Accuracy with bootstrap intervals, rewards, per-tag accuracy and token costs per policy; pass@k and pass^k
-curves and best-of-N from the sampled attempts; the candidate's (the last model's) paired differences
-against every other row. Everything but ``timings`` is a function of the attempts and the seed.
+Accuracy with bootstrap intervals, rewards, per-tag accuracy, per-field errors and token costs per
+policy; pass@k and pass^k curves and best-of-N from the sampled attempts; the candidate's (the last
+model's) paired differences against every other row. Everything but ``timings`` is a function of the
+attempts and the seed.
 """
 
 from __future__ import annotations
@@ -44,7 +45,22 @@ def _costs(attempts: Sequence[Attempt]) -> dict[str, Any]:
     return out
 
 
-def _greedy(p: PolicyEval, tasks: list[Task], seed: int) -> dict[str, Any]:
+def _field_errors(p: PolicyEval, oracle: PolicyEval | None) -> dict[str, float]:
+    """Per answer field, the share of tasks whose greedy answer differs from the oracle's.
+
+    Only for structured answers (:meth:`Env.final_answer` a dict of normalized fields); an answer that is
+    not one (unparseable) has every field wrong. Empty without an oracle row.
+    """
+    if oracle is None:
+        return {}
+    pairs = [(a.answer, o.answer) for a, o in zip(p.greedy, oracle.greedy, strict=True)]
+    pairs = [(a if isinstance(a, dict) else None, o) for a, o in pairs if isinstance(o, dict)]
+    keys = sorted({k for _, o in pairs for k in o})
+    wrong = {k: sum(a is None or a.get(k) != o.get(k) for a, o in pairs) for k in keys}
+    return {k: n / len(pairs) for k, n in wrong.items()}
+
+
+def _greedy(p: PolicyEval, tasks: list[Task], seed: int, oracle: PolicyEval | None) -> dict[str, Any]:
     names = sorted({k for a in p.greedy for k in a.scores})
     tags: dict[str, list[bool]] = defaultdict(list)
     for task, a in zip(tasks, p.greedy, strict=True):
@@ -57,6 +73,7 @@ def _greedy(p: PolicyEval, tasks: list[Task], seed: int) -> dict[str, Any]:
         "rewards": {n: _mean([a.scores.get(n) for a in p.greedy]) for n in names},
         "failed": sum(math.isnan(a.reward) for a in p.greedy),
         "by_tag": {k: sum(v) / len(v) for k, v in sorted(tags.items()) if 0 < len(v) < len(p.greedy)},
+        "field_errors": _field_errors(p, oracle),
         **_costs(p.greedy),
     }
 
@@ -127,6 +144,7 @@ def build_report(
 ) -> dict[str, Any]:
     """The report as a JSON-ready dict; ``timings`` holds everything that varies between identical runs."""
     teacher = env.teacher()
+    oracle = next((p for p in policies if p.kind == "oracle"), None)
     return {
         "env": env.name,
         **meta,
@@ -149,7 +167,7 @@ def build_report(
                 "name": p.name,
                 "kind": p.kind,
                 "source": p.source,
-                "greedy": _greedy(p, tasks, settings.seed),
+                "greedy": _greedy(p, tasks, settings.seed, oracle),
                 "sampled": _sampled(p, settings),
                 "best_of_n": _best_of_n(p, settings),
             }

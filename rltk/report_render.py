@@ -137,6 +137,17 @@ def _breakdowns(report: dict[str, Any]) -> list[str]:
             ["tag", *(p["name"] for p in policies)],
             [[t, *(_pct(p["greedy"]["by_tag"].get(t)) for p in policies)] for t in tags],
         )
+    fields = sorted({f for p in policies for f in p["greedy"].get("field_errors", {})})
+    if fields:
+        out += [
+            "",
+            "## Fields wrong (greedy: share of tasks whose field differs from the oracle's answer)",
+            "",
+        ]
+        out += _table(
+            ["field", *(p["name"] for p in policies)],
+            [[f, *(_pct(p["greedy"].get("field_errors", {}).get(f)) for p in policies)] for f in fields],
+        )
     return out
 
 

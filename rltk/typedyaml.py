@@ -1,9 +1,10 @@
 """Typed dataclasses from YAML: the generic machinery behind :mod:`rltk.config`.
 
-Builds a dataclass tree from parsed YAML (reporting unknown keys with the closest valid name), checks every
-value against its type hint and its declared range, reads YAML files (duplicate keys and syntax errors
-become problems with line and column) and applies ``a.b=value`` overrides. Nothing raises: every problem
-is appended to a list, one line each, ``field.path: value (why) → fix``, so a caller reports them all at once.
+Builds a dataclass tree from parsed YAML (reporting unknown keys with the closest valid name, and keys a
+dataclass lists in its ``RENAMED`` class attribute with their new name), checks every value against its
+type hint and its declared range, reads YAML files (duplicate keys and syntax errors become problems with
+line and column) and applies ``a.b=value`` overrides. Nothing raises: every problem is appended to a list,
+one line each, ``field.path: value (why) → fix``, so a caller reports them all at once.
 """
 
 from __future__ import annotations
@@ -115,8 +116,13 @@ def build(cls: Any, data: Any, path: str, problems: list[str]) -> Any:
     hints, names = get_type_hints(cls), [f.name for f in fields(cls)]
     kwargs = {}
     for key, value in data.items():
-        if key in hints:
+        if key in names:  # fields only (a ClassVar such as RENAMED has a hint too)
             kwargs[key] = _convert(value, hints[key], join_path(path, key), problems)
+            continue
+        renamed = getattr(cls, "RENAMED", {}).get(key)
+        if renamed is not None:  # a key an older rltk wrote (a run dir's config.yaml)
+            new = join_path(path, renamed)
+            problems.append(f"{join_path(path, key)}: renamed {new} in this rltk → write {new}")
             continue
         close = difflib.get_close_matches(str(key), names, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""

@@ -4,8 +4,9 @@ For models too weak to ever earn a reward (the answer format alone can be out of
 cross-entropy on the oracle's answers give RL a non-zero signal to start from (for multi-turn envs, on the
 oracle's whole episode, the env's answers masked out). ``warmstart.demos: teacher`` takes the teacher's
 episodes instead: in real life no oracle exists, only the logs of the imperfect workflow the model replaces
-(its errors included). ``warmstart.equal_time_as`` makes the warm start the whole run, for as long as another
-run trained (warm start + RL): the "why not SFT alone?" row of a report. The loss is the engine's own:
+(its errors included); ``warmstart.verified_only`` keeps only the episodes the env verifies correct (the
+logs filtered by an audit). ``warmstart.equal_time_as`` makes the warm start the whole run, for as long as
+another run trained (warm start + RL): the "why not SFT alone?" row of a report. The loss is the engine's own:
 token-mean negative log-likelihood of the assistant tokens, computed by the same shared-prompt forward as
 RL (:func:`rltk.forward.completion_logprobs`, on a :class:`~rltk.batch.Batch` of groups of one), so LoRA,
 devices and ranks are handled exactly as in RL. Demonstrations come from the train split only, with a seed
@@ -27,7 +28,7 @@ from rltk import forward
 from rltk.batch import Group, Rollout, collate
 from rltk.chat import env_answer_ids, render_prompt, turn_close_ids
 from rltk.config import TRAIN_TIME_FILE, ConfigError
-from rltk.env import Env, Message, Policy, Task
+from rltk.env import Env, Message, Policy, Task, run_policy
 from rltk.typedyaml import problem
 
 if TYPE_CHECKING:
@@ -135,6 +136,30 @@ def demonstrator(env: Env, demos: str) -> Policy:
     return teacher
 
 
+def verified(env: Env, tasks: list[Task], policy: Policy, demos: str) -> list[Task]:
+    """The tasks whose demonstration episode the env verifies correct (``warmstart.verified_only``).
+
+    A real workflow's logs filtered by an audit: the SFT row that sees the outcome check RL trains on.
+
+    Raises:
+        ConfigError: When the env verifies none of them.
+
+    """
+    kept = [t for t in tasks if bool(run_policy(env, t, policy).outcome["correct"])]
+    log.info(
+        "warm start: the env verifies %d of %d %s demonstrations; training on those",
+        len(kept),
+        len(tasks),
+        demos,
+    )
+    if not kept:
+        why = f"env '{env.name}' verifies none of {len(tasks)} {demos} demonstrations"
+        raise ConfigError(
+            [problem("warmstart.verified_only", True, why, "set warmstart.verified_only=false")]
+        )
+    return kept
+
+
 def warm_start(trainer: Trainer, max_seconds: float | None = None) -> dict[str, float]:
     """Run ``cfg.warmstart.steps`` SFT steps on demonstrations; returns the last metrics.
 
@@ -153,6 +178,8 @@ def warm_start(trainer: Trainer, max_seconds: float | None = None) -> dict[str, 
     n = ws.steps * ws.batch_size * trainer.world
     n = min(n, max(MAX_DEMO_TASKS, ws.batch_size * trainer.world))
     tasks = trainer.env.tasks("train", n, seed=cfg.run.seed + WARMSTART_SEED_OFFSET)
+    if ws.verified_only:
+        tasks = verified(trainer.env, tasks, policy, ws.demos)
     params = [p for p in trainer.policy.net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=ws.lr, weight_decay=0.0)
     scheduler = get_scheduler(ws.schedule, opt, num_warmup_steps=0, num_training_steps=max(1, ws.steps))

@@ -87,6 +87,15 @@ def test_unknown_keys_suggest_the_closest_name(tmp_path: Path) -> None:
     assert "valid keys: prompts_per_step, group_size" in second
 
 
+def test_a_renamed_key_names_its_new_name(tmp_path: Path) -> None:
+    # run dirs written before algorithm.updates_per_batch became algorithm.epochs
+    path = write(tmp_path, "algorithm:\n  updates_per_batch: 2\n  RENAMED: {}\n")
+    renamed, classvar = problems_of(path)
+    new = "algorithm.epochs"
+    assert renamed == f"algorithm.updates_per_batch: renamed {new} in this rltk → write {new}"
+    assert classvar.startswith("algorithm.RENAMED: unknown key")  # a class attribute is not a field
+
+
 @pytest.mark.parametrize(
     ("override", "expected"),
     [

@@ -12,10 +12,10 @@ from plugins_for_tests import CounterToolEnv
 
 from rltk import plugins
 from rltk.cli import main
-from rltk.config import load_config
+from rltk.config import ConfigError, load_config
 from rltk.env import run_policy
 from rltk.pipeline import run
-from rltk.warmstart import demonstration_group, demonstrator
+from rltk.warmstart import demonstration_group, demonstrator, verified
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "recipes" / "quickstart.yaml")
@@ -124,3 +124,15 @@ def test_teacher_demos_for_an_env_without_a_teacher_exit_2(
     assert main(["train", RECIPE, *args]) == 2
     err = capsys.readouterr().err
     assert "ships no teacher" in err and "warmstart.demos=oracle" in err and "Traceback" not in err
+
+
+def test_verified_only_keeps_the_demonstrations_the_env_verifies() -> None:
+    env = plugins.make_env("invoice_extraction", {"difficulty": "easy"})
+    tasks = env.tasks("train", 24)
+    kept = verified(env, tasks, demonstrator(env, "teacher"), "teacher")
+    # the teacher returns vendor null on every letterhead (plain) invoice and is right on the labelled ones
+    assert [t.id for t in kept] == [t.id for t in tasks if t.info["layout"] != "plain"]
+    assert 0 < len(kept) < len(tasks)
+    with pytest.raises(ConfigError, match="verifies none of 24 teacher demonstrations") as caught:
+        verified(env, tasks, lambda messages: "not json", "teacher")
+    assert "warmstart.verified_only=false" in str(caught.value)

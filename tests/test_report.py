@@ -375,6 +375,21 @@ def test_invoice_best_of_n_composes_fields_and_the_env_judges_it(rubrics: dict[s
 # ------------------------------------------------------------------------------------------------ the report
 
 
+def test_field_errors_name_what_the_teacher_gets_wrong(rubrics: dict[str, Rubric]) -> None:
+    env, rubric = _env_and_rubric(rubrics, "invoice_extraction", EASY)
+    tasks = env.tasks("eval", 12)
+    built = report_build.build_report(
+        env, tasks, report.scripted_policies(env, rubric, tasks), report.ReportSettings(), {}
+    )
+    rows = {p["name"]: p["greedy"]["field_errors"] for p in built["policies"]}
+    plain = sum(t.info["layout"] == "plain" for t in tasks) / len(tasks)
+    assert 0 < plain < 1
+    # the teacher misses exactly the letterhead vendors and nothing else; the oracle misses nothing
+    assert rows["teacher"] == {k: plain if k == "vendor" else 0.0 for k in rows["oracle"]}
+    assert set(rows["oracle"].values()) == {0.0} and "vendor" in rows["oracle"]
+    assert "## Fields wrong" in report_render.markdown(built)
+
+
 def _report(
     tokenizer,
     env: Env,
