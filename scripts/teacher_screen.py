@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool", type=int, default=200, help="eval tasks searched for the teacher's errors")
     ap.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     out_dir = f"run.output_dir=runs/teacher_screen/{Path(args.recipe).stem}"
     # the HF sampler: sampling a few groups once does not pay for starting a vLLM engine
     fixed = ["eval.report.enabled=false", "rollout.backend=hf"]
