@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rltk.config import TRAIN_TIME_FILE, load_config  # noqa: E402
+from rltk.errors import user_errors  # noqa: E402
 
 SFT_STEPS_BOUND = 100_000  # SFT-only runs stop on their time budget long before this
 
@@ -73,14 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=Path, help="the runs' dir (default runs/beyond_teacher/<recipe>-s<seed>)")
     ap.add_argument("--out", type=Path, help="report dir (default docs/reports/beyond_teacher/<env>/seed<N>)")
     args = ap.parse_args(argv)
-    cfg = load_config(args.recipe, [*args.overrides, f"run.seed={args.seed}"])
+    common = [*args.overrides, f"run.seed={args.seed}"]
+    try:
+        cfg = load_config(args.recipe, common)
+    except user_errors() as exc:  # a bad recipe or override: its message names the fix
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if cfg.warmstart.demos != "teacher" or not cfg.warmstart.enabled:
         why = "the recipe must warm-start on the teacher"
         print(f"error: {why}: set warmstart.enabled=true warmstart.demos=teacher", file=sys.stderr)
         return 2
     runs = args.runs or ROOT / "runs" / "beyond_teacher" / f"{Path(args.recipe).stem}-s{args.seed}"
     out = args.out or ROOT / "docs" / "reports" / "beyond_teacher" / cfg.env.name / f"seed{args.seed}"
-    common = [*args.overrides, f"run.seed={args.seed}"]
     rl = train(args.recipe, runs / "rl", common)
     sft_only = [f"warmstart.equal_time_as={runs / 'rl'}", f"warmstart.steps={SFT_STEPS_BOUND}"]
     sft_only.append("eval.every=0")  # the report evaluates every row on the same tasks
