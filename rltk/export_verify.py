@@ -42,7 +42,7 @@ from rltk.export_sums import ExportError
 from rltk.models import context_length
 from rltk.progress import Progress
 from rltk.reward import Rubric
-from rltk.sampler import SamplerLimits, SamplingParams, TurnSample, eos_token_ids, stop_string_end
+from rltk.sampler import SamplerLimits, SamplingParams, TurnSample, cut_turn, eos_token_ids
 
 CHILD = Path(__file__).with_name("export_child.py")
 NEAR_TIE = 1e-4  # top-2 logit gap below which a differing argmax is a tie, not a wrong merge
@@ -181,6 +181,9 @@ class ChildSampler:
         tasks: The tasks being played, to name a divergence's task (by its first prompt).
         report: Filled in place: turns, tokens, near ties, mismatches.
 
+    Attributes:
+        prompts: ``(rendered prompt ids, task id)`` of each task, in order (its template check reads them).
+
     """
 
     def __init__(
@@ -195,21 +198,17 @@ class ChildSampler:
         eos = eos_token_ids(reference, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
         self.limits = SamplerLimits(context_length(reference), tuple(eos), pad)
-        self._prompts = [(render_prompt(tokenizer, t.messages, tools=t.tools), t.id) for t in tasks]
+        self.prompts = [(render_prompt(tokenizer, t.messages, tools=t.tools), t.id) for t in tasks]
         self.progress = Progress(f"export check: {report.kind}, {len(tasks)} {report.env} tasks", len(tasks))
         self._turns: dict[str, int] = {}
 
     def _task_of(self, ids: list[int]) -> str:
-        return next((tid for p, tid in self._prompts if ids[: len(p)] == p), "?")
+        return next((tid for p, tid in self.prompts if ids[: len(p)] == p), "?")
 
     def _cut(self, tokens: list[int], params: SamplingParams) -> tuple[list[int], bool]:
-        """The turn as the HF sampler would keep it: through the first EOS, or the stop string's token."""
-        end = next((i + 1 for i, t in enumerate(tokens) if t in self.limits.eos_ids), None)
-        finished = end is not None
-        tokens = tokens[:end] if finished else tokens
-        if params.stop_strings and (stop := stop_string_end(tokens, self.tokenizer, params.stop_strings)):
-            return tokens[:stop], True
-        return tokens, finished
+        """The turn as the HF sampler would keep it (:func:`rltk.sampler.cut_turn`)."""
+        end, finished = cut_turn(tokens, self.limits.eos_ids, self.tokenizer, params.stop_strings)
+        return tokens[:end], finished
 
     @torch.no_grad()
     def _compare(self, ids: list[int], tokens: list[int]) -> None:
@@ -322,7 +321,7 @@ def verify_export(
     with ExportChild(export_dir, kind, python) as child:
         sampler = ChildSampler(child, reference, tokenizer, tasks, report)
         report.loading_problems = _loading_problems(child.ready, sampler.limits.eos_ids, kind)
-        for (want, task_id), task in zip(sampler._prompts, tasks, strict=True):
+        for (want, task_id), task in zip(sampler.prompts, tasks, strict=True):
             if child.ask({"render": {"messages": task.messages, "tools": task.tools}})["ids"] != want:
                 report.template_mismatches.append(task_id)
         with contextlib.closing(sampler):

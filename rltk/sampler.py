@@ -27,7 +27,7 @@ equals :func:`rltk.forward.completion_logprobs` at the same temperature up to fl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -139,18 +139,37 @@ def sample_turn(
         [s.float().log_softmax(-1).gather(-1, new[:, t, None]).squeeze(-1) for t, s in enumerate(out.scores)],
         dim=1,
     )  # [P*G, T]
-    is_eos = torch.isin(new, torch.tensor(list(eos_ids), device=new.device))  # [P*G, T]
     samples = []
     for row in range(new.shape[0]):
-        hits = is_eos[row].nonzero()
-        finished = len(hits) > 0
-        end = int(hits[0]) + 1 if finished else new.shape[1]
-        if params.stop_strings and tokenizer is not None:
-            stop = stop_string_end(new[row, :end].tolist(), tokenizer, params.stop_strings)
-            if stop is not None:
-                end, finished = stop, True
+        end, finished = cut_turn(new[row].tolist(), eos_ids, tokenizer, params.stop_strings)
         samples.append(TurnSample(new[row, :end].cpu(), logp[row, :end].cpu(), finished))
     return samples
+
+
+def cut_turn(
+    ids: Sequence[int],
+    eos_ids: Collection[int],
+    tokenizer: PreTrainedTokenizerBase | None,
+    stop_strings: Sequence[str],
+) -> tuple[int, bool]:
+    """Where a sampled turn ends, the same for every sampler: ``(its length, whether it finished)``.
+
+    Through the first EOS (kept), then at the first stop string (:func:`stop_string_end`; only with a
+    tokenizer). Neither: the whole of ``ids``, unfinished (the token budget ran out).
+
+    >>> cut_turn([5, 6, 2, 7], eos_ids={2}, tokenizer=None, stop_strings=())
+    (3, True)
+    >>> cut_turn([5, 6], eos_ids={2}, tokenizer=None, stop_strings=())
+    (2, False)
+    """
+    end = next((i + 1 for i, token in enumerate(ids) if token in eos_ids), None)
+    finished = end is not None
+    end = end or len(ids)
+    if stop_strings and tokenizer is not None:
+        stop = stop_string_end(list(ids[:end]), tokenizer, stop_strings)
+        if stop is not None:
+            return stop, True
+    return end, finished
 
 
 def stop_string_end(

@@ -20,7 +20,7 @@ decoded and re-tokenized) with its own seed, drawn from torch's global RNG (whic
 system prompt, reuse the prompt's KV blocks. vLLM stops at the first EOS id (rltk's EOS ids are passed as
 ``stop_token_ids``) or at a stop string, keeping the completing token in ``token_ids``; the client then cuts
 the ids exactly as :class:`~rltk.sampler.HFSampler` does (after the first EOS, kept, or after the token whose
-decoded prefix first contains a stop string, :func:`rltk.sampler.stop_string_end`), which also covers
+decoded prefix first contains a stop string: :func:`rltk.sampler.cut_turn`), which also covers
 vLLM's one difference: it ignores stop strings before ``min_tokens``, where transformers stops.
 
 Log-probs. The engine runs with ``logprobs_mode="processed_logprobs"`` and each request asks for
@@ -75,7 +75,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rltk.merge import merged_state_dict, plain_model
 from rltk.models import context_length
-from rltk.sampler import SamplerLimits, SamplingParams, TurnSample, eos_token_ids, stop_string_end
+from rltk.sampler import SamplerLimits, SamplingParams, TurnSample, cut_turn, eos_token_ids
 
 __all__ = [
     "DEFAULT_PYTHON",
@@ -406,15 +406,8 @@ class VLLMSampler:
         return [self._cut(ids, logp, params.stop_strings) for ids, logp, _ in results]
 
     def _cut(self, ids: list[int], logp: list[float], stop_strings: Sequence[str]) -> TurnSample:
-        """Cut like :func:`rltk.sampler.sample_turn`: after the first EOS (kept), then at a stop string."""
-        eos = self.limits.eos_ids
-        end = next((t + 1 for t, tok in enumerate(ids) if tok in eos), None)
-        finished = end is not None
-        end = end or len(ids)
-        if stop_strings:
-            stop = stop_string_end(ids[:end], self.tokenizer, stop_strings)
-            if stop is not None:
-                end, finished = stop, True
+        """Cut as every sampler cuts (:func:`rltk.sampler.cut_turn`)."""
+        end, finished = cut_turn(ids, self.limits.eos_ids, self.tokenizer, stop_strings)
         return TurnSample(
             torch.tensor(ids[:end], dtype=torch.long), torch.tensor(logp[:end], dtype=torch.float32), finished
         )
