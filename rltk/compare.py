@@ -128,7 +128,7 @@ def load_for_eval(model: str, step: int | None = None) -> LoadedModel:
     if Path(model, "config.yaml").is_file():
         from rltk.export import load_run
 
-        lm, tokenizer, cfg = load_run(model, step)
+        lm, tokenizer, cfg, _ = load_run(model, step)
         return LoadedModel(lm, tokenizer, autocast(cfg.model.mixed_precision, lm.device), cfg)
     if Path(model, "SHA256SUMS").is_file():
         from rltk.export import check_export

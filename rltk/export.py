@@ -20,7 +20,7 @@ import copy
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -34,7 +34,7 @@ from rltk.export_verify import VerifyReport, verify_export
 from rltk.model_card import BaseModel, Card, render
 from rltk.models import build_policy, load_tokenizer
 
-__all__ = ["SUMS", "ExportError", "check_export", "export", "load_run", "verify_dir"]
+__all__ = ["SUMS", "ExportError", "LoadedRun", "check_export", "export", "load_run", "verify_dir"]
 
 VERIFY_TASKS = 200  # eval tasks the export plays in the check (rltk export --n)
 MANIFEST = "rltk_export.json"
@@ -42,9 +42,16 @@ BASE_FILE = "base_model.json"
 KINDS = ("merged", "adapter")
 
 
-def load_run(
-    run_dir: str | Path, step: int | None = None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Config]:
+class LoadedRun(NamedTuple):
+    """A run's policy as :func:`load_run` rebuilt it, and the step of the checkpoint it holds."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    cfg: Config
+    step: int
+
+
+def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
     """Rebuild a run's policy from ``config.yaml`` and its newest valid checkpoint (or ``step``)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -54,13 +61,14 @@ def load_run(
         path = checkpoint.latest(run_dir)
         if path is None:
             raise ExportError(f"{run_dir} has no valid checkpoint (none with a complete manifest)")
+        step = int(path.name.rsplit("-", 1)[1])
     else:
         path = run_dir / "checkpoints" / f"step-{step:06d}"
     tokenizer = load_tokenizer(cfg.model.name)
     model = build_policy(cfg, training=False)
     checkpoint.load(path, model=model)
     model.eval()
-    return model, tokenizer, cfg
+    return LoadedRun(model, tokenizer, cfg, step)
 
 
 def _valid_steps(run_dir: Path) -> list[int]:
@@ -69,9 +77,8 @@ def _valid_steps(run_dir: Path) -> list[int]:
     return sorted(step for step, path in found if not checkpoint.verify(path))
 
 
-def _non_finite_error(run_dir: Path, step: int | None, out: Path, names: list[str]) -> ExportError:
+def _non_finite_error(run_dir: Path, step: int, out: Path, names: list[str]) -> ExportError:
     valid = _valid_steps(run_dir)
-    step = max(valid) if step is None else step  # None: load_run took the newest valid checkpoint
     earlier = [str(s) for s in valid if s < step]
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     fix = (
@@ -83,15 +90,6 @@ def _non_finite_error(run_dir: Path, step: int | None, out: Path, names: list[st
         f"the merged weights of {run_dir} at step {step} hold NaN or infinite values in {shown} (training "
         f"diverged before this checkpoint was saved); nothing was written to {out}. Fix: {fix}"
     )
-
-
-def _checkpoint_step(run_dir: Path, step: int | None) -> int:
-    """The step :func:`load_run` loads: ``step``, else the newest valid checkpoint's."""
-    if step is not None:
-        return step
-    path = checkpoint.latest(run_dir)
-    assert path is not None  # load_run raised already
-    return int(path.name.rsplit("-", 1)[1])
 
 
 def _refuse_tied_lora(model: PreTrainedModel, cfg: Config) -> None:
@@ -152,7 +150,7 @@ def export(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} exists and is not empty (or is a file); choose a new --out or remove it")
     kind = "adapter" if adapter_only else "merged"
-    model, tokenizer, cfg = load_run(run_dir, step)
+    model, tokenizer, cfg, step = load_run(run_dir, step)
     if adapter_only and gguf:
         raise ExportError("--gguf converts merged weights: export once with --gguf, once with --adapter-only")
     if adapter_only and not cfg.model.lora.enabled:
@@ -181,7 +179,7 @@ def export(
             _raise_unless_ok(report, out)
             report.export_dir = str(out)  # checked in the hidden directory, recorded where it lands
         ggufs = _write_ggufs(tmp, cfg, gguf, converter, n if check else 0)
-        card = Card(cfg, run_dir, _checkpoint_step(run_dir, step), kind, base, env, rubric)
+        card = Card(cfg, run_dir, step, kind, base, env, rubric)
         _finish(tmp, card, report, ggufs)
         if out.exists():
             out.rmdir()
@@ -296,7 +294,7 @@ def verify_dir(
                 f"the adapter's base {base['path']} changed (sha256 {digest[:12]}…, trained on "
                 f"{base['sha256'][:12]}…): it is not the model the adapter was trained on"
             )
-    model, tokenizer, cfg = load_run(run_dir, manifest["step"])
+    model, tokenizer, cfg, _ = load_run(run_dir, manifest["step"])
     env, rubric, tasks, budget = run_eval_setup(cfg, n, env_name)
     model = model.to(torch.float32)
     return verify_export(export_dir, model, tokenizer, env, rubric, tasks, budget, manifest["kind"], python)

@@ -179,7 +179,7 @@ def test_bf16_base_run_exports_fp32_weights_that_compute_what_was_trained(
     out = export(tmp_path / "run", tmp_path / "out", n=8)
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert {p.dtype for p in exported.parameters()} == {torch.float32}
-    trained, _, _ = load_run(tmp_path / "run")  # bf16 base + fp32 adapters, as trained
+    trained = load_run(tmp_path / "run").model  # bf16 base + fp32 adapters, as trained
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = trained.to(torch.float32)(input_ids=ids).logits

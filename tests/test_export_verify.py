@@ -127,7 +127,7 @@ def test_a_merge_broken_in_one_layer_passes_the_one_prompt_check_and_fails_on_en
     weights[key] = original
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     write_sums(out)
-    reference, _, _ = load_run(tmp_path / "run")
+    reference = load_run(tmp_path / "run").model
     assert _one_prompt_check(out, reference.float(), tokenizer)  # the old check would pass it
     report = verify_dir(out, n=16)
     assert not report.ok and len(report.mismatches) >= 3, report.summary()
