@@ -46,6 +46,7 @@ __all__ = [
     "draw_task",
     "prompt_hash",
     "run_policy",
+    "solves",
     "split_of",
 ]
 
@@ -334,3 +335,12 @@ def run_policy(env: Env, task: Task, policy: Policy, transcript: list[Message] |
         messages.append({"role": task.observation_role, "content": step.observation or ""})
     episode.outcome = Outcome.of(env_name(env), episode.outcome, "the episode's outcome")
     return episode
+
+
+def solves(env: Env, task: Task, policy: Policy) -> bool:
+    """True when the env verifies ``policy``'s episode of ``task`` correct (its outcome's ``correct``).
+
+    The audit of a workflow's logs: which teacher episodes an outcome-filtered SFT keeps, and which tasks
+    make the teacher's error slice.
+    """
+    return bool(run_policy(env, task, policy).outcome["correct"])

@@ -28,7 +28,7 @@ from rltk import forward
 from rltk.batch import Group, Rollout, collate
 from rltk.chat import env_answer_ids, render_prompt, turn_close_ids
 from rltk.config import TRAIN_TIME_FILE, ConfigError
-from rltk.env import Env, Message, Policy, Task, run_policy
+from rltk.env import Env, Message, Policy, Task, solves
 from rltk.typedyaml import problem
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ def verified(env: Env, tasks: list[Task], policy: Policy, demos: str) -> list[Ta
         ConfigError: When the env verifies none of them.
 
     """
-    kept = [t for t in tasks if bool(run_policy(env, t, policy).outcome["correct"])]
+    kept = [t for t in tasks if solves(env, t, policy)]
     log.info(
         "warm start: the env verifies %d of %d %s demonstrations; training on those",
         len(kept),

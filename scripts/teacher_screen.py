@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rltk.config import load_config  # noqa: E402
-from rltk.env import run_policy  # noqa: E402
+from rltk.env import solves  # noqa: E402
 from rltk.pipeline import run_warm_start  # noqa: E402
 from rltk.rollout import generate  # noqa: E402
 from rltk.trainer import Trainer  # noqa: E402
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: env '{env.name}' ships no teacher", file=sys.stderr)
         return 2
     pool = env.tasks("eval", args.pool, seed=0)
-    all_wrong = [t for t in pool if not run_policy(env, t, teacher).outcome["correct"]]
+    all_wrong = [t for t in pool if not solves(env, t, teacher)]
     wrong = all_wrong[: args.tasks]
     groups = generate(
         trainer.policy.lm,
