@@ -115,8 +115,12 @@ class Trainer:
             cfg, self.policy, self.optimizer, self.scheduler, self.accelerator, self._all_reduce_sums
         )
         r = cfg.rollout
-        options = vllm_options(r.backend, r.vllm_kv_cache_gib, r.vllm_python)
-        self.sampler = make_sampler(r.backend, self.policy.lm, self.tokenizer, **options)
+        # An SFT-only run (warmstart.equal_time_as) samples only for its report: without one, no vLLM engine
+        # (its start and memory) for a run that never samples; the HF sampler costs nothing to build.
+        sampling = not cfg.warmstart.equal_time_as or cfg.eval.report.enabled
+        backend = r.backend if sampling else "hf"
+        options = vllm_options(backend, r.vllm_kv_cache_gib, r.vllm_python)
+        self.sampler = make_sampler(backend, self.policy.lm, self.tokenizer, **options)
         self.train_tasks = self.env.tasks("train", self.train_pool_size(), seed=cfg.run.seed)
         self.start_step = 0
         # training wall time so far (evals and saves excluded), kept in checkpoints: train_time.json

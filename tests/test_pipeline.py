@@ -4,6 +4,7 @@ wall time, and warm starts from the teacher's episodes."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from rltk.cli import main
 from rltk.config import ConfigError, load_config
 from rltk.env import run_policy
 from rltk.pipeline import run
+from rltk.sampler import HFSampler
 from rltk.warmstart import demonstration_group, demonstrator, verified
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,7 +79,10 @@ def test_sft_only_trains_for_the_other_runs_wall_time(tiny_model_dir: str, tmp_p
     )
     budget = json.loads((first / "train_time.json").read_text())["total_s"]
     overrides = [*tiny_overrides(tiny_model_dir, second), "warmstart.enabled=true", "warmstart.steps=100000"]
-    run(load_config(RECIPE, [*overrides, f"warmstart.equal_time_as={first}"]))
+    # it never samples: no vLLM engine starts (the python named has no vLLM: starting one would fail)
+    overrides += ["rollout.backend=vllm", f"rollout.vllm_python={sys.executable}"]
+    trainer = run(load_config(RECIPE, [*overrides, f"warmstart.equal_time_as={first}"]))
+    assert isinstance(trainer.sampler, HFSampler)
     times = json.loads((second / "train_time.json").read_text())
     assert times["rl_steps"] == 0 and times["rl_s"] == 0
     assert budget <= times["warmstart_s"] < budget + 10  # stops at the first step past the budget
