@@ -63,7 +63,7 @@ def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
             raise ExportError(f"{run_dir} has no valid checkpoint (none with a complete manifest)")
         step = int(path.name.rsplit("-", 1)[1])
     else:
-        path = run_dir / "checkpoints" / f"step-{step:06d}"
+        path = checkpoint.step_dir(run_dir, step)
     tokenizer = load_tokenizer(cfg.model.name)
     model = build_policy(cfg, training=False)
     checkpoint.load(path, model=model)
