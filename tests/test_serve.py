@@ -204,6 +204,10 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _find(pattern: str, text: str) -> str:
     match = re.search(pattern, text)
     assert match is not None, f"no {pattern!r} in:\n{text}"
@@ -218,7 +222,11 @@ def test_cli_prints_a_curl_line_that_works_and_stops_the_server(
     cmd = [sys.executable, "-m", "rltk.cli_serve", str(exported[1]), "--port", "0", "--timeout", "180"]
     if sig == signal.SIGKILL:  # a SIGKILLed rltk cannot remove its temp log
         cmd += ["--log", str(tmp_path / "server.log")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Ctrl-C reaches a foreground process with SIGINT's default action; a test run started in the background
+    # by a non-interactive shell (`scripts/test.sh &`) ignores SIGINT, and its children would inherit that
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_default_sigint
+    )
     lines: queue.Queue[str | None] = queue.Queue()
     reader = threading.Thread(target=_pump, args=(proc, lines), daemon=True)
     reader.start()
