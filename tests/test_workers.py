@@ -215,8 +215,14 @@ def test_calls_and_results_travel_in_chunks(make_pool: Callable, monkeypatch: py
 
 @needs_fork
 def test_workers_ignore_sigint(make_pool: Callable) -> None:
-    pool = make_pool([time.sleep], workers=1)
-    pool.run([Call(0, (0,))], 1.0)
+    # A test run started in the background of a non-interactive shell ignores SIGINT already: fork the
+    # worker from a process where Ctrl-C would interrupt, or the test could not fail
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        pool = make_pool([time.sleep], workers=1)
+        pool.run([Call(0, (0,))], 1.0)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     (pid,) = pool.pids()
     timer = threading.Timer(0.3, os.kill, (pid, signal.SIGINT))
     timer.start()
