@@ -8,23 +8,36 @@ first) or an rltk run dir, with ``@STEP`` for one of its checkpoints (``RUN@0``:
 Models load one at a time and play through the sampler ``--backend`` names (:class:`SamplerChoice`: the HF
 sampler, or a vLLM engine started for each model and closed after it). The last model named is the
 candidate: the report gives its paired differences against every other row.
+
+A model's row is kept in ``OUT/.partial/`` as soon as it is played, under a key of everything its attempts
+depend on (the weights' manifest, the tasks, the settings, the sampler); a stopped report rerun with the
+same arguments plays only the rows it had not finished, and ``.partial/`` goes once the report is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
+import hashlib
+import json
+import logging
+import pickle
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rltk import report, report_build, report_render
+from rltk import checkpoint, report, report_build, report_render
+from rltk.durable import sha256_file, write_bytes_atomic
 from rltk.env import Env
 from rltk.reward import Rubric
 
 _RESERVED = ("teacher", "oracle", "trivial")
 _SPEC = re.compile(r"^(?P<name>[A-Za-z0-9_.+-]+)=(?P<model>[^@]+?)(?:@(?P<step>\d+))?$")
+PARTIAL = ".partial"
+logger = logging.getLogger(__name__)
 
 
 class CompareError(ValueError):
@@ -160,6 +173,72 @@ def evaluate_spec(
         gc.collect()
 
 
+def weights_identity(spec: ModelSpec) -> str:
+    """What pins the weights ``spec`` names.
+
+    A run's checkpoint: its manifest (the sha256 of every file); an export: its ``SHA256SUMS``; else the
+    name with the size and mtime of its files (an HF dir; an alias by its name).
+    """
+    if spec.run_dir:
+        step = spec.step
+        path = checkpoint.latest(spec.model) if step is None else checkpoint.step_dir(spec.model, step)
+        manifest = None if path is None else path / checkpoint.MANIFEST
+        return sha256_file(manifest) if manifest is not None and manifest.is_file() else "no checkpoint"
+    root = Path(spec.model)
+    if (root / "SHA256SUMS").is_file():
+        return sha256_file(root / "SHA256SUMS")
+    files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else []
+    return json.dumps([spec.model, *[(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]])
+
+
+class RowCache:
+    """Model rows of an unfinished report (``OUT/.partial/NAME-KEY.pkl``): what a rerun need not play again.
+
+    The files are this process's own pickles, read back only under the exact key they were written with.
+    """
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.dir = Path(out_dir) / PARTIAL
+
+    @staticmethod
+    def key(spec: ModelSpec, tasks: list, settings: report.ReportSettings, context: dict[str, Any]) -> str:
+        """Sha256 of everything ``spec``'s attempts depend on."""
+        payload = {
+            "spec": dataclasses.asdict(spec),
+            "weights": weights_identity(spec),
+            "tasks": [(t.id, t.messages, t.reference, t.tools) for t in tasks],
+            "settings": dataclasses.asdict(settings),
+            **context,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=repr).encode()).hexdigest()
+
+    def _path(self, name: str, key: str) -> Path:
+        return self.dir / f"{name}-{key[:32]}.pkl"
+
+    def get(self, name: str, key: str) -> report.PolicyEval | None:
+        """The row kept under ``key``, or None (none kept, or unreadable: it is played again)."""
+        path = self._path(name, key)
+        if not path.is_file():
+            return None
+        try:
+            row = pickle.loads(path.read_bytes())
+        except Exception as exc:  # a truncated or foreign file: play the row again
+            logger.warning("ignoring %s (%r): the row is played again", path, exc)
+            return None
+        return row if isinstance(row, report.PolicyEval) and row.name == name else None
+
+    def put(self, name: str, key: str, row: report.PolicyEval) -> None:
+        """Keep ``row`` under ``key``; rows of ``name`` kept under other keys go."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob(f"{name}-*.pkl"):
+            stale.unlink()
+        write_bytes_atomic(self._path(name, key), pickle.dumps(row))
+
+    def clear(self) -> None:
+        """Drop every kept row (the report is written)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def run(
     specs: list[ModelSpec],
     env: Env,
@@ -169,15 +248,30 @@ def run(
     meta: dict[str, Any],
     sampler: SamplerChoice | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every model and the env's scripted policies; write the report; return it."""
+    """Evaluate every model and the env's scripted policies; write the report; return it.
+
+    A model row a stopped run with the same key kept (:class:`RowCache`) is reused, not played again.
+    """
     sampler = sampler or SamplerChoice()
     meta = {**meta, "sampler": sampler.backend}
+    context = {"env": env.name, "meta": meta, "sampler": dataclasses.asdict(sampler)}
+    cache = RowCache(out_dir)
     rubric = Rubric.from_config([], env)
+    rows: list[report.PolicyEval] = []
     try:
-        rows = [evaluate_spec(s, env, rubric, tasks, settings, sampler) for s in specs]
+        for spec in specs:
+            key = RowCache.key(spec, tasks, settings, context)
+            row = cache.get(spec.name, key)
+            if row is None:
+                row = evaluate_spec(spec, env, rubric, tasks, settings, sampler)
+                cache.put(spec.name, key, row)
+            else:
+                print(f"{spec.name}: reusing its attempts from a stopped run of this report ({cache.dir})")
+            rows.append(row)
         rows += report.scripted_policies(env, rubric, tasks)
     finally:
         rubric.close()
     built = report_build.build_report(env, tasks, rows, settings, meta)
     report_render.write(out_dir, built)
+    cache.clear()
     return built

@@ -33,15 +33,20 @@ def sha256_file(path: Path, fsync: bool = False) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file, fsync it, rename it over ``path`` and fsync the dir."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON to ``path`` durably (:func:`write_bytes_atomic`)."""
+    write_bytes_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
 def source_sha256(obj: object) -> str | None:

@@ -532,6 +532,53 @@ def test_cli_compare_writes_the_report(
     assert "wrote" in capsys.readouterr().out
 
 
+def test_cli_compare_resumes_a_stopped_report(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: str, tmp_path: Path
+) -> None:
+    from rltk import compare
+
+    played: list[str] = []
+    real = compare.evaluate_spec
+
+    def evaluate_spec(spec: compare.ModelSpec, *args: object) -> report.PolicyEval:
+        played.append(spec.name)
+        if spec.name == "b" and stop:
+            raise KeyboardInterrupt  # stopped while playing the second model
+        return real(spec, *args)
+
+    monkeypatch.setattr(compare, "evaluate_spec", evaluate_spec)
+    args = ["eval", "--env", "policy_flagging", "--n", "4", "--samples", "2", "--max-new-tokens", "4"]
+    specs = ["--compare", f"a={tiny_model_dir}", f"b={tiny_model_dir}"]
+
+    def report_of(out: Path) -> dict:
+        built = json.loads((out / "report.json").read_text())
+        built.pop("timings")
+        return built
+
+    stop = False
+    assert main([*args, *specs, "--out", str(tmp_path / "whole")]) == 0
+    stop, played = True, []
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, *specs, "--out", str(tmp_path / "rep")])
+    assert played == ["a", "b"] and len(list((tmp_path / "rep" / compare.PARTIAL).glob("a-*.pkl"))) == 1
+    stop, played = False, []
+    assert main([*args, *specs, "--out", str(tmp_path / "rep")]) == 0
+    assert played == ["b"]  # a's row was kept
+    assert report_of(tmp_path / "rep") == report_of(tmp_path / "whole")
+    assert not (tmp_path / "rep" / compare.PARTIAL).exists()
+    # a kept row is reused only under the same key: other settings, or an unreadable file, play it again
+    stop, played = True, []
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, *specs, "--out", str(tmp_path / "rep")])
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--seed", "1", *specs, "--out", str(tmp_path / "rep")])
+    (kept,) = (tmp_path / "rep" / compare.PARTIAL).glob("a-*.pkl")  # the seed-0 row was replaced
+    kept.write_bytes(b"truncated")
+    stop, played = False, []
+    assert main([*args, "--seed", "1", *specs, "--out", str(tmp_path / "rep")]) == 0
+    assert played == ["a", "b"]
+
+
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
