@@ -20,7 +20,8 @@ Then ``rltk eval --compare`` writes the proof report into ``--out`` (default
 start (``rl@0``), SFT alone, outcome-filtered SFT and warm start + RL, beside the teacher, the oracle and the
 best trivial policy, with paired bootstrap intervals of the RL model against every row; ``runs.json`` beside
 it gives each run's training seconds and steps. A finished run is not trained again (an interrupted one
-resumes), so the command can be rerun after a stop. Extra ``key=value`` arguments override the recipe in
+resumes) and the report keeps each model's row as soon as it is played, so the command can be rerun after
+a stop. Extra ``key=value`` arguments override the recipe in
 all three runs.
 """
 
