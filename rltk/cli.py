@@ -312,7 +312,8 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
         metavar="NAME=MODEL",
         help="the proof report: each NAME=MODEL (alias, HF dir, export, run dir, RUN_DIR@STEP) greedy, "
         "sampled and best-of-N, beside the env's teacher, oracle and best trivial policy; the last is the "
-        "candidate. Writes report.json/.md/.png into --out",
+        "candidate. Writes report.json/.md/.png into --out; rerun after a stop, it reuses the rows "
+        "already played (kept in --out/.partial/)",
     )
     p.add_argument("--samples", type=int, default=8, help="with --compare: samples per task (0: greedy only)")
     p.add_argument(
