@@ -60,19 +60,27 @@ def _field_errors(p: PolicyEval, oracle: PolicyEval | None) -> dict[str, float]:
     return {k: n / len(pairs) for k, n in wrong.items()}
 
 
-def _greedy(p: PolicyEval, tasks: list[Task], seed: int, oracle: PolicyEval | None) -> dict[str, Any]:
-    names = sorted({k for a in p.greedy for k in a.scores})
-    tags: dict[str, list[bool]] = defaultdict(list)
-    for task, a in zip(tasks, p.greedy, strict=True):
+def tag_tasks(tasks: list[Task]) -> dict[str, list[int]]:
+    """``key=value`` of the tasks' scalar ``info`` tags, each with the indices of its tasks.
+
+    A tag every task has is no breakdown: it is left out.
+    """
+    tags: dict[str, list[int]] = defaultdict(list)
+    for i, task in enumerate(tasks):
         for key, value in task.info.items():
             if isinstance(value, (str, bool, int)) or value is None:
-                tags[f"{key}={value}"].append(a.correct)
+                tags[f"{key}={value}"].append(i)
+    return {k: v for k, v in sorted(tags.items()) if len(v) < len(tasks)}
+
+
+def _greedy(p: PolicyEval, tasks: list[Task], seed: int, oracle: PolicyEval | None) -> dict[str, Any]:
+    names = sorted({k for a in p.greedy for k in a.scores})
     return {
         **_accuracy(p.greedy, seed),
         "mean_reward": _mean([a.reward for a in p.greedy]),
         "rewards": {n: _mean([a.scores.get(n) for a in p.greedy]) for n in names},
         "failed": sum(math.isnan(a.reward) for a in p.greedy),
-        "by_tag": {k: sum(v) / len(v) for k, v in sorted(tags.items()) if 0 < len(v) < len(p.greedy)},
+        "by_tag": {k: sum(p.greedy[i].correct for i in v) / len(v) for k, v in tag_tasks(tasks).items()},
         "field_errors": _field_errors(p, oracle),
         **_costs(p.greedy),
     }
@@ -160,6 +168,7 @@ def build_report(
             "unparseable samples abstain, ties to the higher mean log-prob; never reads the reference",
         },
         "teacher_sha256": teacher.source_sha256() if teacher is not None else None,
+        "tag_tasks": {k: len(v) for k, v in tag_tasks(tasks).items()},
         "intervals": "paired bootstrap 95% over tasks (2000 resamples): they cover eval noise only, "
         "each model being one training seed",
         "policies": [

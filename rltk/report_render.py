@@ -115,6 +115,12 @@ def _curves(report: dict[str, Any]) -> list[str]:
     return ["", "## pass@k and pass^k", "", intro, "", *_table(head, rows)]
 
 
+def _tag(tag: str, report: dict[str, Any]) -> str:
+    """A tag with its number of tasks (reports written before ``tag_tasks`` existed: the tag alone)."""
+    n = report.get("tag_tasks", {}).get(tag)
+    return tag if n is None else f"{tag} ({n})"
+
+
 def _breakdowns(report: dict[str, Any]) -> list[str]:
     policies = report["policies"]
     rewards = sorted({r for p in policies for r in p["greedy"]["rewards"]})
@@ -135,7 +141,7 @@ def _breakdowns(report: dict[str, Any]) -> list[str]:
         out += ["", "## Accuracy per tag (greedy)", ""]
         out += _table(
             ["tag", *(p["name"] for p in policies)],
-            [[t, *(_pct(p["greedy"]["by_tag"].get(t)) for p in policies)] for t in tags],
+            [[_tag(t, report), *(_pct(p["greedy"]["by_tag"].get(t)) for p in policies)] for t in tags],
         )
     fields = sorted({f for p in policies for f in p["greedy"].get("field_errors", {})})
     if fields:

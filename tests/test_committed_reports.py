@@ -65,3 +65,24 @@ def test_committed_teacher_rows_replay_exactly(folder_name: str) -> None:
     committed = next(p for p in built["policies"] if p["name"] == "teacher")
     for key in ("accuracy", "ci95", "mean_reward", "by_tag"):
         assert replay["greedy"][key] == committed["greedy"][key], key
+
+
+def test_beyond_teacher_table_reads_the_committed_reports(capsys: pytest.CaptureFixture[str]) -> None:
+    """``scripts/beyond_teacher_table.py``: the summary row of each seed, and the per-tag breakdown."""
+    import runpy
+
+    table = runpy.run_path(str(REPORTS.parent.parent / "scripts" / "beyond_teacher_table.py"))
+    seeds = sorted((REPORTS / "beyond_teacher" / "invoice_extraction").glob("seed*"))
+    assert table["main"]([str(s) for s in seeds]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + len(seeds) and lines[0].startswith("| seed (split, tasks) | teacher |")
+    for line, seed in zip(lines[2:], seeds, strict=True):
+        report = json.loads((seed / "report.json").read_text())
+        teacher = next(p for p in report["policies"] if p["name"] == "teacher")["greedy"]["accuracy"]
+        assert line.startswith(f"| {seed.name[4:]} (test, {report['tasks']}) | {100 * teacher:.1f}% |")
+    screen = REPORTS / SCREENS / "doc_search_qa_attempt2"
+    assert table["main"](["--tag", "family", str(screen)]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [r.split(" | ")[1] for r in rows] == ["person", "policy", "product"]
+    rl = next(p for p in json.loads((screen / "report.json").read_text())["policies"] if p["name"] == "rl")
+    assert rows[2].endswith(f"| {100 * rl['greedy']['by_tag']['family=product']:.1f}% |")

@@ -461,6 +461,15 @@ def test_report_numbers_on_tiny_models(tokenizer, rubrics: dict[str, Rubric]) ->
     md = report_render.markdown(built)
     assert report_render.markdown(json.loads(json.dumps(built))) == md  # the same from report.json
     assert "best-of-4" in md and "## Differences" in md
+    # per-tag accuracy with each tag's number of tasks
+    rules = [f"rule={t.info['rule']}" for t in tasks]
+    assert built["tag_tasks"] and {t: rules.count(t) for t in set(rules)} == {
+        t: n for t, n in built["tag_tasks"].items() if t.startswith("rule=")
+    }
+    for t, n in built["tag_tasks"].items():
+        assert f"| {t} ({n}) |" in md
+        share = by_name["rl"]["greedy"]["by_tag"][t] * n
+        assert share == pytest.approx(round(share))  # a share of exactly n tasks
 
 
 def test_report_is_deterministic(tokenizer, rubrics: dict[str, Rubric]) -> None:
