@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from rltk import advantage, forward, plugins, rollout
+from rltk import advantage, forward, plugins, rollout, selection
 from rltk.batch import collate
 from rltk.config import load_config
 from rltk.pipeline import run_warm_start
@@ -91,7 +91,7 @@ def main() -> None:
         temperature=cfg.rollout.temperature,
     )
     trainer.rubric.score(groups)
-    kept = advantage.select(groups, trainer.algo).groups
+    kept = selection.select(groups, trainer.algo).groups
     pad = trainer.tokenizer.pad_token_id
     per_group = [collate([g], pad) for g in kept]  # the plain forward of 64 rows would take >20 GB
     k = args.groups_per_batch or cfg.optim.groups_per_micro_batch

@@ -1,11 +1,10 @@
-"""Stage "advantage": which groups a step learns from, and each kept token's advantage.
+"""Stage "advantage": each kept token's advantage, by an estimator chosen by name.
 
-    groups ──select──▶ kept groups ──collate, experience pass──▶ micro-batches ──assign──▶ advantages
+    groups ──selection.select──▶ kept ──collate, experience pass──▶ micro-batches ──assign──▶ advantages
 
-:func:`select` drops groups before the update: those that failures left with fewer than 2 scored rollouts,
-and (dynamic sampling) those whose rewards all agree. After the experience pass (old and reference
-log-probs, values), :func:`assign` runs the configured *estimator* on every micro-batch and sets
-``batch.advantages`` (and ``batch.returns`` for a critic).
+:func:`rltk.selection.select` drops groups before the update (failures, dynamic sampling). After the
+experience pass (old and reference log-probs, values), :func:`assign` runs the configured *estimator* on every
+micro-batch and sets ``batch.advantages`` (and ``batch.returns`` for a critic).
 
 Every estimator has one batch-level signature (as verl's ``compute_*_advantage`` functions)::
 
@@ -68,42 +67,23 @@ Env tokens (``mask`` 0, multi-turn) are no steps at all: their values are never 
 carries ``V`` and ``A`` across them unchanged (verl does the same), so garbage values there change
 nothing. After the last model token ``V_next = 0`` (the episode ended; a truncated rollout is scored as
 the env judged it, no bootstrap). :func:`whiten` then normalises the advantages over the whole step (all
-micro-batches, all ranks) when ``cfg.whiten`` is set.
+micro-batches, all ranks) when ``cfg.whiten`` is set. :func:`rltk.answer_balance.balance_answers`
+(``cfg.balance_answers``) rebalances sequence-level advantages over the whole step.
 
-Dynamic sampling (DAPO): a group whose rewards all agree (``std ≈ 0``, ``torch.isclose(std, 0)`` as TRL's
-``frac_reward_zero_std``) carries no learning signal, so it is dropped when ``cfg.dynamic_sampling``.
-Without dynamic sampling it is kept with advantages ``≈ 0``.
-
-Answer balancing (``cfg.balance_answers``), for tasks whose answers fall in a few classes (a decision, a
-label). With advantages summing to 0 in every group, the push of a batch on the *prior* of answer class ``c``
-(a shift of its logit on every prompt) is ``S_c = Σ_{i: answer_i = c} A_i``. Balancing replaces the advantage
-vector ``A`` (all kept completions, ``[N]``) by the nearest one (L2) with equal ``S_c`` for the valid classes
-``c_1..c_m`` seen in the batch, keeping every group's sum at 0::
-
-    w_j = 1[answer = c_j] - 1[answer = c_1], centred within each group       # [N], j = 2..m
-    A  <- A - W (WᵀW)⁺ Wᵀ A                                                # W = [w_2 .. w_m]  [N, m-1]
-
-What is left is contrastive: a class is raised on the prompts where it was right *against* the prompts
-where it was wrong, which moves the features that tell them apart and not the class prior. Meant for a
-model that barely separates the classes, where a prior pushed to one answer is absorbing (groups that all
-agree have zero advantage). It removes only the first-order push: on the quickstart the prior still swung
-(``docs/rl_findings.md``). The class is the env verdict's ``"answer"`` key
-(``Env.check``). A completion without one (unparseable) is in no column: malformed answers are still pushed
-down against the valid ones. Not for tasks whose right answer is mostly one class: there the prior should
-move.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from rltk.batch import Batch, Group
+from rltk.answer_balance import balance_answers
+from rltk.batch import Batch
 
 STD_EPS = 1e-4
 """Added to the group std before dividing (TRL: ``advantages / (std_rewards + 1e-4)``)."""
@@ -288,95 +268,6 @@ def gae(inputs: EstimatorInputs, cfg: AdvantageConfig) -> Estimate:
         next_value = torch.where(m > 0, values[:, t], next_value)  # env tokens carry both across
         next_adv = torch.where(m > 0, here, next_adv)
     return Estimate(adv, (adv + values) * mask)
-
-
-@dataclass
-class Selection:
-    """The groups a step learns from, and why the others were dropped.
-
-    Attributes:
-        groups: The kept groups, in order.
-        metrics: ``advantage/groups_dropped`` (for any reason), ``advantage/groups_failed`` (fewer than 2
-            scored rollouts left after failures, or none for an ungrouped estimator),
-            ``advantage/groups_kept``, ``reward/group_std_mean`` (mean group reward std over the groups
-            with 2 or more scored rollouts, before dynamic sampling), ``reward/frac_zero_std`` (the
-            fraction of those with zero std).
-
-    """
-
-    groups: list[Group]
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-def select(groups: list[Group], cfg: AdvantageConfig) -> Selection:
-    """Keep the groups with scored rollouts to learn from; under dynamic sampling, only those that vary.
-
-    A grouped estimator needs 2 scored rollouts per group, GAE one. The result may be empty (every group
-    dropped): the caller then skips the update.
-    """
-    least = 2 if cfg.estimator in GROUPED else 1
-    kept: list[Group] = []
-    stds: list[float] = []
-    n_zero_std = n_failed = 0
-    for group in groups:
-        scored = int((~torch.isnan(group.rewards)).sum())
-        if scored < least:  # failures left no pair to compare (or nothing at all)
-            n_failed += 1
-            continue
-        zero_std = False
-        if scored >= 2:
-            std = group_std(group.rewards)
-            zero_std = bool(torch.isclose(std, torch.zeros_like(std)))
-            stds.append(float(std))
-            n_zero_std += zero_std
-        if not (zero_std and cfg.dynamic_sampling):
-            kept.append(group)
-    metrics = {
-        "advantage/groups_dropped": float(len(groups) - len(kept)),
-        "advantage/groups_failed": float(n_failed),
-        "advantage/groups_kept": float(len(kept)),
-        "reward/group_std_mean": sum(stds) / len(stds) if stds else 0.0,
-        "reward/frac_zero_std": n_zero_std / len(stds) if stds else 0.0,
-    }
-    return Selection(kept, metrics)
-
-
-def balance_answers(
-    adv: torch.Tensor, answers: Sequence[Any], group_size: int, scored: torch.Tensor
-) -> tuple[torch.Tensor, float]:
-    """Project sequence-level advantages so every answer class gets the same net push (module docstring).
-
-    Args:
-        adv: ``[N]`` advantages, groups summing to 0 (G consecutive rows per task).
-        answers: N answer classes (``outcome["answer"]``; ``None`` = unparseable, in no class).
-        group_size: G.
-        scored: ``[N]`` False for failed rollouts (left out entirely, advantage 0).
-
-    Returns:
-        The balanced ``[N]`` advantages and the fraction of ``|A|²`` the projection removed.
-
-    >>> adv = torch.tensor([1.0, -1.0, -0.5, 0.5])
-    >>> new, removed = balance_answers(adv, ["FLAG", "CLEAR"] * 2, 2, torch.ones(4, dtype=torch.bool))
-    >>> new.tolist(), round(removed, 4)
-    ([0.75, -0.75, -0.75, 0.75], 0.1)
-
-    """
-    keep = scored.nonzero().squeeze(-1)  # [K]
-    a = adv.double()[keep]  # [K]
-    kept_answers = [answers[i] for i in keep.tolist()]
-    classes = sorted({x for x in kept_answers if x is not None}, key=str)
-    if len(classes) < 2 or not float(a.norm()):
-        return adv, 0.0
-    onehot = torch.tensor([[x == c for c in classes] for x in kept_answers], dtype=torch.float64)  # [K, m]
-    w = onehot[:, 1:] - onehot[:, :1]  # [K, m-1]
-    group = keep // group_size  # [K]
-    sums = torch.zeros(int(group.max()) + 1, w.shape[1], dtype=torch.float64).index_add_(0, group, w)
-    counts = torch.bincount(group).double()[:, None]
-    w = w - (sums / counts.clamp(min=1))[group]  # centred within each group
-    fix = w @ (torch.linalg.pinv(w.T @ w) @ (w.T @ a))  # [K] the component along the class priors
-    out = torch.zeros_like(adv)
-    out[keep] = (a - fix).to(adv.dtype)
-    return out, float(fix.norm() ** 2 / a.norm() ** 2)
 
 
 AllReduce = Callable[[list[float]], list[float]]

@@ -1,6 +1,6 @@
 """Stage "experience": the groups a step learns from, as micro-batches with what the update needs done once.
 
-    groups ──advantage.select──▶ kept ──collate──▶ micro-batches ──Policy.experience (no grad)──▶
+    groups ──selection.select──▶ kept ──collate──▶ micro-batches ──Policy.experience (no grad)──▶
     reference and old log-probs, values ──advantage.assign──▶ advantages, returns
 
 The policy's own log-probs (``old_logp``) come from the no-grad pass only where an optimizer step comes
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from rltk import advantage
+from rltk import advantage, selection
 from rltk.advantage import AllReduce
 from rltk.batch import Batch, Group, collate, split_rows
 from rltk.config import AlgorithmView
@@ -49,8 +49,8 @@ def make_experience(
 
     Returns the micro-batches and the metrics of selection, advantages and (with a critic) the critic.
     """
-    selection = advantage.select(groups, algo)
-    batches = micro_batches(selection.groups, per_micro_batch, algo.minibatches, pad_id, device)
+    kept = selection.select(groups, algo)
+    batches = micro_batches(kept.groups, per_micro_batch, algo.minibatches, pad_id, device)
     old = algo.minibatches > 1 or algo.kl_in_reward
     for batch in batches:
         policy.experience(batch, old=old)
@@ -62,7 +62,7 @@ def make_experience(
         metrics.update(critic)
     if rows_per_micro_batch:
         batches = [piece for b in batches for piece in split_rows(b, rows_per_micro_batch)]
-    return batches, {**selection.metrics, **metrics}
+    return batches, {**kept.metrics, **metrics}
 
 
 def critic_metrics(

@@ -1,13 +1,13 @@
 """The engine: one optimizer step = rollout → reward → advantage → update, for every algorithm.
 
-    env.tasks ─▶ rollout.generate ─▶ Rubric.score ─▶ advantage.select ─▶ collate ─▶ experience (no-grad:
+    env.tasks ─▶ rollout.generate ─▶ Rubric.score ─▶ selection.select ─▶ collate ─▶ experience (no-grad:
     ref / old log-probs) ─▶ advantage.assign ─▶ epochs × minibatches of (forward + loss) ─▶ optimizer step
                                                                                └▶ metrics, checkpoint
 
 An algorithm (GRPO, Dr. GRPO, DAPO, MaxRL, RLOO, PPO) is an advantage estimator plus a loss configuration
 (``AlgorithmView``); the loop below is shared by all of them. The stages live in their modules:
-:mod:`rltk.rollout`, :mod:`rltk.reward`, :mod:`rltk.experience` (with :mod:`rltk.advantage`),
-:mod:`rltk.update`; :class:`rltk.policy.Policy` owns the trained modules.
+:mod:`rltk.rollout`, :mod:`rltk.reward`, :mod:`rltk.experience` (with :mod:`rltk.selection` and
+:mod:`rltk.advantage`), :mod:`rltk.update`; :class:`rltk.policy.Policy` owns the trained modules.
 
 Determinism: every step reseeds python/numpy/torch from (seed, step, rank), so a run killed after step k
 and resumed from its checkpoint replays steps k+1.. exactly (given the same thread count). Several ranks

@@ -11,7 +11,7 @@ import pytest
 import torch
 from trl.trainer.utils import nanstd
 
-from rltk import advantage
+from rltk import advantage, selection
 from rltk.advantage import EstimatorInputs
 from rltk.batch import Group, Rollout, collate
 from rltk.env import Task
@@ -55,7 +55,7 @@ def estimate(rewards: list[float], cfg: Cfg, group_size: int | None = None) -> t
 
 def assign(groups: list[Group], cfg: Cfg) -> tuple[list[torch.Tensor], dict[str, float]]:
     """Advantages per group through the trainer's path: select, collate, assign."""
-    kept = advantage.select(groups, cfg).groups
+    kept = selection.select(groups, cfg).groups
     batches = [collate([g], pad_id=0) for g in kept]
     metrics = advantage.assign(batches, cfg)
     return [b.advantages for b in batches], metrics
@@ -69,7 +69,7 @@ def test_scale_std_known_values() -> None:
     assert adv.dtype == torch.float32 and adv.shape == (4,)
     torch.testing.assert_close(adv, expected, rtol=0, atol=1e-6)
     assert metrics["advantage/mean_abs"] == pytest.approx(0.5 / (std + 1e-4), abs=1e-6)
-    sel = advantage.select([make_group([0.0, 1.0, 1.0, 2.0])], Cfg())
+    sel = selection.select([make_group([0.0, 1.0, 1.0, 2.0])], Cfg())
     assert sel.metrics["reward/group_std_mean"] == pytest.approx(std, abs=1e-6)
 
 
@@ -115,7 +115,7 @@ def test_dynamic_sampling_drops_zero_variance_groups() -> None:
     flat1 = make_group([1.0, 1.0, 1.0, 1.0], "a")
     mixed = make_group([0.0, 1.0, 0.0, 1.0], "b")
     flat0 = make_group([0.0, 0.0, 0.0, 0.0], "c")
-    sel = advantage.select([flat1, mixed, flat0], Cfg(dynamic_sampling=True))
+    sel = selection.select([flat1, mixed, flat0], Cfg(dynamic_sampling=True))
     assert [g.task.id for g in sel.groups] == ["b"]
     assert sel.metrics["advantage/groups_dropped"] == 2.0
     assert sel.metrics["advantage/groups_kept"] == 1.0
@@ -133,13 +133,13 @@ def test_without_dynamic_sampling_zero_variance_groups_are_kept_with_zero_advant
 
 
 def test_all_groups_dropped() -> None:
-    sel = advantage.select([make_group([1.0, 1.0])], Cfg(dynamic_sampling=True))
+    sel = selection.select([make_group([1.0, 1.0])], Cfg(dynamic_sampling=True))
     assert sel.groups == [] and sel.metrics["advantage/groups_dropped"] == 1.0
     assert advantage.assign([], Cfg())["advantage/mean_abs"] == 0.0
 
 
 def test_a_group_failures_leave_with_one_scored_rollout_is_dropped() -> None:
-    sel = advantage.select([make_group([float("nan"), 1.0, float("nan")])], Cfg())
+    sel = selection.select([make_group([float("nan"), 1.0, float("nan")])], Cfg())
     assert sel.groups == [] and sel.metrics["advantage/groups_failed"] == 1.0
 
 

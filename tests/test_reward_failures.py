@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-from rltk import advantage, loss, rollout
+from rltk import loss, rollout, selection
 from rltk.batch import Group
 from rltk.config import load_config
 from rltk.reward import reward_fn
@@ -188,7 +188,7 @@ def test_a_group_left_with_one_rollout_is_dropped(tiny_model_dir: str, tmp_path:
     groups = _groups(trainer)
     _script(groups, {(0, 0): "raise", (0, 1): "nan", (0, 2): "type"})  # G = 4: one scored rollout left
     trainer.rubric.score(groups)
-    result = advantage.select(groups, trainer.algo)
+    result = selection.select(groups, trainer.algo)
     assert [g.task.id for g in result.groups] == [groups[1].task.id]
     assert result.metrics["advantage/groups_failed"] == 1.0
 
