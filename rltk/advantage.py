@@ -69,7 +69,6 @@ nothing. After the last model token ``V_next = 0`` (the episode ended; a truncat
 the env judged it, no bootstrap). :func:`whiten` then normalises the advantages over the whole step (all
 micro-batches, all ranks) when ``cfg.whiten`` is set. :func:`rltk.answer_balance.balance_answers`
 (``cfg.balance_answers``) rebalances sequence-level advantages over the whole step.
-
 """
 
 from __future__ import annotations
